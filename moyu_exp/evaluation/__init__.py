@@ -1,0 +1,43 @@
+"""Evaluation: lm-eval tasks (stock, local-file or embedded) plus fidelity to the dense model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from omegaconf import DictConfig
+
+from moyu_exp import datasets
+from moyu_exp.evaluation import fidelity, harness
+from moyu_exp.models import LoadedModel
+from moyu_exp.strategies import Strategy
+
+
+def run(
+    loaded: LoadedModel, cfg: DictConfig, live: Strategy, seed: int
+) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
+    """Evaluate the model as it is now (with ``live`` attached): metrics and per-task details."""
+    metrics: dict[str, dict[str, float]] = {}
+    details: dict[str, Any] = {}
+    if cfg.tasks:
+        metrics, details = harness.evaluate(
+            loaded,
+            live,
+            list(cfg.tasks),
+            limit=cfg.limit,
+            batch_size=cfg.batch_size,
+            num_fewshot=cfg.num_fewshot,
+            bootstrap_iters=cfg.bootstrap_iters,
+            data_dir=cfg.data_dir,
+            seed=seed,
+        )
+    if cfg.fidelity:
+        metrics["fidelity"] = fidelity.measure(loaded, live, datasets.embedded(split="evaluation"))
+    return metrics, details
+
+
+def check(cfg: DictConfig) -> None:
+    """Fail fast (before loading any model) on task names lm-eval does not know."""
+    from moyu_exp.evaluation.tasks import check_task_name
+
+    for name in cfg.tasks:
+        check_task_name(name)

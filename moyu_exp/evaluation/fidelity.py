@@ -1,0 +1,37 @@
+"""Fidelity of the sparse model to the dense one on the same text.
+
+For every next-token position: KL(p_dense || p_sparse) in nats and whether the two argmax tokens
+agree. The dense reference comes from the same forward with the strategy paused.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moyu_exp.models import LoadedModel
+from moyu_exp.strategies import Strategy
+
+
+def prefix_token(tokenizer) -> int:
+    """The token lm-eval puts before a rolling window (BOS, else EOS)."""
+    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+
+
+@torch.inference_mode()
+def measure(
+    loaded: LoadedModel, live: Strategy, documents: list[str], window: int = 1024
+) -> dict[str, float]:
+    model, tokenizer = loaded.model, loaded.tokenizer
+    kl_sum, agree, positions = 0.0, 0, 0
+    for doc in documents:
+        ids = [prefix_token(tokenizer), *tokenizer(doc, add_special_tokens=False).input_ids]
+        for start in range(0, len(ids) - 1, window):
+            chunk = torch.tensor([ids[start : start + window]], device=loaded.device)
+            with live.paused():
+                dense = model(chunk).logits.float().log_softmax(-1)
+            sparse = model(chunk).logits.float().log_softmax(-1)
+            kl = (dense.exp() * (dense - sparse)).sum(-1)
+            kl_sum += float(kl.sum())
+            agree += int((dense.argmax(-1) == sparse.argmax(-1)).sum())
+            positions += kl.numel()
+    return {"kl": kl_sum / positions, "top1_agreement": agree / positions, "tokens": positions}

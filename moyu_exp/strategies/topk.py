@@ -1,0 +1,30 @@
+"""Top-k: per token, keep the k = round((1 - s) * d) largest-magnitude entries of a site."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from moyu_exp.strategies.base import Strategy, keep_count, register
+
+
+def topk_mask(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask with exactly ``k`` True entries per row: the largest |x| along the last dim."""
+    keep = torch.zeros_like(x, dtype=torch.bool)
+    return keep.scatter_(-1, x.abs().topk(k, dim=-1, sorted=False).indices, True)
+
+
+@register("topk")
+@dataclass(eq=False)
+class TopK(Strategy):
+    """Oracle per-token top-k of |h| on the MLP intermediate h = act(gate(x)) * up(x) by default."""
+
+    name: str = "topk"
+    sites: list[str] = field(default_factory=lambda: ["mlp_intermediate"])
+
+    def sparsify(self, site: str, layer: int, x: torch.Tensor) -> torch.Tensor:
+        k = keep_count(self.sparsity, x.shape[-1])
+        if k >= x.shape[-1]:
+            return x
+        return x.masked_fill(~topk_mask(x, k), 0.0)

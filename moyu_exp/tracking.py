@@ -1,0 +1,81 @@
+"""Weights & Biases: one run per job, always finished; offline unless ``logger.mode=online``."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
+
+
+class Tracker:
+    """What the runner logs through; the no-op base is ``logger=none``."""
+
+    run: Any = None
+
+    def log_results(self, payload: dict[str, Any]) -> None:
+        """Put a results payload's numbers into the run summary."""
+
+
+class WandbTracker(Tracker):
+    def __init__(self, run: Any):
+        self.run = run
+
+    def log_results(self, payload: dict[str, Any]) -> None:
+        summary = summary_metrics(payload)
+        self.run.summary.update(summary)
+        self.run.log(summary)
+
+
+def summary_metrics(payload: dict[str, Any]) -> dict[str, Any]:
+    """Flat ``section/task/metric`` numbers of a results payload."""
+    flat: dict[str, Any] = {"status": payload.get("status")}
+    for key in ("sparsity", "achieved_sparsity"):
+        if payload.get(key) is not None:
+            flat[key] = payload[key]
+    for task, metrics in (payload.get("eval") or {}).items():
+        for metric, value in metrics.items():
+            flat[f"eval/{task}/{metric}"] = value
+    for key, value in (payload.get("bench") or {}).items():
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            flat[f"bench/{key}"] = value
+    return flat
+
+
+@contextlib.contextmanager
+def start(
+    cfg: DictConfig,
+    run_dir: Path,
+    config: dict[str, Any],
+    name: str,
+    group: str | None,
+    tags: list[str],
+) -> Iterator[Tracker]:
+    """A tracker for one job; the W&B run is finished when the block exits, also on errors."""
+    if cfg.name == "none" or _mode(cfg) == "disabled":
+        yield Tracker()
+        return
+    import wandb
+
+    settings = wandb.Settings(console="off", silent=True)
+    with wandb.init(
+        project=cfg.project,
+        entity=cfg.entity,
+        dir=str(run_dir),
+        config=config,
+        name=name,
+        group=cfg.group or group,
+        tags=[*tags, *cfg.tags],
+        mode=_mode(cfg),
+        settings=settings,
+    ) as run:
+        yield WandbTracker(run)
+
+
+def _mode(cfg: DictConfig) -> str:
+    return str(getattr(cfg.mode, "value", cfg.mode))

@@ -1,0 +1,74 @@
+"""Shared fixtures: composed configs, a tiny random LLaMA, an isolated cache dir."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from moyu_exp import models
+from moyu_exp.config import register_configs
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+SHARED_DATA = Path(os.environ.get("MOYU_TEST_DATA_DIR", ROOT.parent / "shared" / "data"))
+
+register_configs()
+
+TINY = [
+    "model=tiny_llama",
+    "bench=quick",
+    "logger=none",
+]
+
+
+def compose_config(*overrides: str) -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+@pytest.fixture(autouse=True)
+def isolated_env(tmp_path_factory, monkeypatch):
+    """Every test gets its own cache dir (models are converted once per session, see below)."""
+    monkeypatch.setenv("MOYU_CACHE_DIR", str(_session_cache(tmp_path_factory)))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("MOYU_DATA_DIR", raising=False)
+
+
+_CACHE: list[Path] = []
+
+
+def _session_cache(factory) -> Path:
+    """One cache per test session, unless MOYU_TEST_CACHE_DIR points at a warm one."""
+    if not _CACHE:
+        warm = os.environ.get("MOYU_TEST_CACHE_DIR")
+        _CACHE.append(Path(warm) if warm else factory.mktemp("moyu_cache"))
+    return _CACHE[0]
+
+
+@pytest.fixture
+def tiny_cfg() -> DictConfig:
+    return compose_config(*TINY)
+
+
+@pytest.fixture
+def tiny():
+    """A tiny random LLaMA (2 layers, d_ff 160) and its byte tokenizer."""
+    return models.load(compose_config(*TINY).model)
+
+
+@pytest.fixture
+def tiny_batch(tiny) -> torch.Tensor:
+    ids = tiny.tokenizer(["The quick brown fox jumps over the lazy dog."] * 2).input_ids
+    return torch.tensor(ids)
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not (SHARED_DATA / "piqa" / "validation.jsonl").is_file():
+        pytest.skip(f"benchmark data not found at {SHARED_DATA}")
+    return SHARED_DATA

@@ -1,0 +1,59 @@
+"""The command line, as users run it: single runs, sweeps, and config mistakes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import ROOT
+
+
+def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
+    env.pop("HYDRA_FULL_ERROR")
+    return subprocess.run(
+        [sys.executable, "-m", "moyu_exp", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_single_run_writes_results(tmp_path) -> None:
+    out = cli("experiment=tiny_smoke", "strategy=topk", "sparsity=0.7", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    (results,) = tmp_path.glob("outputs/runs/*_topk_s0.7/results.json")
+    payload = json.loads(results.read_text())
+    assert payload["status"] == "ok"
+    assert abs(payload["achieved_sparsity"] - 0.7) <= 0.01
+
+
+def test_multirun_runs_every_point_and_loads_the_model_once(tmp_path) -> None:
+    out = cli(
+        "-m",
+        "experiment=tiny_smoke",
+        "eval=none",
+        "strategy=dense,topk",
+        "sparsity=0.5,0.7",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    payloads = [json.loads(p.read_text()) for p in (tmp_path / "sweep").glob("*/results.json")]
+    points = sorted((p["strategy"], p["sparsity"]) for p in payloads)
+    assert points == [("dense", 0.5), ("dense", 0.7), ("topk", 0.5), ("topk", 0.7)]
+    assert all(p["status"] == "ok" for p in payloads)
+    assert {p["model"]["loads_in_process"] for p in payloads} == {1}
+
+
+def test_a_config_mistake_is_one_line_without_traceback(tmp_path) -> None:
+    out = cli("experiment=tiny_smoke", "sparsity=1.5", cwd=tmp_path)
+    assert out.returncode != 0
+    assert "Traceback" not in out.stderr
+    assert "sparsity=1.5 is out of range: accepted values are 0 <= sparsity < 1" in out.stderr
+    assert not list(tmp_path.rglob("results.json"))

@@ -1,0 +1,100 @@
+"""The lm-eval bridge: task specs, local files, no cross-config caching, padding bookkeeping."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moyu_exp import evaluation
+from moyu_exp.config import ConfigError, build
+from moyu_exp.evaluation import tasks
+from moyu_exp.evaluation.harness import MoyuLM, clean_metrics
+from tests.conftest import TINY, compose_config
+
+
+def run_eval(loaded, *overrides: str):
+    cfg = compose_config(*TINY, *overrides)
+    strategy = build(cfg.strategy)
+    with strategy.attach(loaded.model) as live:
+        metrics, details = evaluation.run(loaded, cfg.eval, live, seed=0)
+        return metrics, details, live.stats()
+
+
+def test_embedded_eval_reports_perplexity_and_fidelity(tiny) -> None:
+    metrics, details, stats = run_eval(tiny, "strategy=topk", "sparsity=0.5")
+    assert set(metrics) == {"embedded", "fidelity"}
+    assert {"word_perplexity", "byte_perplexity", "bits_per_byte"} <= set(metrics["embedded"])
+    assert metrics["fidelity"]["kl"] > 0
+    assert 0 <= metrics["fidelity"]["top1_agreement"] <= 1
+    assert details["embedded"]["n_samples"]["effective"] == 6
+    assert stats.overall == pytest.approx(0.5)
+
+
+def test_dense_fidelity_is_perfect(tiny) -> None:
+    metrics, _, _ = run_eval(tiny, "strategy=dense")
+    assert metrics["fidelity"]["kl"] == 0.0
+    assert metrics["fidelity"]["top1_agreement"] == 1.0
+
+
+def test_one_configuration_never_gets_anothers_scores(tiny, shared_data) -> None:
+    tasks_ = "eval.tasks=[embedded,lambada_openai]"
+    common = ["eval=zeroshot", tasks_, "eval.limit=6", f"data_dir={shared_data}"]
+    dense, _, _ = run_eval(tiny, "strategy=dense", *common)
+    sparse, _, _ = run_eval(tiny, "strategy=topk", "sparsity=0.9", *common)
+    again, _, _ = run_eval(tiny, "strategy=dense", *common)
+    assert dense == again
+    for task in ("embedded", "lambada_openai"):
+        perplexity = "perplexity" if task == "lambada_openai" else "word_perplexity"
+        assert dense[task][perplexity] != sparse[task][perplexity]
+
+
+def test_local_task_reuses_the_stock_prompt_logic(shared_data) -> None:
+    spec = tasks.task_spec("piqa", str(shared_data))
+    assert spec["task"] == "piqa"
+    assert spec["doc_to_text"] == "Question: {{goal}}\nAnswer:"
+    assert spec["validation_split"] == "validation" and spec["test_split"] is None
+    docs = spec["custom_dataset"]()["validation"]
+    assert len(docs) == 1838 and set(docs.column_names) == {"goal", "sol1", "sol2", "label"}
+
+
+@pytest.mark.parametrize("name", sorted(tasks.LOCAL_FILES))
+def test_every_local_task_builds_and_loads(name, shared_data) -> None:
+    spec = tasks.task_spec(name, str(shared_data))
+    split = spec["test_split"] or spec["validation_split"]
+    assert len(spec["custom_dataset"]()[split]) > 0
+
+
+def test_without_data_dir_the_stock_task_name_is_used() -> None:
+    assert tasks.task_spec("piqa", None) == "piqa"
+
+
+def test_unknown_task_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="unknown eval task 'piqaa'.*did you mean piqa"):
+        tasks.check_task_name("piqaa")
+
+
+def test_missing_data_dir_is_a_config_error(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        tasks.task_spec("piqa", str(tmp_path / "nope"))
+    with pytest.raises(ConfigError, match="lacks piqa/validation.jsonl"):
+        tasks.task_spec("piqa", str(tmp_path))
+
+
+def test_clean_metrics_drops_the_none_filter() -> None:
+    raw = {"alias": "piqa", "acc,none": 0.5, "acc_stderr,none": 0.1, "exact_match,strict": 1.0}
+    assert clean_metrics(raw) == {"acc": 0.5, "acc_stderr": 0.1, "exact_match,strict": 1.0}
+
+
+def test_moyulm_finds_each_rows_real_length(tiny) -> None:
+    strategy = build(compose_config(*TINY, "strategy=topk").strategy)
+    lm = MoyuLM(tiny, strategy, batch_size=4)
+    lm._known_inputs = {(5, 6, 7), (5, 6, 0, 9, 9), (8,)}
+    lm._known_lengths = [5, 3, 1]
+    assert lm._valid_length([5, 6, 7, 0, 0]) == 3
+    assert lm._valid_length([5, 6, 0, 9, 9]) == 5
+    assert lm._valid_length([8, 0, 0, 0, 0]) == 1
+    assert lm._valid_length([1, 2, 3]) == 3  # unknown rows count in full
+    with strategy.attach(tiny.model) as live:
+        lm._known_inputs, lm._known_lengths = {(5, 6, 7), (8,)}, [3, 1]
+        lm._model_call(torch.tensor([[5, 6, 7], [8, 0, 0]]))
+    assert live.stats().to_dict()["entries"] == 4 * tiny.model.config.intermediate_size * 2

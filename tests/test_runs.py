@@ -1,0 +1,91 @@
+"""Whole runs on tiny_llama: results.json schema, failures, W&B offline and none."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from moyu_exp import models, results, runner
+from tests import wandb_records
+from tests.conftest import TINY, compose_config
+
+REQUIRED = {
+    "schema": int,
+    "status": str,
+    "strategy": str,
+    "sparsity": float,
+    "achieved_sparsity": float,
+    "eval": dict,
+    "bench": dict,
+    "config": dict,
+    "env": dict,
+}
+
+
+def test_results_json_schema(tmp_path) -> None:
+    cfg = compose_config(*TINY, "strategy=topk", "sparsity=0.7")
+    payload = runner.run(cfg, tmp_path)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved == json.loads(json.dumps(payload, default=str))
+    for key, kind in REQUIRED.items():
+        assert isinstance(saved[key], kind), key
+    assert saved["schema"] == results.SCHEMA and saved["status"] == "ok" and saved["error"] is None
+    assert saved["strategy"] == "topk" and saved["sparsity"] == 0.7
+    assert saved["achieved_sparsity"] == pytest.approx(1 - 48 / 160)
+    assert saved["config"]["strategy"]["sparsity"] == 0.7  # resolved, not "${sparsity}"
+    assert {"embedded", "fidelity"} == set(saved["eval"])
+    bench = saved["bench"]
+    assert bench["mode"] == "simulated" and bench["decode_tokens_per_s"] > 0 and bench["prefill_ms"] > 0
+    assert bench["peak_memory_mb"] > 0
+    assert set(saved["env"]["packages"]) >= {"torch", "transformers", "lm_eval"}
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_eval_and_bench_can_be_turned_off(tmp_path) -> None:
+    payload = runner.run(compose_config(*TINY, "eval=none", "bench=none"), tmp_path)
+    assert payload["eval"] == {} and payload["bench"] == {}
+    assert payload["achieved_sparsity"] is None  # nothing ran, nothing measured
+
+
+def test_a_failing_run_writes_status_failed(tmp_path, monkeypatch) -> None:
+    def broken(*_args, **_kwargs):
+        raise RuntimeError("bench exploded")
+
+    monkeypatch.setattr(runner.bench, "run", broken)
+    with pytest.raises(RuntimeError, match="bench exploded"):
+        runner.run(compose_config(*TINY), tmp_path)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["status"] == "failed"
+    assert saved["error"] == "RuntimeError: bench exploded"
+    assert "eval_s" in saved["timings"]
+
+
+def test_wandb_offline_run_is_written_and_finished(tmp_path) -> None:
+    cfg = compose_config(*TINY, "logger=wandb", "strategy=topk", "sparsity=0.5")
+    runner.run(cfg, tmp_path, group="pytest")
+    (run_file,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
+    kinds = wandb_records.record_types(run_file)
+    assert "run" in kinds and kinds[-1] == "exit"  # started and finished
+    run = next(r.run for r in wandb_records.records(run_file) if r.HasField("run"))
+    assert run.display_name == "topk-s0.5" and run.run_group == "pytest"
+    assert set(run.tags) == {"topk", "tiny_llama"}
+    config = {item.key: json.loads(item.value_json) for item in run.config.update}
+    assert config["sparsity"] == 0.5 and config["strategy"]["sparsity"] == 0.5  # resolved
+    summary = wandb_records.summary(run_file)
+    assert summary["achieved_sparsity"] == pytest.approx(0.5)
+    assert summary["eval/fidelity/top1_agreement"] > 0
+    assert summary["status"] == "ok"
+
+
+def test_logger_none_writes_no_wandb_files(tmp_path) -> None:
+    runner.run(compose_config(*TINY, "logger=none"), tmp_path)
+    assert not (tmp_path / "wandb").exists()
+
+
+def test_the_model_is_loaded_once_per_process(tmp_path) -> None:
+    cfg = compose_config(*TINY, "eval=none", "bench=none")
+    first = models.load(cfg.model)
+    runner.run(cfg, tmp_path / "a")
+    runner.run(compose_config(*TINY, "eval=none", "bench=none", "strategy=dense"), tmp_path / "b")
+    assert models.load(cfg.model) is first

