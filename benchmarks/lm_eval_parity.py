@@ -99,9 +99,10 @@ def main() -> None:
     ours_s = time.perf_counter() - start
 
     print(json.dumps({"task": args.task, "limit": args.limit}, indent=None))
+    nan = float("nan")
     print(f"{'metric':<16}{'plain lm-eval':>16}{'moyu_exp':>16}")
     for metric in sorted(set(plain) | set(mine)):
-        print(f"{metric:<16}{plain.get(metric, float('nan')):>16.6f}{mine.get(metric, float('nan')):>16.6f}")
+        print(f"{metric:<16}{plain.get(metric, nan):>16.6f}{mine.get(metric, nan):>16.6f}")
     same = all(plain.get(m) == mine.get(m) for m in plain if not m.endswith("_stderr"))
     print(f"identical: {same}   time: plain {plain_s:.0f} s, moyu_exp {ours_s:.0f} s")
     raise SystemExit(0 if same else 1)

@@ -10,12 +10,15 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 def root() -> Path:
@@ -53,6 +56,25 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
         raise
 
 
+def cached_tensors(kind: str, key: str, compute) -> tuple[dict, bool]:
+    """Tensors stored as ``calibration/<kind>-<key>.safetensors``: read, or computed and written.
+
+    Returns (tensors, hit). An unreadable file (truncated, say) is rebuilt, with a warning.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load, save
+
+    path = root() / "calibration" / f"{kind}-{key}.safetensors"
+    if path.is_file():
+        try:
+            return load(path.read_bytes()), True
+        except (SafetensorError, OSError, ValueError) as err:
+            log.warning("cache file %s is unreadable (%s); rebuilding it", path, err)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in compute().items()}
+    write_bytes_atomic(path, save(tensors))
+    return tensors, False
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -66,7 +88,7 @@ def write_json_atomic(path: Path, payload: Any) -> None:
 
 @contextlib.contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
-    """Yield a temporary folder beside ``final``; it becomes ``final`` only if the block succeeds."""
+    """Yield a temporary folder beside ``final``; it becomes ``final`` if the block succeeds."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
     try:

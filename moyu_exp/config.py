@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import typing
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -21,17 +21,17 @@ class ConfigError(ValueError):
     """A user-facing configuration mistake; its message is one actionable line."""
 
 
-class DType(str, Enum):
+class DType(StrEnum):
     float32 = "float32"
     bfloat16 = "bfloat16"
     float16 = "float16"
 
 
-class BenchMode(str, Enum):
+class BenchMode(StrEnum):
     simulated = "simulated"
 
 
-class LoggerMode(str, Enum):
+class LoggerMode(StrEnum):
     offline = "offline"
     online = "online"
     disabled = "disabled"
@@ -127,6 +127,9 @@ class EvalConfig:
     fidelity: bool = False  # KL(dense || sparse) and top-1 agreement on the embedded text
     bootstrap_iters: int = 1000
     data_dir: str | None = "${data_dir}"
+    # Rolling-perplexity windows and the fidelity text have no prompt of their own: the first
+    # prompt_fraction of each window plays it (what sequence-level methods select from).
+    prompt_fraction: float = 0.5
 
 
 @dataclass
@@ -140,6 +143,14 @@ class BenchConfig:
     decode_tokens: int = 32
     burn_in: int = 4
     repeats: int = 3
+
+
+@dataclass
+class CalibrationConfig:
+    """How much of ``dataset`` calibrates thresholds, and in rows of how many tokens."""
+
+    tokens: int = 16384
+    seq_len: int = 256
 
 
 @dataclass
@@ -161,6 +172,7 @@ class Config:
     eval: EvalConfig = MISSING
     bench: BenchConfig = MISSING
     logger: LoggerConfig = MISSING
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     sparsity: float = 0.5
     seed: int = 0
     name: str | None = None  # experiment name: W&B group, run-dir label
@@ -218,7 +230,7 @@ def register_configs() -> None:
 
 
 def build(cfg: DictConfig, **kwargs: Any) -> Any:
-    """``hydra.utils.instantiate`` (containers converted), letting a target's ConfigError through."""
+    """``hydra.utils.instantiate`` (containers converted); a target's ConfigError passes through."""
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
@@ -243,8 +255,13 @@ def validate(cfg: DictConfig) -> None:
         check_sparsity(cfg.strategy.sparsity, "strategy.sparsity")
     if cfg.eval.limit is not None and cfg.eval.limit <= 0:
         raise ConfigError(f"eval.limit={cfg.eval.limit} must be > 0 (or null for all items)")
+    if not 0.0 < cfg.eval.prompt_fraction < 1.0:
+        raise ConfigError(f"eval.prompt_fraction={cfg.eval.prompt_fraction} must be in (0, 1)")
     if cfg.eval.batch_size < 1:
         raise ConfigError(f"eval.batch_size={cfg.eval.batch_size} must be >= 1")
+    for key in ("tokens", "seq_len"):
+        if cfg.calibration[key] < 2:
+            raise ConfigError(f"calibration.{key}={cfg.calibration[key]} must be >= 2")
     bench = cfg.bench
     for key in ("prompt_tokens", "decode_tokens", "repeats"):
         if bench.enabled and bench[key] < 1:

@@ -1,4 +1,4 @@
-"""Model loading: the embedded GGUF (converted once, cached), any hub id or path, a tiny random LLaMA.
+"""Model loading: the embedded GGUF (converted once, cached), a hub id or path, a tiny LLaMA.
 
 :func:`load` memoises per process, so a multirun with the basic launcher loads the model once.
 Strategies restore the model exactly after every point, which is what makes the reuse safe.
@@ -101,9 +101,7 @@ def package_file(package: str, filename: str) -> Path:
     return path
 
 
-def load_embedded(
-    name: str, dtype: str, device: str, package: str, gguf_file: str
-) -> LoadedModel:
+def load_embedded(name: str, dtype: str, device: str, package: str, gguf_file: str) -> LoadedModel:
     """The GGUF inside ``package``, dequantized once into a cached safetensors checkpoint."""
     import transformers
 
@@ -114,11 +112,13 @@ def load_embedded(
     if not hit:
         convert_gguf(gguf_path, ckpt, source_digest=digest)
     model, tokenizer = _load_checkpoint(ckpt, dtype, device)
-    return LoadedModel(
-        model,
-        tokenizer,
-        {"source": str(gguf_path), "checkpoint": str(ckpt), "cache": "hit" if hit else "miss"},
-    )
+    info = {
+        "source": str(gguf_path),
+        "checkpoint": str(ckpt),
+        "cache": "hit" if hit else "miss",
+        "fingerprint": cache.content_key("gguf", digest, str(dtype)),
+    }
+    return LoadedModel(model, tokenizer, info)
 
 
 def _checkpoint_complete(ckpt: Path) -> bool:
@@ -149,7 +149,7 @@ def probe_logits(model: PreTrainedModel) -> torch.Tensor:
 
 
 def convert_gguf(gguf_path: Path, ckpt: Path, source_digest: str) -> None:
-    """Dequantize ``gguf_path`` into ``ckpt`` (atomically) and check it reproduces the GGUF logits."""
+    """Dequantize ``gguf_path`` into ``ckpt`` atomically; check it reproduces the GGUF logits."""
     log.info("converting %s into %s (once; later loads use the cached checkpoint)", gguf_path, ckpt)
     folder, filename = str(gguf_path.parent), gguf_path.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
@@ -200,7 +200,16 @@ def load_hf(
             f"model.path='{path}' could not be loaded (not a local checkpoint, and not on the hub "
             f"or the hub is unreachable): {first_line}"
         ) from None
-    return LoadedModel(model.to(resolve_device(device)), tokenizer, {"source": path})
+    commit = getattr(model.config, "_commit_hash", None)
+    files = _file_signature(Path(path)) if Path(path).is_dir() else None
+    fingerprint = cache.content_key("hf", path, revision, commit, files, str(dtype))
+    info = {"source": path, "fingerprint": fingerprint}
+    return LoadedModel(model.to(resolve_device(device)), tokenizer, info)
+
+
+def _file_signature(folder: Path) -> list[tuple[str, int, int]]:
+    """Names, sizes and modification times of a local checkpoint's files (cheap to compute)."""
+    return sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir())
 
 
 # ------------------------------------------------------------------------------ tiny random
@@ -276,4 +285,8 @@ def build_tiny_llama(
         torch.manual_seed(init_seed)
         model = LlamaForCausalLM(config)
     model = model.to(dtype=torch_dtype(dtype), device=resolve_device(device))
-    return LoadedModel(model, tokenizer, {"source": f"random init (seed {init_seed})"})
+    info = {
+        "source": f"random init (seed {init_seed})",
+        "fingerprint": cache.content_key("tiny_llama", config.to_dict(), init_seed, str(dtype)),
+    }
+    return LoadedModel(model, tokenizer, info)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from moyu_exp import bench, evaluation, models, results, tracking
+from moyu_exp import bench, calibration, evaluation, models, results, tracking
 from moyu_exp.config import build, validate
 from moyu_exp.strategies import Strategy
 
@@ -52,6 +52,8 @@ def experiment(cfg: DictConfig, timings: dict[str, float]) -> dict[str, Any]:
     with stopwatch(timings, "load"):
         loaded = models.load(cfg.model)
     strategy: Strategy = build(cfg.strategy)
+    with stopwatch(timings, "calibrate"):
+        calibrated = calibration.prepare(strategy, loaded, cfg)
     with strategy.attach(loaded.model) as live:
         with stopwatch(timings, "eval"):
             metrics, details = evaluation.run(loaded, cfg.eval, live, cfg.seed)
@@ -65,6 +67,7 @@ def experiment(cfg: DictConfig, timings: dict[str, float]) -> dict[str, Any]:
         "achieved_sparsity": total.overall if measured else None,
         "sparsity_detail": {"eval": eval_stats.to_dict(), "bench": bench_stats.to_dict()},
         "model": {**loaded.info, "loads_in_process": models.load_count()},
+        "calibration": calibrated,
         "eval": metrics,
         "eval_details": details,
         "bench": timing,

@@ -44,6 +44,10 @@ class GatedMLPAdapter:
     def layers(self, model: nn.Module) -> nn.ModuleList:
         return model.model.layers
 
+    def backbone(self, model: nn.Module) -> nn.Module:
+        """The decoder stack without the LM head (for calibration passes)."""
+        return model.model
+
     def dim(self, model: nn.Module, site: str) -> int:
         cfg = model.config
         if site in ("gate_act", "mlp_intermediate"):
@@ -63,6 +67,17 @@ class GatedMLPAdapter:
             "attn_input": [attn.q_proj, attn.k_proj, attn.v_proj],
             "o_proj_input": [attn.o_proj],
         }[site]
+
+    def mlp_up(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """up_proj(x) of a block's MLP, for a given MLP input ``x``."""
+        return layer.mlp.up_proj(x)
+
+    def weights_per_entry(self, layer: nn.Module, site: str) -> int:
+        """Weight elements a kernel can skip for one zero at this site."""
+        if site == "gate_act":  # a zero in act(gate) skips one row of up and one column of down
+            mlp = layer.mlp
+            return mlp.up_proj.in_features + mlp.down_proj.out_features
+        return sum(linear.out_features for linear in self.readers(layer, site))
 
     def hook(self, layer: nn.Module, site: str, fn: SiteFn) -> RemovableHandle:
         """Route the site's tensor through ``fn``; remove the returned handle to restore."""

@@ -62,7 +62,7 @@ def test_unknown_option_fails_at_compose_time() -> None:
 
 
 def test_enum_values_are_checked_at_compose_time() -> None:
-    with pytest.raises(ConfigCompositionException, match="logger.mode"):
+    with pytest.raises(ConfigCompositionException, match=r"logger\.mode"):
         compose_config("logger.mode=sometimes")
 
 

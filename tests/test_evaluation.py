@@ -69,14 +69,14 @@ def test_without_data_dir_the_stock_task_name_is_used() -> None:
 
 
 def test_unknown_task_is_a_config_error() -> None:
-    with pytest.raises(ConfigError, match="unknown eval task 'piqaa'.*did you mean piqa"):
+    with pytest.raises(ConfigError, match=r"unknown eval task 'piqaa'.*did you mean piqa"):
         tasks.check_task_name("piqaa")
 
 
 def test_missing_data_dir_is_a_config_error(tmp_path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         tasks.task_spec("piqa", str(tmp_path / "nope"))
-    with pytest.raises(ConfigError, match="lacks piqa/validation.jsonl"):
+    with pytest.raises(ConfigError, match=r"lacks piqa/validation\.jsonl"):
         tasks.task_spec("piqa", str(tmp_path))
 
 
@@ -87,14 +87,14 @@ def test_clean_metrics_drops_the_none_filter() -> None:
 
 def test_moyulm_finds_each_rows_real_length(tiny) -> None:
     strategy = build(compose_config(*TINY, "strategy=topk").strategy)
-    lm = MoyuLM(tiny, strategy, batch_size=4)
-    lm._known_inputs = {(5, 6, 7), (5, 6, 0, 9, 9), (8,)}
-    lm._known_lengths = [5, 3, 1]
-    assert lm._valid_length([5, 6, 7, 0, 0]) == 3
-    assert lm._valid_length([5, 6, 0, 9, 9]) == 5
-    assert lm._valid_length([8, 0, 0, 0, 0]) == 1
-    assert lm._valid_length([1, 2, 3]) == 3  # unknown rows count in full
+    lm = MoyuLM(tiny, strategy, batch_size=4, prompt_fraction=0.5)
+    lm._prompts = {(5, 6, 7): 2, (5, 6, 0, 9, 9): 4, (8,): 1}
+    lm._lengths = [5, 3, 1]
+    assert lm._row_segment([5, 6, 7, 0, 0]) == (3, 2)
+    assert lm._row_segment([5, 6, 0, 9, 9]) == (5, 4)
+    assert lm._row_segment([8, 0, 0, 0, 0]) == (1, 1)
+    assert lm._row_segment([1, 2, 3]) == (3, 3)  # unknown rows count in full
     with strategy.attach(tiny.model) as live:
-        lm._known_inputs, lm._known_lengths = {(5, 6, 7), (8,)}, [3, 1]
+        lm._prompts, lm._lengths = {(5, 6, 7): 2, (8,): 1}, [3, 1]
         lm._model_call(torch.tensor([[5, 6, 7], [8, 0, 0]]))
-    assert live.stats().to_dict()["entries"] == 4 * tiny.model.config.intermediate_size * 2
+    assert live.stats().entries == 4 * tiny.model.config.intermediate_size * 2

@@ -36,7 +36,11 @@ def test_results_json_schema(tmp_path) -> None:
     assert saved["config"]["strategy"]["sparsity"] == 0.7  # resolved, not "${sparsity}"
     assert {"embedded", "fidelity"} == set(saved["eval"])
     bench = saved["bench"]
-    assert bench["mode"] == "simulated" and bench["decode_tokens_per_s"] > 0 and bench["prefill_ms"] > 0
+    assert (
+        bench["mode"] == "simulated"
+        and bench["decode_tokens_per_s"] > 0
+        and bench["prefill_ms"] > 0
+    )
     assert bench["peak_memory_mb"] > 0
     assert set(saved["env"]["packages"]) >= {"torch", "transformers", "lm_eval"}
     assert not list(tmp_path.glob(".*.tmp"))

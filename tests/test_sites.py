@@ -47,7 +47,9 @@ def test_every_site_is_hooked_with_its_dimension(model_type: str) -> None:
         handle.remove()
         assert seen == [torch.Size([1, 5, adapter.dim(model, site)])], site
         assert not torch.equal(changed, dense), f"zeroing {site} changed nothing"
-        assert all(isinstance(m, torch.nn.Linear) for m in adapter.readers(model.model.layers[0], site))
+        assert all(
+            isinstance(m, torch.nn.Linear) for m in adapter.readers(model.model.layers[0], site)
+        )
 
 
 def test_unsupported_architecture_is_a_config_error() -> None:

@@ -5,14 +5,20 @@ from __future__ import annotations
 import pytest
 import torch
 
+from moyu_exp import calibration
 from moyu_exp.config import ConfigError, build
 from moyu_exp.strategies import STRATEGIES, Strategy, keep_count
 from moyu_exp.strategies.topk import TopK
-from tests.conftest import compose_config
+from tests.conftest import TINY, compose_config
 
 
-def make(name: str, *overrides: str) -> Strategy:
-    return build(compose_config(f"strategy={name}", *overrides).strategy)
+def make(name: str, *overrides: str, model=None) -> Strategy:
+    """A strategy from its config; calibrated on ``model`` when it needs calibration."""
+    cfg = compose_config(*TINY, f"strategy={name}", *overrides)
+    strategy = build(cfg.strategy)
+    if model is not None:
+        calibration.prepare(strategy, model, cfg)
+    return strategy
 
 
 @torch.inference_mode()
@@ -23,7 +29,7 @@ def logits(model, ids: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
 def test_sparsity_zero_reproduces_dense_logits_exactly(name, tiny, tiny_batch) -> None:
     dense = logits(tiny.model, tiny_batch)
-    with make(name, "sparsity=0").attach(tiny.model):
+    with make(name, "sparsity=0", model=tiny).attach(tiny.model):
         sparse = logits(tiny.model, tiny_batch)
     assert torch.equal(dense, sparse)
 
@@ -32,7 +38,7 @@ def test_sparsity_zero_reproduces_dense_logits_exactly(name, tiny, tiny_batch) -
 def test_attach_restores_the_model_exactly(name, tiny, tiny_batch) -> None:
     before = logits(tiny.model, tiny_batch)
     state = {k: v.clone() for k, v in tiny.model.state_dict().items()}
-    strategy = make(name, "sparsity=0.6")
+    strategy = make(name, "sparsity=0.6", model=tiny)
     with strategy.attach(tiny.model):
         logits(tiny.model, tiny_batch)
     assert torch.equal(logits(tiny.model, tiny_batch), before)
@@ -72,13 +78,26 @@ def test_topk_keeps_the_largest_magnitudes() -> None:
     assert y.tolist() == [[[0.0, -5.0, 0.0, 2.0, 0.0]]]
 
 
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_sparsity_zero_on_a_fresh_prefill_and_decode_is_dense(name, tiny) -> None:
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    with torch.inference_mode():
+        out = tiny.model(ids[:, :4], use_cache=True)
+        dense = tiny.model(ids[:, 4:], cache=out.cache, use_cache=True).logits
+        strategy = make(name, "sparsity=0", model=tiny)
+        with strategy.attach(tiny.model):
+            out = tiny.model(ids[:, :4], use_cache=True)
+            sparse = tiny.model(ids[:, 4:], cache=out.cache, use_cache=True).logits
+    assert torch.equal(dense, sparse)
+
+
 def test_padding_is_not_counted(tiny) -> None:
     ids = torch.tensor([[10, 11, 12, 13], [20, 21, 0, 0]])
     strategy = make("topk", "sparsity=0.5")
     with strategy.attach(tiny.model) as live, live.segments(torch.tensor([4, 2])):
         logits(tiny.model, ids)
     d_ff, layers = tiny.model.config.intermediate_size, 2
-    assert live.stats().to_dict()["entries"] == 6 * d_ff * layers
+    assert live.stats().entries == 6 * d_ff * layers
 
 
 def test_attention_mask_marks_left_padding(tiny) -> None:
@@ -87,7 +106,7 @@ def test_attention_mask_marks_left_padding(tiny) -> None:
     strategy = make("topk", "sparsity=0.5")
     with strategy.attach(tiny.model) as live, torch.inference_mode():
         tiny.model(input_ids=ids, attention_mask=mask)
-    assert live.stats().to_dict()["entries"] == 6 * tiny.model.config.intermediate_size * 2
+    assert live.stats().entries == 6 * tiny.model.config.intermediate_size * 2
 
 
 def test_paused_runs_dense_and_counts_nothing(tiny, tiny_batch) -> None:
@@ -109,16 +128,19 @@ def test_layers_select_where_hooks_go(tiny, tiny_batch) -> None:
 
 def test_layers_out_of_range_is_a_config_error(tiny) -> None:
     strategy = make("topk", "strategy.layers=[0,5]")
-    with pytest.raises(ConfigError, match=r"layers \[5\] out of range: the model has 2 layers"):
-        with strategy.attach(tiny.model):
-            pass
+    error = r"layers \[5\] out of range: the model has 2 layers"
+    with pytest.raises(ConfigError, match=error), strategy.attach(tiny.model):
+        pass
 
 
 def test_attaching_twice_is_refused(tiny) -> None:
     strategy = make("topk")
-    with strategy.attach(tiny.model), pytest.raises(RuntimeError, match="already attached"):
-        with strategy.attach(tiny.model):
-            pass
+    with (
+        strategy.attach(tiny.model),
+        pytest.raises(RuntimeError, match="already attached"),
+        strategy.attach(tiny.model),
+    ):
+        pass
 
 
 def test_dense_touches_nothing(tiny, tiny_batch) -> None:

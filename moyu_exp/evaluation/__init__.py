@@ -28,10 +28,12 @@ def run(
             num_fewshot=cfg.num_fewshot,
             bootstrap_iters=cfg.bootstrap_iters,
             data_dir=cfg.data_dir,
+            prompt_fraction=cfg.prompt_fraction,
             seed=seed,
         )
     if cfg.fidelity:
-        metrics["fidelity"] = fidelity.measure(loaded, live, datasets.embedded(split="evaluation"))
+        documents = datasets.embedded(split="evaluation")
+        metrics["fidelity"] = fidelity.measure(loaded, live, documents, cfg.prompt_fraction)
     return metrics, details
 
 

@@ -7,7 +7,9 @@ agree. The dense reference comes from the same forward with the strategy paused.
 from __future__ import annotations
 
 import torch
+from tqdm.auto import tqdm
 
+from moyu_exp.evaluation.harness import window_prompt
 from moyu_exp.models import LoadedModel
 from moyu_exp.strategies import Strategy
 
@@ -19,17 +21,26 @@ def prefix_token(tokenizer) -> int:
 
 @torch.inference_mode()
 def measure(
-    loaded: LoadedModel, live: Strategy, documents: list[str], window: int = 1024
+    loaded: LoadedModel,
+    live: Strategy,
+    documents: list[str],
+    prompt_fraction: float,
+    window: int = 1024,
 ) -> dict[str, float]:
+    """Mean KL and top-1 agreement over every position of every window of ``documents``; the
+    first ``prompt_fraction`` of a window is its prompt (as in the rolling-perplexity task)."""
     model, tokenizer = loaded.model, loaded.tokenizer
     kl_sum, agree, positions = 0.0, 0, 0
-    for doc in documents:
+    for doc in tqdm(documents, desc="fidelity", leave=False):
         ids = [prefix_token(tokenizer), *tokenizer(doc, add_special_tokens=False).input_ids]
         for start in range(0, len(ids) - 1, window):
             chunk = torch.tensor([ids[start : start + window]], device=loaded.device)
-            with live.paused():
-                dense = model(chunk).logits.float().log_softmax(-1)
-            sparse = model(chunk).logits.float().log_softmax(-1)
+            n = chunk.shape[1]
+            roles = (torch.tensor([n]), torch.tensor([window_prompt(n, prompt_fraction)]))
+            with live.segments(*roles):
+                with live.paused():
+                    dense = model(chunk).logits.float().log_softmax(-1)
+                sparse = model(chunk).logits.float().log_softmax(-1)
             kl = (dense.exp() * (dense - sparse)).sum(-1)
             kl_sum += float(kl.sum())
             agree += int((dense.argmax(-1) == sparse.argmax(-1)).sum())

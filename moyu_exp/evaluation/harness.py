@@ -18,37 +18,66 @@ from moyu_exp.models import LoadedModel
 from moyu_exp.strategies import Strategy
 
 
-class MoyuLM(HFLM):
-    """HFLM over an already-loaded model, reporting each batch's real token counts to ``live``."""
+def window_prompt(tokens: int, fraction: float) -> int:
+    """Prompt length of a window that has no prompt of its own (rolling perplexity, fidelity)."""
+    return min(tokens, max(1, round(tokens * fraction)))
 
-    def __init__(self, loaded: LoadedModel, live: Strategy, batch_size: int):
+
+class MoyuLM(HFLM):
+    """HFLM over an already-loaded model that declares every batch row's token roles to ``live``.
+
+    lm-eval right-pads its batches and scores a multiple-choice item in one forward over
+    context + continuation; before each forward the strategy learns each row's real length and
+    where its context ends, so padding is never counted and a sequence-level method selects from
+    the context only. Rolling-perplexity windows have a one-token context; for them the first
+    ``prompt_fraction`` of the window plays the prompt.
+    """
+
+    def __init__(
+        self, loaded: LoadedModel, live: Strategy, batch_size: int, prompt_fraction: float
+    ):
         super().__init__(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=batch_size)
         self._live = live
-        self._known_inputs: set[tuple[int, ...]] = set()
-        self._known_lengths: list[int] = []
+        self._prompt_fraction = prompt_fraction
+        self._rolling = False
+        self._prompts: dict[tuple[int, ...], int] = {}
+        self._lengths: list[int] = []
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+        self._rolling = True
+        try:
+            return super().loglikelihood_rolling(requests, disable_tqdm)
+        finally:
+            self._rolling = False
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
-        # Same input construction as HFLM: (context + continuation), left-truncated, last dropped.
-        self._known_inputs = {
-            tuple((ctx + cont)[-(self.max_length + 1) :][:-1]) for _, ctx, cont in requests
-        }
-        self._known_lengths = sorted({len(t) for t in self._known_inputs}, reverse=True)
+        prompts: dict[tuple[int, ...], int] = {}
+        for _, context, continuation in requests:
+            # The same input HFLM builds: (context + continuation), left-truncated, last dropped.
+            inp = tuple((context + continuation)[-(self.max_length + 1) :][:-1])
+            if self._rolling:
+                prompt = window_prompt(len(inp), self._prompt_fraction)
+            else:
+                prompt = max(0, len(inp) - len(continuation) + 1)
+            prompts[inp] = min(prompt, prompts.get(inp, prompt))
+        self._prompts, self._lengths = prompts, sorted({len(t) for t in prompts}, reverse=True)
         try:
             return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
         finally:
-            self._known_inputs, self._known_lengths = set(), []
+            self._prompts, self._lengths = {}, []
 
-    def _valid_length(self, row: list[int]) -> int:
-        """The longest known input that ``row`` is, followed only by padding."""
-        for length in self._known_lengths:
-            if length <= len(row) and tuple(row[:length]) in self._known_inputs:
-                if not any(row[length:]):
-                    return length
-        return len(row)
+    def _row_segment(self, row: list[int]) -> tuple[int, int]:
+        """(real tokens, prompt tokens) of a batch row: the longest known input it starts with,
+        followed only by padding. Rows from elsewhere count in full, all prompt."""
+        for length in self._lengths:
+            known = tuple(row[:length]) if length <= len(row) else None
+            if known in self._prompts and not any(row[length:]):
+                return length, self._prompts[known]
+        return len(row), len(row)
 
     def _model_call(self, inps: torch.Tensor, attn_mask=None, labels=None) -> torch.Tensor:
-        lengths = torch.tensor([self._valid_length(r) for r in inps.tolist()])
-        with self._live.segments(lengths):
+        valid, prompt = zip(*(self._row_segment(r) for r in inps.tolist()), strict=True)
+        with self._live.segments(torch.tensor(valid), torch.tensor(prompt)):
             return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
 
 
@@ -73,13 +102,14 @@ def evaluate(
     num_fewshot: int | None,
     bootstrap_iters: int,
     data_dir: str | None,
+    prompt_fraction: float,
     seed: int,
 ) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
     """Run lm-eval tasks on the (sparsified) model: ({task: {metric: value}}, per-task details)."""
     from lm_eval import simple_evaluate
 
     specs = [task_spec(name, data_dir) for name in tasks]
-    lm = MoyuLM(loaded, live, batch_size=batch_size)
+    lm = MoyuLM(loaded, live, batch_size=batch_size, prompt_fraction=prompt_fraction)
     if limit is not None and limit >= 1:
         limit = int(limit)
     out = simple_evaluate(
@@ -99,7 +129,10 @@ def evaluate(
     )
     metrics = {task: clean_metrics(res) for task, res in out["results"].items()}
     details = {
-        task: {"n_samples": out.get("n-samples", {}).get(task), "version": out["versions"].get(task)}
+        task: {
+            "n_samples": out.get("n-samples", {}).get(task),
+            "version": out["versions"].get(task),
+        }
         for task in out["results"]
     }
     return metrics, details

@@ -1,6 +1,18 @@
 """Dynamic-activation strategies: one module per method, registered by name."""
 
-from moyu_exp.strategies import dense, topk  # noqa: F401  (registration side effects)
+from moyu_exp.strategies import (  # noqa: F401  (registration side effects)
+    cats,
+    cett,
+    chess,
+    dense,
+    griffin,
+    random,
+    static,
+    tda,
+    teal,
+    topk,
+    wina,
+)
 from moyu_exp.strategies.base import STRATEGIES, SparsityStats, Strategy, keep_count, register
 
 __all__ = ["STRATEGIES", "SparsityStats", "Strategy", "keep_count", "register"]

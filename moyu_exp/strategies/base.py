@@ -4,6 +4,11 @@ A strategy is a dataclass of its own parameters (the config schema is derived fr
 ``with strategy.attach(model) as live:`` installs one hook per (site, layer); each hook passes the
 site's tensor through :meth:`Strategy.sparsify` and counts the entries it really zeroed. Leaving
 the block removes every hook, so the model is restored bit-exactly, also after an exception.
+
+Every forward pass has *token roles*: which positions are real tokens (not padding) and which
+belong to the prompt. Roles come from the lm-eval bridge (:meth:`Strategy.segments`), else from
+the attention mask and the KV cache: a forward on an empty cache is a prefill, all prompt; a
+forward on a filled cache is a decode step. With ``prefill=dense`` prompt positions stay dense.
 """
 
 from __future__ import annotations
@@ -16,10 +21,11 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from moyu_exp.config import check_sparsity
+from moyu_exp.config import ConfigError, check_sparsity
 from moyu_exp.sites import SITES, adapter_for, check_sites, resolve_layers
 
 STRATEGIES: dict[str, type[Strategy]] = {}
+PREFILL_POLICIES = ("sparse", "dense")
 
 
 def register(name: str):
@@ -40,37 +46,69 @@ def keep_count(sparsity: float, dim: int) -> int:
 
 
 @dataclass
-class SparsityStats:
-    """Entries zeroed and entries seen, per (site, layer); the achieved sparsity derives from it."""
+class TokenRoles:
+    """Per position of the current forward: real token or padding, prompt or not."""
 
-    counts: dict[tuple[str, int], tuple[int, int]] = field(default_factory=dict)
+    valid: torch.Tensor | None = None  # (batch, tokens) bool; None: every position is real
+    prompt: torch.Tensor | None = None  # (batch, tokens) bool; None: no prompt position
+
+    def matches(self, x: torch.Tensor) -> bool:
+        ref = self.valid if self.valid is not None else self.prompt
+        return ref is None or tuple(ref.shape) == tuple(x.shape[:2])
+
+    def active(self, dense_prompt: bool) -> torch.Tensor | None:
+        """Positions the strategy sparsifies; None means all of them."""
+        if dense_prompt and self.prompt is not None:
+            valid = self.valid if self.valid is not None else torch.ones_like(self.prompt)
+            return valid & ~self.prompt
+        return self.valid
+
+
+@dataclass
+class SparsityStats:
+    """Entries zeroed / seen per (site, layer), and the weights each entry gates.
+
+    ``overall`` weights every entry by the number of weight elements it lets a kernel skip (so a
+    zero in the attention input, read by q, k and v, counts for all three): TEAL's model-wide
+    sparsity. For a single site it equals the plain fraction of zeroed entries.
+    """
+
+    counts: dict[tuple[str, int], tuple[int, int, int]] = field(default_factory=dict)
+    weights: dict[tuple[str, int], int] = field(default_factory=dict)
 
     def __add__(self, other: SparsityStats) -> SparsityStats:
         merged = dict(self.counts)
-        for key, (z, n) in other.counts.items():
-            z0, n0 = merged.get(key, (0, 0))
-            merged[key] = (z0 + z, n0 + n)
-        return SparsityStats(merged)
+        for key, values in other.counts.items():
+            old = merged.get(key, (0, 0, 0))
+            merged[key] = tuple(a + b for a, b in zip(old, values, strict=True))  # type: ignore[assignment]
+        return SparsityStats(merged, {**self.weights, **other.weights})
 
-    @staticmethod
-    def _ratio(pairs: list[tuple[int, int]]) -> float:
-        total = sum(n for _, n in pairs)
-        return sum(z for z, _ in pairs) / total if total else 0.0
+    def _ratio(self, keys: list[tuple[str, int]], weighted: bool = True) -> float:
+        w = {k: (self.weights.get(k, 1) if weighted else 1) for k in keys}
+        total = sum(self.counts[k][1] * w[k] for k in keys)
+        return sum(self.counts[k][0] * w[k] for k in keys) / total if total else 0.0
 
     @property
     def overall(self) -> float:
-        return self._ratio(list(self.counts.values()))
+        return self._ratio(list(self.counts))
+
+    @property
+    def entries(self) -> int:
+        return sum(c[1] for c in self.counts.values())
 
     def by(self, index: int) -> dict[Any, float]:
-        groups: dict[Any, list[tuple[int, int]]] = {}
-        for key, pair in self.counts.items():
-            groups.setdefault(key[index], []).append(pair)
-        return {k: self._ratio(v) for k, v in sorted(groups.items())}
+        groups: dict[Any, list[tuple[str, int]]] = {}
+        for key in self.counts:
+            groups.setdefault(key[index], []).append(key)
+        return {g: self._ratio(keys) for g, keys in sorted(groups.items())}
 
     def to_dict(self) -> dict[str, Any]:
+        dense = sum(c[2] for c in self.counts.values())
         return {
             "overall": self.overall,
-            "entries": sum(n for _, n in self.counts.values()),
+            "entry_fraction": self._ratio(list(self.counts), weighted=False),
+            "entries": self.entries,
+            "dense_prompt_entries": dense,
             "by_site": self.by(0),
             "by_layer": {str(k): v for k, v in self.by(1).items()},
         }
@@ -84,24 +122,69 @@ class Strategy:
     sparsity: float = 0.0
     layers: Any = "all"  # "all", a list of layer indices, or a slice string such as "1:-1"
     sites: list[str] = field(default_factory=list)
+    prefill: str = "sparse"  # "dense": prompt positions (prefill, lm-eval contexts) stay dense
 
     allowed_sites: ClassVar[tuple[str, ...]] = tuple(SITES)
     needs_calibration: ClassVar[bool] = False
+    calibration_version: ClassVar[int] = 1  # bump when a method's statistic changes
+    sequence_level: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         check_sites(list(self.sites), self.allowed_sites)
         check_sparsity(self.sparsity)
+        if self.prefill not in PREFILL_POLICIES:
+            raise ConfigError(
+                f"strategy.prefill='{self.prefill}' is unknown: accepted values are sparse, dense"
+            )
+        if self.sequence_level and self.prefill != "dense":
+            raise ConfigError(
+                f"strategy '{self.name}' selects from the prompt, which it runs dense: "
+                "strategy.prefill must be dense"
+            )
         self.layer_ids: list[int] = []
         self._handles: list[Any] = []
         self._enabled = True
         self._acc: dict[tuple[str, int], torch.Tensor] = {}
-        self._valid_lengths: torch.Tensor | None = None
-        self._mask_from_model: torch.Tensor | None = None
+        self._weights: dict[tuple[str, int], int] = {}
+        self._segments: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self.roles = TokenRoles()
+        self.calibration: dict[str, torch.Tensor] | None = None
 
     # ------------------------------------------------------------------ method API
     def sparsify(self, site: str, layer: int, x: torch.Tensor) -> torch.Tensor:
         """Return ``x`` (batch, tokens, dim) with the entries this method drops set to zero."""
         raise NotImplementedError
+
+    def prepare(self, model: nn.Module, adapter: Any) -> None:
+        """Called once on attach, before any hook runs: build masks, thresholds, norms."""
+
+    def begin_forward(self, fresh: bool) -> None:
+        """Called before every model forward (``fresh``: the KV cache was empty)."""
+
+    def layer_ids_for(self, model: nn.Module) -> list[int]:
+        """The decoder layers this strategy touches in ``model``."""
+        adapter = adapter_for(model)
+        return resolve_layers(self.layers, len(adapter.layers(model)))
+
+    def calibration_key(self) -> dict[str, Any]:
+        """What, besides model and calibration text, determines :meth:`calibrate`'s output."""
+        return {
+            "name": self.name,
+            "version": self.calibration_version,
+            "sites": list(self.sites),
+            "layers": self.layers,
+        }
+
+    def calibrate(self, model: nn.Module, batches: list[torch.Tensor], cached) -> dict:
+        """Statistics from calibration token batches, as plain tensors (cached by the caller).
+
+        ``cached(label, params, compute)`` memoises a costly part that the rest of the key (e.g.
+        the sparsity) does not change, under the same model and calibration text.
+        """
+        raise NotImplementedError(f"strategy '{self.name}' has no calibration")
+
+    def load_calibration(self, state: dict[str, torch.Tensor]) -> None:
+        self.calibration = state
 
     # -------------------------------------------------------------------- contract
     @contextmanager
@@ -109,17 +192,19 @@ class Strategy:
         """Install the hooks; restore the model exactly on exit."""
         if self._handles:
             raise RuntimeError(f"strategy '{self.name}' is already attached to a model")
+        if self.needs_calibration and self.calibration is None:
+            raise RuntimeError(f"strategy '{self.name}' must be calibrated before attaching")
         adapter = adapter_for(model)
         blocks = adapter.layers(model)
-        self.layer_ids = resolve_layers(self.layers, len(blocks))
+        self.layer_ids = self.layer_ids_for(model)
         self.reset_stats()
         try:
+            self.prepare(model, adapter)
             if self.sites:
-                self._handles.append(
-                    model.register_forward_pre_hook(self._capture_mask, with_kwargs=True)
-                )
+                self._handles.append(model.register_forward_pre_hook(self._begin, with_kwargs=True))
             for site in self.sites:
                 for layer in self.layer_ids:
+                    self._weights[(site, layer)] = adapter.weights_per_entry(blocks[layer], site)
                     fn = self._site_fn(site, layer)
                     self._handles.append(adapter.hook(blocks[layer], site, fn))
             yield self
@@ -127,10 +212,12 @@ class Strategy:
             for handle in self._handles:
                 handle.remove()
             self._handles.clear()
+            self.roles = TokenRoles()
 
     def stats(self) -> SparsityStats:
-        """Entries zeroed / entries seen since the last reset (padding excluded)."""
-        return SparsityStats({k: (int(v[0]), int(v[1])) for k, v in self._acc.items()})
+        """Entries zeroed / entries sparsified since the last reset (padding excluded)."""
+        counts = {k: tuple(int(v) for v in acc) for k, acc in self._acc.items()}
+        return SparsityStats(counts, dict(self._weights))  # type: ignore[arg-type]
 
     def reset_stats(self) -> None:
         self._acc = {}
@@ -151,50 +238,73 @@ class Strategy:
             self._enabled = previous
 
     @contextmanager
-    def segments(self, valid_lengths: torch.Tensor) -> Iterator[None]:
-        """Declare right padding for the next forward: row b holds ``valid_lengths[b]`` tokens."""
-        previous, self._valid_lengths = self._valid_lengths, valid_lengths
+    def segments(
+        self, valid_lengths: torch.Tensor, prompt_lengths: torch.Tensor | None = None
+    ) -> Iterator[None]:
+        """Declare the next forwards' rows: ``valid_lengths[b]`` real tokens (right padding), of
+        which the first ``prompt_lengths[b]`` are the prompt (lm-eval's context)."""
+        previous, self._segments = self._segments, (valid_lengths, prompt_lengths)
         try:
             yield
         finally:
-            self._valid_lengths = previous
+            self._segments = previous
 
     # ------------------------------------------------------------------ internals
-    def _capture_mask(self, _module, args, kwargs):
-        """Remember the 2-D attention mask of this forward (left padding in generation)."""
-        mask = kwargs.get("attention_mask")
-        self._mask_from_model = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+    def _begin(self, _module, args, kwargs):
+        ids = kwargs.get("input_ids")
+        if ids is None:
+            ids = args[0] if args else kwargs.get("inputs_embeds")
+        batch, tokens = ids.shape[:2]
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        fresh = cache is None or cache.get_seq_length() == 0
+        self.roles = self._roles(batch, tokens, ids.device, kwargs.get("attention_mask"), fresh)
+        self.begin_forward(fresh)
         return None
 
-    def valid_tokens(self, x: torch.Tensor) -> torch.Tensor | None:
-        """Bool (batch, tokens): which positions of ``x`` are real tokens; None when all are."""
-        batch, tokens = x.shape[:2]
-        if self._valid_lengths is not None and self._valid_lengths.numel() == batch:
-            positions = torch.arange(tokens, device=x.device)
-            return positions[None, :] < self._valid_lengths.to(x.device)[:, None]
-        mask = self._mask_from_model
-        if mask is not None and mask.shape[0] == batch and mask.shape[1] >= tokens:
-            return mask[:, -tokens:].to(device=x.device, dtype=torch.bool)
-        return None
+    def _roles(self, batch, tokens, device, mask, fresh: bool) -> TokenRoles:
+        positions = torch.arange(tokens, device=device)[None, :]
+        if self._segments is not None and self._segments[0].numel() == batch:
+            valid_lengths, prompt_lengths = self._segments
+            valid = positions < valid_lengths.to(device)[:, None]
+            prompt = None
+            if prompt_lengths is not None:
+                prompt = valid & (positions < prompt_lengths.to(device)[:, None])
+            return TokenRoles(valid, prompt)
+        valid = None
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1] >= tokens:
+            valid = mask[:, -tokens:].to(device=device, dtype=torch.bool)
+        if not fresh:
+            return TokenRoles(valid, None)
+        prompt = valid if valid is not None else torch.ones(batch, tokens, device=device).bool()
+        return TokenRoles(valid, prompt)
 
     def _site_fn(self, site: str, layer: int):
+        dense_prompt = self.prefill == "dense"
+
         def fn(x: torch.Tensor) -> torch.Tensor:
             if not self._enabled:
                 return x
+            roles = self.roles if self.roles.matches(x) else TokenRoles()
             y = self.sparsify(site, layer, x)
-            self._count(site, layer, x, y)
+            active = roles.active(dense_prompt)
+            if active is not None:
+                y = torch.where(active[..., None], y, x)
+            self._count(site, layer, x, y, roles, active)
             return y
 
         return fn
 
-    def _count(self, site: str, layer: int, x: torch.Tensor, y: torch.Tensor) -> None:
+    def _count(self, site, layer, x, y, roles: TokenRoles, active) -> None:
         zeroed = (y == 0) & (x != 0)
-        valid = self.valid_tokens(x)
-        if valid is not None:
-            zeroed = zeroed[valid]
+        dense = 0
+        if active is not None:
+            zeroed = zeroed[active]
+            valid = roles.valid if roles.valid is not None else torch.ones_like(active)
+            dense = (valid & ~active).sum() * x.shape[-1]
         key = (site, layer)
         acc = self._acc.get(key)
         if acc is None:
-            acc = self._acc[key] = torch.zeros(2, dtype=torch.int64, device=x.device)
+            acc = self._acc[key] = torch.zeros(3, dtype=torch.int64, device=x.device)
         acc[0] += zeroed.sum()
         acc[1] += zeroed.numel()
+        acc[2] += dense

@@ -1,0 +1,25 @@
+"""GRIFFIN: per layer, keep the top-k neurons of the prompt statistic, frozen for what follows.
+
+Score s_j = || (z_{t,j} / ||z_t||_2)_t ||_2 over the prompt tokens t; the k = round((1 - s) d_ff)
+best neurons form the reduced MLP used for every later token (Dong et al., COLM 2024).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from moyu_exp.strategies.base import keep_count, register
+from moyu_exp.strategies.sequence import SequenceLevel, prompt_norms
+from moyu_exp.strategies.topk import topk_mask
+
+
+@register("griffin")
+@dataclass(eq=False)
+class Griffin(SequenceLevel):
+    name: str = "griffin"
+
+    def select(self, layer: int, z: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
+        score = prompt_norms(z, prompt, normalize_tokens=True)
+        return topk_mask(score, keep_count(self.sparsity, score.shape[-1]))

@@ -1,0 +1,31 @@
+"""Random: keep a random (1 - s) fraction of a site's entries per token (a control)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from moyu_exp.strategies.base import Strategy, keep_count, register
+from moyu_exp.strategies.topk import topk_mask
+
+
+@register("random")
+@dataclass(eq=False)
+class Random(Strategy):
+    """Exactly k = round((1 - s) * d) uniformly random entries kept per token (seeded)."""
+
+    name: str = "random"
+    sites: list[str] = field(default_factory=lambda: ["mlp_intermediate"])
+    seed: int = 0
+
+    def prepare(self, model, adapter) -> None:
+        device = next(model.parameters()).device
+        self._generator = torch.Generator(device=device).manual_seed(self.seed)
+
+    def sparsify(self, site: str, layer: int, x: torch.Tensor) -> torch.Tensor:
+        k = keep_count(self.sparsity, x.shape[-1])
+        if k >= x.shape[-1]:
+            return x
+        scores = torch.rand(x.shape, generator=self._generator, device=x.device)
+        return x.masked_fill(~topk_mask(scores, k), 0.0)

@@ -1,0 +1,66 @@
+"""Shared machinery of sequence-level methods: select neurons from the prompt, then freeze.
+
+A sequence-level method runs the prompt dense, scores every MLP neuron over the prompt
+positions, and uses the selected neurons for every later token: the continuation positions of
+the same forward (an lm-eval multiple-choice item), or the decode steps that follow a prefill
+(generation). The selection is one (batch, d_ff) mask per layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from moyu_exp.strategies.base import Strategy
+
+SITE = "mlp_intermediate"
+
+
+@dataclass(eq=False)
+class SequenceLevel(Strategy):
+    """Subclasses implement :meth:`select` (prompt activations -> kept neurons)."""
+
+    sites: list[str] = field(default_factory=lambda: [SITE])
+    prefill: str = "dense"
+
+    allowed_sites = (SITE,)
+    sequence_level = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._frozen: dict[int, torch.Tensor] = {}
+
+    def select(self, layer: int, z: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
+        """Bool (batch, d_ff) of kept neurons from ``z`` (batch, tokens, d_ff) at ``prompt``."""
+        raise NotImplementedError
+
+    def begin_forward(self, fresh: bool) -> None:
+        if fresh:  # a new sequence: the old selection must not leak into it
+            self._frozen = {}
+
+    def sparsify(self, site: str, layer: int, x: torch.Tensor) -> torch.Tensor:
+        if self.sparsity == 0.0:
+            return x
+        prompt = self.roles.prompt if self.roles.matches(x) else None
+        if prompt is not None and bool(prompt.any()):
+            keep = self.select(layer, x, prompt)
+            keep[~prompt.any(dim=1)] = True  # a row without prompt tokens has nothing to go on
+            self._frozen[layer] = keep
+        keep = self._frozen.get(layer)
+        if keep is None or keep.shape[0] != x.shape[0]:
+            return x  # nothing selected yet for these rows: stay dense
+        return x.masked_fill(~keep[:, None, :], 0.0)
+
+    def frozen_selection(self) -> dict[int, torch.Tensor]:
+        """The current (batch, d_ff) masks per layer (read by probes and kernels)."""
+        return dict(self._frozen)
+
+
+def prompt_norms(z: torch.Tensor, prompt: torch.Tensor, normalize_tokens: bool) -> torch.Tensor:
+    """Per neuron, the L2 norm over prompt positions of z (each token first scaled to unit norm
+    when ``normalize_tokens``): (batch, d_ff)."""
+    z = z.float()
+    if normalize_tokens:
+        z = z / z.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return (z.square() * prompt[..., None]).sum(dim=1).sqrt()
