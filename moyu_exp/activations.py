@@ -9,21 +9,21 @@ import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import torch
-from torch import nn
 from tqdm.auto import tqdm
 
+from moyu_exp.lazy import lazy_import
 from moyu_exp.sites import adapter_for
 
-LEVELS = torch.linspace(0.0, 1.0, 1001)  # quantile levels of every table
+torch = lazy_import("torch")
 
-Tap = Callable[[str, int, torch.Tensor], None]
-SiteFn = Callable[[torch.Tensor], torch.Tensor]
+TABLE_SIZE = 1001  # quantile levels 0, 0.001, ..., 1 of every table
+
+Tap = Callable[[str, int, "torch.Tensor"], None]
+SiteFn = Callable[["torch.Tensor"], "torch.Tensor"]
 
 
-@torch.inference_mode()
 def run_with_hooks(
-    model: nn.Module,
+    model: torch.nn.Module,
     batches: list[torch.Tensor],
     fns: dict[tuple[str, int], SiteFn],
     desc: str = "calibration",
@@ -36,8 +36,9 @@ def run_with_hooks(
     try:
         for (site, layer), fn in fns.items():
             handles.append(adapter.hook(blocks[layer], site, fn))
-        for batch in tqdm(batches, desc=desc, leave=False):
-            adapter.backbone(model)(batch, use_cache=False)
+        with torch.inference_mode():
+            for batch in tqdm(batches, desc=desc, leave=False):
+                adapter.backbone(model)(batch, use_cache=False)
     finally:
         for handle in handles:
             handle.remove()
@@ -57,7 +58,7 @@ def observe(model, batches, keys: Iterable[tuple[str, int]], tap: Tap, desc="cal
 
 
 def calibrate_thresholds(
-    model: nn.Module,
+    model: torch.nn.Module,
     ids: torch.Tensor,
     levels: dict[tuple[str, int], float],
     score: Callable[[str, int, torch.Tensor], torch.Tensor],
@@ -120,8 +121,9 @@ class ValueSample:
 
 
 def quantile_table(values: torch.Tensor) -> torch.Tensor:
-    """Values at the quantile levels :data:`LEVELS` (monotone by construction)."""
-    return torch.quantile(values.float(), LEVELS.to(values.device))
+    """Values at the :data:`TABLE_SIZE` quantile levels 0..1 (monotone by construction)."""
+    levels = torch.linspace(0.0, 1.0, TABLE_SIZE, device=values.device)
+    return torch.quantile(values.float(), levels)
 
 
 def threshold_at(table: torch.Tensor, sparsity: float) -> float:

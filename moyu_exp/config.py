@@ -16,9 +16,9 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
+from moyu_exp.errors import ConfigError
 
-class ConfigError(ValueError):
-    """A user-facing configuration mistake; its message is one actionable line."""
+__all__ = ["ConfigError", "build", "check_sparsity", "register_configs", "validate"]
 
 
 class DType(StrEnum):
@@ -154,6 +154,15 @@ class CalibrationConfig:
 
 
 @dataclass
+class SearchConfig:
+    """What a ``hydra/sweeper=optuna`` search optimises: the highest achieved sparsity whose
+    ``metric`` ("task/metric") stays within ``budget`` (absolute) of the dense model's."""
+
+    metric: str | None = None
+    budget: float = 0.01
+
+
+@dataclass
 class LoggerConfig:
     name: str = MISSING  # wandb | none
     mode: LoggerMode = LoggerMode.offline
@@ -173,9 +182,12 @@ class Config:
     bench: BenchConfig = MISSING
     logger: LoggerConfig = MISSING
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
     sparsity: float = 0.5
     seed: int = 0
     name: str | None = None  # experiment name: W&B group, run-dir label
+    resume: bool = True  # reuse the stored result of a finished identical point
+    threads: int | None = None  # torch CPU threads (None: torch's default; parallel jobs split)
     data_dir: str | None = None
 
 
@@ -262,6 +274,12 @@ def validate(cfg: DictConfig) -> None:
     for key in ("tokens", "seq_len"):
         if cfg.calibration[key] < 2:
             raise ConfigError(f"calibration.{key}={cfg.calibration[key]} must be >= 2")
+    if cfg.search.metric is not None and cfg.search.metric.count("/") != 1:
+        raise ConfigError(
+            f"search.metric='{cfg.search.metric}' must be 'task/metric', e.g. piqa/acc"
+        )
+    if cfg.threads is not None and cfg.threads < 1:
+        raise ConfigError(f"threads={cfg.threads} must be >= 1 (or null for torch's default)")
     bench = cfg.bench
     for key in ("prompt_tokens", "decode_tokens", "repeats"):
         if bench.enabled and bench[key] < 1:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from moyu_exp.config import ConfigError
+from moyu_exp.errors import ConfigError
 
 DATA = Path(__file__).parent / "data"
 EMBEDDED_SPLITS = ("calibration", "evaluation")

@@ -6,6 +6,7 @@ Strategies restore the model exactly after every point, which is what makes the 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import time
@@ -15,10 +16,12 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from moyu_exp import cache
-from moyu_exp.config import ConfigError, build
+from moyu_exp.config import build
+from moyu_exp.errors import ConfigError, NonFiniteLogits
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +69,22 @@ def load(cfg: DictConfig) -> LoadedModel:
     _LOADED.clear()  # keep one model resident: sweeps iterate points, not models
     _LOADED[key] = loaded
     return loaded
+
+
+@contextlib.contextmanager
+def finite_logits_guard(model: nn.Module):
+    """Fail the forward pass that produces NaN or inf logits (instead of scoring garbage)."""
+
+    def check(_module, _args, output) -> None:
+        logits = getattr(output, "logits", None)
+        if logits is not None and not bool(torch.isfinite(logits).all()):
+            raise NonFiniteLogits("the model produced non-finite logits (NaN or inf)")
+
+    handle = model.register_forward_hook(check)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def resolve_device(device: str) -> torch.device:

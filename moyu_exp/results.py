@@ -16,8 +16,6 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from moyu_exp.cache import write_json_atomic
 
 SCHEMA = 1
@@ -41,7 +39,7 @@ def build(*, status: str, config: dict[str, Any], error: str | None = None, **fi
         "schema": SCHEMA,
         "status": status,
         "error": error,
-        "strategy": config.get("strategy", {}).get("name"),
+        "strategy": (config.get("strategy") or {}).get("name"),
         "sparsity": config.get("sparsity"),
         **fields,
         "config": config,
@@ -52,6 +50,8 @@ def build(*, status: str, config: dict[str, Any], error: str | None = None, **fi
 
 @cache
 def environment() -> dict[str, Any]:
+    import torch
+
     versions = {}
     for name in PACKAGES:
         try:
@@ -90,6 +90,8 @@ def _git_sha() -> str | None:
 
 
 def _device_name() -> str:
+    import torch
+
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
     try:

@@ -1,7 +1,9 @@
 """One experiment: load -> calibrate -> apply -> eval -> bench -> log.
 
 :func:`run` is what every Hydra job (single run or sweep point) calls. It always writes
-``results.json`` (status ``ok``, or ``failed`` with the error) and finishes its W&B run.
+``results.json`` (status ``ok``, or ``failed`` with the error) and finishes its W&B run. A point
+whose resolved config already finished (see :mod:`moyu_exp.points`) is not run again: its stored
+results are written and nothing heavy is even imported.
 """
 
 from __future__ import annotations
@@ -13,48 +15,80 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 from omegaconf import DictConfig, OmegaConf
 
-from moyu_exp import bench, calibration, evaluation, models, results, tracking
+from moyu_exp import points, results
 from moyu_exp.config import build, validate
-from moyu_exp.strategies import Strategy
 
 
 def run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[str, Any]:
     """Run the experiment ``cfg`` describes; results go to ``run_dir/results.json`` and W&B."""
-    validate(cfg)
-    evaluation.check(cfg.eval)
-    config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     run_dir.mkdir(parents=True, exist_ok=True)
+    with failures_recorded(cfg, run_dir):
+        validate(cfg)
+        config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+        key = points.point_key(config)
+    if cfg.resume and (done := points.load(key)) is not None:
+        current = {"sparsity": config["sparsity"], "strategy": config["strategy"]["name"]}
+        payload = {**done, **current, "config": config, "run_dir": str(run_dir)}
+        payload["resumed_from"] = done.get("run_dir")
+        results.write(run_dir, payload)
+        return payload
+
+    from moyu_exp import evaluation, tracking
+
+    with failures_recorded(cfg, run_dir):
+        evaluation.check(cfg.eval)
     name = f"{cfg.strategy.name}-s{cfg.sparsity:g}"
     tags = [cfg.strategy.name, cfg.model.name]
+    header = {"point_key": key, "run_dir": str(run_dir)}
     timings: dict[str, float] = {}
     with tracking.start(cfg.logger, run_dir, config, name, group or cfg.name, tags) as tracker:
         try:
             fields = experiment(cfg, timings)
-            payload = results.build(status="ok", config=config, **fields)
+            payload = results.build(status="ok", config=config, **header, **fields)
         except Exception as err:
             error = f"{type(err).__name__}: {err}"
-            payload = results.build(status="failed", config=config, error=error, timings=timings)
+            payload = results.build(
+                status="failed", config=config, error=error, **header, timings=timings
+            )
             results.write(run_dir, payload)
             tracker.log_results(payload)
             raise
         results.write(run_dir, payload)
         tracker.log_results(payload)
+    points.save(key, payload)
     return payload
+
+
+@contextlib.contextmanager
+def failures_recorded(cfg: DictConfig, run_dir: Path) -> Iterator[None]:
+    """On an error before the experiment starts, leave a ``failed`` results.json, then re-raise."""
+    try:
+        yield
+    except Exception as err:
+        config = OmegaConf.to_container(cfg, resolve=False, enum_to_str=True)
+        error = f"{type(err).__name__}: {err}"
+        results.write(run_dir, results.build(status="failed", config=config, error=error))
+        raise
 
 
 def experiment(cfg: DictConfig, timings: dict[str, float]) -> dict[str, Any]:
     """The pipeline itself; ``timings`` is filled in as phases finish (kept on failure)."""
+    from moyu_exp import bench, calibration, evaluation, models
+    from moyu_exp.strategies import Strategy
+
     seed_everything(cfg.seed)
+    if cfg.threads is not None:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
     with stopwatch(timings, "load"):
         loaded = models.load(cfg.model)
     strategy: Strategy = build(cfg.strategy)
     with stopwatch(timings, "calibrate"):
         calibrated = calibration.prepare(strategy, loaded, cfg)
-    with strategy.attach(loaded.model) as live:
+    with strategy.attach(loaded.model) as live, models.finite_logits_guard(loaded.model):
         with stopwatch(timings, "eval"):
             metrics, details = evaluation.run(loaded, cfg.eval, live, cfg.seed)
         eval_stats = live.take_stats()
@@ -76,6 +110,9 @@ def experiment(cfg: DictConfig, timings: dict[str, float]) -> dict[str, Any]:
 
 
 def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)

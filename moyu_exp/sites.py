@@ -9,14 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
-import torch
-from torch import nn
-from torch.utils.hooks import RemovableHandle
+from moyu_exp.errors import ConfigError
+from moyu_exp.lazy import lazy_import
 
-from moyu_exp.config import ConfigError
+torch = lazy_import("torch")
 
-SiteFn = Callable[[torch.Tensor], torch.Tensor]
+SiteFn = Callable[["torch.Tensor"], "torch.Tensor"]
 
 SITES: dict[str, str] = {
     "mlp_input": "input of gate_proj and up_proj (after post_attention_layernorm)",
@@ -41,14 +41,14 @@ class GatedMLPAdapter:
 
     model_types: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3", "gemma")
 
-    def layers(self, model: nn.Module) -> nn.ModuleList:
+    def layers(self, model: torch.nn.Module) -> torch.nn.ModuleList:
         return model.model.layers
 
-    def backbone(self, model: nn.Module) -> nn.Module:
+    def backbone(self, model: torch.nn.Module) -> torch.nn.Module:
         """The decoder stack without the LM head (for calibration passes)."""
         return model.model
 
-    def dim(self, model: nn.Module, site: str) -> int:
+    def dim(self, model: torch.nn.Module, site: str) -> int:
         cfg = model.config
         if site in ("gate_act", "mlp_intermediate"):
             return cfg.intermediate_size
@@ -57,7 +57,7 @@ class GatedMLPAdapter:
             return cfg.num_attention_heads * head_dim
         return cfg.hidden_size
 
-    def readers(self, layer: nn.Module, site: str) -> list[nn.Linear]:
+    def readers(self, layer: torch.nn.Module, site: str) -> list[torch.nn.Linear]:
         """The linear layers whose input (or, for gate_act, whose rows) this site gates."""
         attn, mlp = layer.self_attn, layer.mlp
         return {
@@ -68,18 +68,18 @@ class GatedMLPAdapter:
             "o_proj_input": [attn.o_proj],
         }[site]
 
-    def mlp_up(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def mlp_up(self, layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         """up_proj(x) of a block's MLP, for a given MLP input ``x``."""
         return layer.mlp.up_proj(x)
 
-    def weights_per_entry(self, layer: nn.Module, site: str) -> int:
+    def weights_per_entry(self, layer: torch.nn.Module, site: str) -> int:
         """Weight elements a kernel can skip for one zero at this site."""
         if site == "gate_act":  # a zero in act(gate) skips one row of up and one column of down
             mlp = layer.mlp
             return mlp.up_proj.in_features + mlp.down_proj.out_features
         return sum(linear.out_features for linear in self.readers(layer, site))
 
-    def hook(self, layer: nn.Module, site: str, fn: SiteFn) -> RemovableHandle:
+    def hook(self, layer: torch.nn.Module, site: str, fn: SiteFn) -> Any:
         """Route the site's tensor through ``fn``; remove the returned handle to restore."""
         attn, mlp = layer.self_attn, layer.mlp
         if site == "mlp_input":
@@ -109,7 +109,7 @@ def _first_arg(fn: SiteFn):
 _ADAPTERS = (GatedMLPAdapter(),)
 
 
-def adapter_for(model: nn.Module) -> GatedMLPAdapter:
+def adapter_for(model: torch.nn.Module) -> GatedMLPAdapter:
     """The site adapter for ``model``'s architecture, or a one-line ConfigError."""
     model_type = getattr(model.config, "model_type", type(model).__name__)
     for adapter in _ADAPTERS:

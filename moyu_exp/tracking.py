@@ -57,7 +57,7 @@ def start(
     tags: list[str],
 ) -> Iterator[Tracker]:
     """A tracker for one job; the W&B run is finished when the block exits, also on errors."""
-    if cfg.name == "none" or _mode(cfg) == "disabled":
+    if cfg.name == "none" or wandb_mode(cfg) == "disabled":
         yield Tracker()
         return
     import wandb
@@ -71,11 +71,11 @@ def start(
         name=name,
         group=cfg.group or group,
         tags=[*tags, *cfg.tags],
-        mode=_mode(cfg),
+        mode=wandb_mode(cfg),
         settings=settings,
     ) as run:
         yield WandbTracker(run)
 
 
-def _mode(cfg: DictConfig) -> str:
+def wandb_mode(cfg: DictConfig) -> str:
     return str(getattr(cfg.mode, "value", cfg.mode))

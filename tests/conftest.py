@@ -32,9 +32,16 @@ def compose_config(*overrides: str) -> DictConfig:
 
 
 @pytest.fixture(autouse=True)
-def isolated_env(tmp_path_factory, monkeypatch):
-    """Every test gets its own cache dir (models are converted once per session, see below)."""
-    monkeypatch.setenv("MOYU_CACHE_DIR", str(_session_cache(tmp_path_factory)))
+def isolated_env(tmp_path, tmp_path_factory, monkeypatch):
+    """Every test gets its own cache root, so no finished sweep point leaks between tests; the
+    content-keyed model and calibration caches are shared by the whole session."""
+    shared = _session_cache(tmp_path_factory)
+    root = tmp_path / "moyu_cache"
+    root.mkdir()
+    for sub in ("models", "calibration"):
+        (shared / sub).mkdir(parents=True, exist_ok=True)
+        (root / sub).symlink_to(shared / sub)
+    monkeypatch.setenv("MOYU_CACHE_DIR", str(root))
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.delenv("MOYU_DATA_DIR", raising=False)
 

@@ -38,6 +38,7 @@ def test_multirun_runs_every_point_and_loads_the_model_once(tmp_path) -> None:
         "-m",
         "experiment=tiny_smoke",
         "eval=none",
+        "resume=false",
         "strategy=dense,topk",
         "sparsity=0.5,0.7",
         f"hydra.sweep.dir={tmp_path / 'sweep'}",
@@ -53,7 +54,10 @@ def test_multirun_runs_every_point_and_loads_the_model_once(tmp_path) -> None:
 
 def test_a_config_mistake_is_one_line_without_traceback(tmp_path) -> None:
     out = cli("experiment=tiny_smoke", "sparsity=1.5", cwd=tmp_path)
-    assert out.returncode != 0
+    assert out.returncode == 2
     assert "Traceback" not in out.stderr
-    assert "sparsity=1.5 is out of range: accepted values are 0 <= sparsity < 1" in out.stderr
-    assert not list(tmp_path.rglob("results.json"))
+    message = "moyu_exp: error: sparsity=1.5 is out of range: accepted values are 0 <= sparsity < 1"
+    assert out.stderr.strip().splitlines()[-1] == message
+    (results,) = tmp_path.rglob("results.json")
+    saved = json.loads(results.read_text())
+    assert saved["status"] == "failed" and "sparsity=1.5 is out of range" in saved["error"]

@@ -19,9 +19,19 @@ OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml")
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_config_file_composes(group: str, option: str) -> None:
     extra = ["model.path=some/model"] if (group, option) == ("model", "hf") else []
-    cfg = compose_config(f"{group}={option}", *extra)
+    plus = "+" if group == "sweep" else ""  # sweep presets are opt-in: +sweep=<name>
+    cfg = compose_config(f"{plus}{group}={option}", *extra)
     OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     validate(cfg)
+
+
+@pytest.mark.parametrize("option", sorted(p.stem for p in (CONF / "hydra/launcher").glob("*.yaml")))
+def test_launcher_presets_compose(option: str) -> None:
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", [f"hydra/launcher={option}"], return_hydra_config=True)
+    assert cfg.hydra.launcher.partition == "gpu" and cfg.hydra.launcher.gpus_per_node == 1
 
 
 def test_every_strategy_has_a_yaml_and_instantiates() -> None:

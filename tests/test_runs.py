@@ -56,7 +56,9 @@ def test_a_failing_run_writes_status_failed(tmp_path, monkeypatch) -> None:
     def broken(*_args, **_kwargs):
         raise RuntimeError("bench exploded")
 
-    monkeypatch.setattr(runner.bench, "run", broken)
+    from moyu_exp import bench
+
+    monkeypatch.setattr(bench, "run", broken)
     with pytest.raises(RuntimeError, match="bench exploded"):
         runner.run(compose_config(*TINY), tmp_path)
     saved = json.loads((tmp_path / "results.json").read_text())

@@ -160,15 +160,17 @@ def test_dense_mode_calibrates_once_for_every_sparsity(tiny) -> None:
     assert (second["key"], second["cache"]) == (first["key"], "hit")
 
 
-def test_greedy_path_is_computed_once_for_every_sparsity(tiny, monkeypatch) -> None:
+def test_greedy_path_is_computed_once_for_every_sparsity(tiny, tmp_path, monkeypatch) -> None:
     from moyu_exp.strategies import teal
 
+    monkeypatch.setenv("MOYU_CACHE_DIR", str(tmp_path / "empty_cache"))
     calls = []
     original = teal.greedy_paths
     monkeypatch.setattr(teal, "greedy_paths", lambda *a: calls.append(1) or original(*a))
-    for sparsity in (0.3, 0.5):
-        calibrate_with(tiny, "strategy=teal", "strategy.allocation=greedy", f"sparsity={sparsity}")
-    assert len(calls) == 1
+    greedy = ["strategy=teal", "strategy.allocation=greedy"]
+    first = calibrate_with(tiny, *greedy, "sparsity=0.3")
+    second = calibrate_with(tiny, *greedy, "sparsity=0.5")
+    assert len(calls) == 1 and first["key"] != second["key"]  # new thresholds, one path
 
 
 def test_teal_greedy_path_reaches_the_target_model_wide(tiny) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from moyu_exp import cache, datasets
-from moyu_exp.config import ConfigError
+from moyu_exp.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -18,11 +18,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-import torch
-from torch import nn
-
-from moyu_exp.config import ConfigError, check_sparsity
+from moyu_exp.config import check_sparsity
+from moyu_exp.errors import ConfigError
+from moyu_exp.lazy import lazy_import
 from moyu_exp.sites import SITES, adapter_for, check_sites, resolve_layers
+
+torch = lazy_import("torch")
 
 STRATEGIES: dict[str, type[Strategy]] = {}
 PREFILL_POLICIES = ("sparse", "dense")
@@ -150,18 +151,23 @@ class Strategy:
         self.roles = TokenRoles()
         self.calibration: dict[str, torch.Tensor] | None = None
 
+    @classmethod
+    def key_sparsity(cls, sparsity: float) -> float | str:
+        """The sparsity as far as results go, for sweep-point keys (dense ignores it)."""
+        return sparsity
+
     # ------------------------------------------------------------------ method API
     def sparsify(self, site: str, layer: int, x: torch.Tensor) -> torch.Tensor:
         """Return ``x`` (batch, tokens, dim) with the entries this method drops set to zero."""
         raise NotImplementedError
 
-    def prepare(self, model: nn.Module, adapter: Any) -> None:
+    def prepare(self, model: torch.nn.Module, adapter: Any) -> None:
         """Called once on attach, before any hook runs: build masks, thresholds, norms."""
 
     def begin_forward(self, fresh: bool) -> None:
         """Called before every model forward (``fresh``: the KV cache was empty)."""
 
-    def layer_ids_for(self, model: nn.Module) -> list[int]:
+    def layer_ids_for(self, model: torch.nn.Module) -> list[int]:
         """The decoder layers this strategy touches in ``model``."""
         adapter = adapter_for(model)
         return resolve_layers(self.layers, len(adapter.layers(model)))
@@ -175,7 +181,7 @@ class Strategy:
             "layers": self.layers,
         }
 
-    def calibrate(self, model: nn.Module, batches: list[torch.Tensor], cached) -> dict:
+    def calibrate(self, model: torch.nn.Module, batches: list[torch.Tensor], cached) -> dict:
         """Statistics from calibration token batches, as plain tensors (cached by the caller).
 
         ``cached(label, params, compute)`` memoises a costly part that the rest of the key (e.g.
@@ -188,7 +194,7 @@ class Strategy:
 
     # -------------------------------------------------------------------- contract
     @contextmanager
-    def attach(self, model: nn.Module) -> Iterator[Strategy]:
+    def attach(self, model: torch.nn.Module) -> Iterator[Strategy]:
         """Install the hooks; restore the model exactly on exit."""
         if self._handles:
             raise RuntimeError(f"strategy '{self.name}' is already attached to a model")

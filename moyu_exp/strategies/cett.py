@@ -13,12 +13,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from moyu_exp.activations import observe
-from moyu_exp.config import ConfigError
+from moyu_exp.errors import ConfigError
+from moyu_exp.lazy import lazy_import
 from moyu_exp.sites import adapter_for
 from moyu_exp.strategies.base import Strategy, register
+
+torch = lazy_import("torch")
 
 SITE = "mlp_intermediate"
 
@@ -33,6 +34,10 @@ class Cett(Strategy):
 
     allowed_sites = (SITE,)
     needs_calibration = True
+
+    @classmethod
+    def key_sparsity(cls, sparsity: float) -> float | str:
+        return 0.0 if sparsity == 0 else "on"
 
     def __post_init__(self) -> None:
         super().__post_init__()

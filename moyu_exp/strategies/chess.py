@@ -11,11 +11,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-
+from moyu_exp.lazy import lazy_import
 from moyu_exp.sites import adapter_for
 from moyu_exp.strategies.base import register
 from moyu_exp.strategies.threshold import ThresholdStrategy
+
+torch = lazy_import("torch")
 
 GATE = "gate_act"
 

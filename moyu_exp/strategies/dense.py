@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
+from moyu_exp.lazy import lazy_import
 from moyu_exp.strategies.base import Strategy, register
+
+torch = lazy_import("torch")
 
 
 @register("dense")
@@ -15,6 +16,10 @@ class Dense(Strategy):
     """Runs the model unchanged; ``sparsity`` is ignored and the achieved sparsity is 0."""
 
     name: str = "dense"
+
+    @classmethod
+    def key_sparsity(cls, sparsity: float) -> float:
+        return 0.0
 
     def sparsify(self, site: str, layer: int, x: torch.Tensor) -> torch.Tensor:
         return x

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
+from moyu_exp.lazy import lazy_import
 from moyu_exp.strategies.base import keep_count, register
 from moyu_exp.strategies.sequence import SequenceLevel, prompt_norms
 from moyu_exp.strategies.topk import topk_mask
+
+torch = lazy_import("torch")
 
 
 @register("griffin")

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-
+from moyu_exp.lazy import lazy_import
 from moyu_exp.strategies.base import Strategy
+
+torch = lazy_import("torch")
 
 SITE = "mlp_intermediate"
 

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-
+from moyu_exp.lazy import lazy_import
 from moyu_exp.strategies.base import Strategy, keep_count, register
 from moyu_exp.strategies.topk import topk_mask
+
+torch = lazy_import("torch")
 
 
 @register("static")

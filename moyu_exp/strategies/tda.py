@@ -18,11 +18,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from moyu_exp.activations import ValueSample, observe, threshold_at
+from moyu_exp.lazy import lazy_import
 from moyu_exp.strategies.base import register
 from moyu_exp.strategies.sequence import SITE, SequenceLevel, prompt_norms
+
+torch = lazy_import("torch")
 
 
 @register("tda")

@@ -17,13 +17,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from moyu_exp.activations import ValueSample, observe, threshold_at
-from moyu_exp.config import ConfigError
+from moyu_exp.errors import ConfigError
+from moyu_exp.lazy import lazy_import
 from moyu_exp.sites import adapter_for
 from moyu_exp.strategies.base import register
 from moyu_exp.strategies.threshold import ThresholdStrategy
+
+torch = lazy_import("torch")
 
 TEAL_SITES = ("attn_input", "o_proj_input", "mlp_input", "mlp_intermediate")
 ALLOCATIONS = ("uniform", "greedy")
@@ -92,9 +93,13 @@ class Teal(ThresholdStrategy):
 
 
 # ------------------------------------------------------------------------ greedy allocation
-@torch.inference_mode()
 def greedy_paths(model, batches, teal: Teal, layers: list[int]) -> dict[str, torch.Tensor]:
     """Per layer, the greedy path as rows [model-wide sparsity, level of each site]."""
+    with torch.inference_mode():
+        return _greedy_paths(model, batches, teal, layers)
+
+
+def _greedy_paths(model, batches, teal: Teal, layers: list[int]) -> dict[str, torch.Tensor]:
     adapter = adapter_for(model)
     blocks = adapter.layers(model)
     sites = list(teal.sites)

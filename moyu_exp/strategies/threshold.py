@@ -19,11 +19,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from moyu_exp.activations import calibrate_thresholds, threshold_at
-from moyu_exp.config import ConfigError
+from moyu_exp.errors import ConfigError
+from moyu_exp.lazy import lazy_import
 from moyu_exp.strategies.base import Strategy
+
+torch = lazy_import("torch")
 
 THRESHOLD_MODES = ("progressive", "dense")
 

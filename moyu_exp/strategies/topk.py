@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-
+from moyu_exp.lazy import lazy_import
 from moyu_exp.strategies.base import Strategy, keep_count, register
+
+torch = lazy_import("torch")
 
 
 def topk_mask(x: torch.Tensor, k: int) -> torch.Tensor:

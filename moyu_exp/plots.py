@@ -1,0 +1,103 @@
+"""Figures of a comparison: accuracy/sparsity trade-off curves and the speed Pareto plot."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+LOWER_IS_BETTER = ("perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte", "kl")
+
+
+def _direction(metric: str) -> str:
+    name = metric.split("/")[-1]
+    return "lower is better" if name in LOWER_IS_BETTER else "higher is better"
+
+
+def _ok(table: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
+    return [r for r in table if r.get("status") == "ok" and r.get(metric) is not None]
+
+
+def _x(row: dict[str, Any]) -> float:
+    achieved = row.get("achieved_sparsity")
+    return float(achieved if achieved is not None else row.get("sparsity") or 0.0)
+
+
+def _dense(rows: list[dict[str, Any]], metric: str) -> float | None:
+    """The dense reference: a dense run, else any run at sparsity 0."""
+    for test in (lambda r: r.get("strategy") == "dense", lambda r: (r.get("sparsity") or 0) == 0):
+        values = [r[metric] for r in rows if test(r)]
+        if values:
+            return float(values[0])
+    return None
+
+
+def _save(fig, path: Path) -> None:
+    from moyu_exp.cache import write_bytes_atomic
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    write_bytes_atomic(Path(path), buffer.getvalue())
+
+
+def tradeoff(table: list[dict[str, Any]], metrics: list[str], path: Path) -> None:
+    """One panel per metric: metric against achieved sparsity, a line per strategy label."""
+    panels = max(1, len(metrics))
+    fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.2), squeeze=False)
+    for ax, metric in zip(axes[0], metrics or ["(no metric)"], strict=False):
+        rows = _ok(table, metric)
+        dense = _dense(rows, metric)
+        log_scale = metric.split("/")[-1] in ("perplexity", "word_perplexity", "kl")
+        # every curve starts from the dense model at sparsity 0 (not drawable at 0 on a log axis)
+        start = [(0.0, dense)] if dense is not None and (dense > 0 or not log_scale) else []
+        for label in sorted({r["label"] for r in rows if r.get("strategy") != "dense"}):
+            points = sorted({(_x(r), r[metric]) for r in rows if r["label"] == label})
+            ax.plot(*zip(*(start + points), strict=True), marker="o", ms=4, label=label)
+        if start:
+            ax.axhline(dense, color="black", ls="--", lw=1, label="dense")
+        ax.set_xlabel("achieved sparsity")
+        ax.set_ylabel(f"{metric} ({_direction(metric)})")
+        if log_scale:
+            ax.set_yscale("log")
+        ax.set_title(metric)
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
+    fig.suptitle("accuracy / sparsity trade-off")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def pareto(table: list[dict[str, Any]], metrics: list[str], path: Path) -> None:
+    """The first metric against measured decode tokens/s; each point marked with its target."""
+    metric = metrics[0] if metrics else None
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    rows = [r for r in _ok(table, metric) if r.get("decode_tokens_per_s")] if metric else []
+    for label in sorted({r["label"] for r in rows}):
+        mine = [r for r in rows if r["label"] == label]
+        dense = label == "dense"
+        ax.scatter(
+            [r["decode_tokens_per_s"] for r in mine],
+            [r[metric] for r in mine],
+            label=label,
+            marker="*" if dense else "o",
+            s=120 if dense else 30,
+            color="black" if dense else None,
+        )
+        for r in mine:
+            ax.annotate(f"{r['sparsity']:g}", (r["decode_tokens_per_s"], r[metric]), fontsize=6)
+    ax.set_xlabel("decode tokens/s (batch 1)")
+    ax.set_ylabel(f"{metric} ({_direction(metric)})" if metric else "")
+    ax.set_title("Pareto: quality against decode speed")
+    ax.grid(alpha=0.3)
+    if rows:
+        ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    _save(fig, path)

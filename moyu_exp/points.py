@@ -1,0 +1,54 @@
+"""Finished sweep points, keyed by their resolved config, so a rerun skips them.
+
+The key hashes the resolved config minus what does not change a result (``logger``, ``name``,
+``resume``), plus the package version and results schema. Only points with status ``ok`` are
+stored; failed ones run again. Entries live in ``$MOYU_CACHE_DIR/points/<key>.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import metadata
+from typing import Any
+
+from moyu_exp import cache
+from moyu_exp.results import SCHEMA
+
+IGNORED_KEYS = ("logger", "name", "resume")
+
+
+def point_key(config: dict[str, Any]) -> str:
+    """The content key of a resolved config (a plain dict). A strategy that ignores the
+    sparsity (dense) or only switches on with it (cett) gets the same key at every value."""
+    relevant = {k: v for k, v in config.items() if k not in IGNORED_KEYS}
+    strategy = dict(relevant.get("strategy") or {})
+    if "_target_" in strategy and "sparsity" in relevant:
+        from hydra.utils import get_class
+
+        effective = get_class(strategy["_target_"]).key_sparsity(relevant["sparsity"])
+        relevant["sparsity"] = effective
+        strategy["sparsity"] = effective
+        relevant["strategy"] = strategy
+    return cache.content_key(SCHEMA, _version(), relevant)
+
+
+def load(key: str) -> dict[str, Any] | None:
+    """The stored payload of a finished point, or None (also when the file is unreadable)."""
+    path = cache.root() / "points" / f"{key}.json"
+    try:
+        payload = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return payload if payload.get("status") == "ok" else None
+
+
+def save(key: str, payload: dict[str, Any]) -> None:
+    if payload.get("status") == "ok":
+        cache.write_json_atomic(cache.root() / "points" / f"{key}.json", payload)
+
+
+def _version() -> str:
+    try:
+        return metadata.version("moyu_exp")
+    except metadata.PackageNotFoundError:
+        return "unknown"

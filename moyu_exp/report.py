@@ -1,0 +1,202 @@
+"""Comparing runs: ``python -m moyu_exp.report DIR [DIR ...]``.
+
+Collects every ``results.json`` under the given folders (any mix of runs and sweeps), keeps one
+row per point (the newest; ``ok`` before ``failed``), writes ``summary.csv``, ``tradeoff.png``
+(each headline metric against achieved sparsity, one line per strategy, dense as a reference
+line) and ``pareto.png`` (the first headline metric against decode tokens/s), and prints the
+table. The same code aggregates a sweep when it ends (:mod:`moyu_exp.sweep`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+# The metric that heads each task's column, in order of preference.
+HEADLINE = ("acc", "word_perplexity", "perplexity", "kl")
+FIXED = ["label", "strategy", "sparsity", "achieved_sparsity"]
+TAIL = ["decode_tokens_per_s", "prefill_ms", "status", "error", "model", "run_dir", "point_key"]
+
+
+def collect(dirs: list[Path]) -> list[dict[str, Any]]:
+    """Payloads of every results.json under ``dirs``, one per point."""
+    best: dict[str, dict[str, Any]] = {}
+    for folder in dirs:
+        for path in sorted(Path(folder).rglob("results.json")):
+            try:
+                payload = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue  # a foreign or damaged file; ours are written atomically
+            payload.setdefault("run_dir", str(path.parent))
+            key = payload.get("point_key") or str(path.parent)
+            if key not in best or _rank(payload) >= _rank(best[key]):
+                best[key] = payload
+    return list(best.values())
+
+
+def _rank(payload: dict[str, Any]) -> tuple[bool, str]:
+    return payload.get("status") == "ok", str(payload.get("created", ""))
+
+
+def rows(payloads: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One flat row per point, labelled by strategy (and its parameters where they differ)."""
+    out = []
+    labels = _labels(payloads)
+    for payload, label in zip(payloads, labels, strict=True):
+        row: dict[str, Any] = {
+            "label": label,
+            "strategy": payload.get("strategy"),
+            "sparsity": payload.get("sparsity"),
+            "achieved_sparsity": payload.get("achieved_sparsity"),
+        }
+        for task, metrics in sorted((payload.get("eval") or {}).items()):
+            for metric, value in sorted(metrics.items()):
+                row[f"{task}/{metric}"] = value
+        bench = payload.get("bench") or {}
+        row["decode_tokens_per_s"] = bench.get("decode_tokens_per_s")
+        row["prefill_ms"] = bench.get("prefill_ms")
+        row["status"] = payload.get("status")
+        row["error"] = payload.get("error")
+        row["model"] = (payload.get("config") or {}).get("model", {}).get("name")
+        row["run_dir"] = payload.get("run_dir")
+        row["point_key"] = payload.get("point_key")
+        out.append(row)
+    return sorted(out, key=lambda r: (str(r["label"]), r["sparsity"] or 0.0))
+
+
+def _labels(payloads: list[dict[str, Any]]) -> list[str]:
+    """Strategy names, plus ``key=value`` for the parameters that vary within a strategy."""
+    params = [_strategy_params(p) for p in payloads]
+    varying: dict[str, set[str]] = {}
+    for p in params:
+        name = str(p.get("name"))
+        for other in params:
+            if str(other.get("name")) == name:
+                varying.setdefault(name, set()).update(
+                    k for k in set(p) | set(other) if p.get(k) != other.get(k)
+                )
+    labels = []
+    for p in params:
+        name = str(p.get("name"))
+        extra = [f"{k}={_short(p.get(k))}" for k in sorted(varying.get(name, ()))]
+        labels.append(f"{name} ({', '.join(extra)})" if extra else name)
+    return labels
+
+
+def _strategy_params(payload: dict[str, Any]) -> dict[str, Any]:
+    strategy = dict((payload.get("config") or {}).get("strategy") or {})
+    strategy.setdefault("name", payload.get("strategy"))
+    for key in ("_target_", "sparsity"):
+        strategy.pop(key, None)
+    return strategy
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, list):
+        return "+".join(map(str, value))
+    return str(value)
+
+
+def headline_metrics(table: list[dict[str, Any]]) -> list[str]:
+    """``task/metric`` columns to plot: each task's first metric in :data:`HEADLINE`."""
+    tasks = sorted({c.split("/")[0] for r in table for c in r if "/" in c})
+    chosen = []
+    for task in tasks:
+        for metric in HEADLINE:
+            if any(f"{task}/{metric}" in r for r in table):
+                chosen.append(f"{task}/{metric}")
+                break
+    return chosen
+
+
+def columns(table: list[dict[str, Any]]) -> list[str]:
+    metrics = sorted({c for r in table for c in r if "/" in c})
+    return FIXED + metrics + TAIL
+
+
+def csv_bytes(table: list[dict[str, Any]]) -> bytes:
+    cols = columns(table)
+    lines: list[list[Any]] = [cols] + [[_csv(r.get(c)) for c in cols] for r in table]
+    buffer = io.StringIO()
+    csv.writer(buffer).writerows(lines)
+    return buffer.getvalue().encode()
+
+
+def _csv(value: Any) -> Any:
+    return "" if value is None else value
+
+
+def format_table(table: list[dict[str, Any]]) -> str:
+    """A fixed-width text table of the headline columns."""
+    metrics = headline_metrics(table)
+    cols = ["label", "sparsity", "achieved_sparsity", *metrics, "decode_tokens_per_s", "status"]
+    heads = ["strategy", "target", "achieved", *metrics, "tok/s", "status"]
+    cells = [[_fmt(r.get(c)) for c in cols] for r in table]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(heads)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(heads, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.ljust(w) for c, w in zip(cell, widths, strict=True)) for cell in cells]
+    return "\n".join(lines)
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        return f"{value:.4g}" if abs(value) >= 100 else f"{value:.4f}"
+    return str(value)
+
+
+OUTPUTS = ("summary.csv", "tradeoff.png", "pareto.png")
+
+
+def summarize(dirs: list[Path], out: Path) -> list[dict[str, Any]]:
+    """Write summary.csv, tradeoff.png and pareto.png for ``dirs`` into ``out``; return rows.
+    When the summary is unchanged and the figures exist, nothing is redrawn."""
+    from moyu_exp.cache import write_bytes_atomic
+
+    table = rows(collect(dirs))
+    summary = csv_bytes(table)
+    current = out / "summary.csv"
+    if all((out / name).is_file() for name in OUTPUTS) and current.read_bytes() == summary:
+        return table
+    from moyu_exp import plots
+
+    metrics = headline_metrics(table)
+    plots.tradeoff(table, metrics, out / "tradeoff.png")
+    plots.pareto(table, metrics[:1], out / "pareto.png")
+    write_bytes_atomic(current, summary)
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m moyu_exp.report", description="Compare moyu_exp runs and sweeps."
+    )
+    parser.add_argument("dirs", nargs="+", type=Path, help="run or sweep folders")
+    parser.add_argument("--out", type=Path, help="where to write (default: the first folder)")
+    args = parser.parse_args(argv)
+    missing = [str(d) for d in args.dirs if not d.is_dir()]
+    if missing:
+        print(f"moyu_exp.report: error: not a folder: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    out = args.out or args.dirs[0]
+    table = summarize(args.dirs, out)
+    if not table:
+        print(f"moyu_exp.report: error: no results.json under {', '.join(map(str, args.dirs))}")
+        return 2
+    print(format_table(table))
+    print(f"\nwrote {out / 'summary.csv'}, {out / 'tradeoff.png'}, {out / 'pareto.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
