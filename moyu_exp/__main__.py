@@ -1,8 +1,9 @@
 """``python -m moyu_exp key=value ...`` (one run) and ``python -m moyu_exp -m ...`` (a sweep).
 
-A config mistake, non-finite logits or running out of memory end a single run with one line on
-stderr and a non-zero exit code. In a sweep a failed point is recorded (``results.json`` with
-status ``failed``) and the sweep goes on; the exit code is non-zero if any point failed.
+A config mistake, non-finite logits, running out of memory or unwritable results end a single
+run with one line on stderr and a non-zero exit code (2 for config mistakes); set
+HYDRA_FULL_ERROR=1 for the traceback. In a sweep a failed point is recorded (``results.json``
+with status ``failed``) and the sweep goes on; the exit code is 1 if any point failed.
 """
 
 from __future__ import annotations
@@ -19,14 +20,25 @@ from omegaconf import DictConfig
 
 from moyu_exp import runner, sweep
 from moyu_exp.config import register_configs
-from moyu_exp.errors import ConfigError, is_known
+from moyu_exp.errors import is_config_mistake, is_known, one_line
 
 log = logging.getLogger("moyu_exp")
 
 # conf/ sits beside the package in a checkout and inside it in a wheel.
 CONF = "conf" if (Path(__file__).parent / "conf").is_dir() else "../conf"
+# Hydra prints compose errors itself unless HYDRA_FULL_ERROR=1; we set it to format them in one
+# line, and remember here whether the user had asked for full tracebacks.
+USER_FULL_ERROR = "MOYU_USER_HYDRA_FULL_ERROR"
 
 register_configs()
+
+
+def _fail(err: BaseException) -> None:
+    """Exit with one line for known errors (unless the user wants tracebacks); else re-raise."""
+    if os.environ.get(USER_FULL_ERROR) == "1" or not (is_known(err) or is_config_mistake(err)):
+        raise err
+    print(f"moyu_exp: error: {one_line(err)}", file=sys.stderr)
+    sys.exit(2 if is_config_mistake(err) else 1)
 
 
 @hydra.main(version_base="1.3", config_path=CONF, config_name="config")
@@ -42,13 +54,8 @@ def hydra_entry(cfg: DictConfig) -> str | float:
         payload = runner.run(cfg, run_dir, group=Path(hc.sweep.dir).name if multirun else None)
     except Exception as err:
         if not multirun:
-            if not is_known(err):
-                raise
-            print(f"moyu_exp: error: {err}", file=sys.stderr)
-            sys.exit(2 if isinstance(err, ConfigError) else 1)
-        log.error("point failed (%s): %s: %s", run_dir.name, type(err).__name__, err)
-        if not is_known(err):
-            log.debug("traceback", exc_info=True)
+            _fail(err)  # exits here, before Hydra adds its own report of the failed job
+        log.error("point failed (%s): %s", run_dir.name, f"{type(err).__name__}: {err}")
         payload = {"status": "failed"}
     if cfg.search.metric is not None:
         from moyu_exp.search import objective
@@ -58,7 +65,18 @@ def hydra_entry(cfg: DictConfig) -> str | float:
 
 
 def main() -> None:
-    hydra_entry()
+    os.environ.setdefault(USER_FULL_ERROR, os.environ.get("HYDRA_FULL_ERROR", "0"))
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        hydra_entry()
+    except KeyboardInterrupt:
+        print(
+            "moyu_exp: interrupted; the point in progress wrote nothing (rerun to resume)",
+            file=sys.stderr,
+        )
+        sys.exit(130)
+    except Exception as err:
+        _fail(err)
     if sweep.FAILED:
         print(f"moyu_exp: {len(sweep.FAILED)} sweep point(s) failed:", file=sys.stderr)
         for line in sweep.FAILED:

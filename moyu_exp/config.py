@@ -80,6 +80,7 @@ class TinyLlamaConfig(ModelConfig):
     num_key_value_heads: int = 2
     vocab_size: int = 260
     max_position_embeddings: int = 4096
+    initializer_range: float = 0.02  # std of the random init
     init_seed: int = 0
 
 
@@ -170,6 +171,7 @@ class LoggerConfig:
     entity: str | None = None
     group: str | None = None
     tags: list[str] = field(default_factory=list)
+    init_timeout: float = 30.0  # seconds; online runs fall back to offline when init fails
 
 
 # --------------------------------------------------------------------------- root
@@ -242,14 +244,15 @@ def register_configs() -> None:
 
 
 def build(cfg: DictConfig, **kwargs: Any) -> Any:
-    """``hydra.utils.instantiate`` (containers converted); a target's ConfigError passes through."""
+    """``hydra.utils.instantiate`` (containers converted), re-raising what the target raised
+    rather than Hydra's wrapper around it."""
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
     try:
         return instantiate(cfg, _convert_="all", **kwargs)
     except InstantiationException as err:
-        if isinstance(err.__cause__, ConfigError):
+        if err.__cause__ is not None:
             raise err.__cause__ from None
         raise
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
+import re
+
 
 class ConfigError(ValueError):
     """A user-facing configuration mistake; its message is one actionable line."""
@@ -11,7 +14,56 @@ class NonFiniteLogits(RuntimeError):
     """A forward pass produced NaN or inf logits."""
 
 
+class ResultsNotWritten(OSError):
+    """results.json (or another output) could not be written."""
+
+
 def is_known(err: BaseException) -> bool:
     """Errors whose message is the whole story: bad input, numerical failure, out of memory."""
-    known = isinstance(err, ConfigError | NonFiniteLogits)
+    known = isinstance(err, ConfigError | NonFiniteLogits | ResultsNotWritten)
     return known or type(err).__name__ == "OutOfMemoryError"
+
+
+def is_config_mistake(err: BaseException) -> bool:
+    """Hydra composition errors and our own config checks (exit code 2)."""
+    from hydra.errors import CompactHydraException
+
+    return isinstance(err, ConfigError | CompactHydraException)
+
+
+def one_line(err: BaseException) -> str:
+    """What went wrong and what is accepted, in one line, for a config or input mistake."""
+    from hydra.errors import MissingConfigException, OverrideParseException
+
+    cause = err.__cause__
+    if isinstance(err, MissingConfigException) and err.missing_cfg_file and err.options:
+        group, _, name = err.missing_cfg_file.rpartition("/")
+        close = difflib.get_close_matches(name, list(err.options), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        return f"unknown {group} '{name}'{hint}: accepted are {', '.join(err.options)}"
+    if isinstance(err, OverrideParseException):
+        return f"cannot parse the override '{err.override}': {_first(str(err))}"
+    if cause is not None and type(cause).__name__ in ("ConfigAttributeError", "ConfigKeyError"):
+        key = getattr(cause, "full_key", None) or _quoted(str(cause))
+        return (
+            f"unknown key '{key}': see `python -m moyu_exp --cfg job` for the accepted keys "
+            f"(new keys need a leading +)"
+        )
+    if cause is not None and type(cause).__name__ == "ValidationError":
+        key = getattr(cause, "full_key", None)
+        prefix = f"{key}: " if key else ""
+        return f"{prefix}{_first(str(cause))}"
+    message = _first(str(err))
+    if cause is not None and _first(str(cause)) not in message:
+        message += f": {_first(str(cause))}"
+    return message
+
+
+def _first(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[0] if lines else ""
+
+
+def _quoted(text: str) -> str:
+    match = re.search(r"'([^']+)'", text)
+    return match.group(1) if match else text

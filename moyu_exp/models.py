@@ -130,7 +130,13 @@ def load_embedded(name: str, dtype: str, device: str, package: str, gguf_file: s
     hit = _checkpoint_complete(ckpt)
     if not hit:
         convert_gguf(gguf_path, ckpt, source_digest=digest)
-    model, tokenizer = _load_checkpoint(ckpt, dtype, device)
+    try:
+        model, tokenizer = _load_checkpoint(ckpt, dtype, device)
+    except (OSError, ValueError, RuntimeError) as err:  # damaged in a way sizes do not show
+        log.warning("cached checkpoint %s cannot be loaded (%s); converting it again", ckpt, err)
+        convert_gguf(gguf_path, ckpt, source_digest=digest)
+        model, tokenizer = _load_checkpoint(ckpt, dtype, device)
+        hit = False
     info = {
         "source": str(gguf_path),
         "checkpoint": str(ckpt),
@@ -156,7 +162,9 @@ def _checkpoint_complete(ckpt: Path) -> bool:
 
 def _load_checkpoint(ckpt: Path, dtype: str, device: str):
     tokenizer = AutoTokenizer.from_pretrained(ckpt)
-    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch_dtype(dtype))
+    model = AutoModelForCausalLM.from_pretrained(
+        ckpt, dtype=torch_dtype(dtype), use_safetensors=True
+    )
     return model.to(resolve_device(device)), tokenizer
 
 
@@ -266,6 +274,18 @@ def _byte_alphabet() -> dict[str, int]:
     return {ch: b for b, ch in sorted(chars.items())}
 
 
+def _llama_config(tokenizer, **shape):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        **shape,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+
+
 def build_tiny_llama(
     name: str,
     dtype: str,
@@ -277,29 +297,32 @@ def build_tiny_llama(
     num_key_value_heads: int,
     vocab_size: int,
     max_position_embeddings: int,
+    initializer_range: float,
     init_seed: int,
 ) -> LoadedModel:
     """A randomly initialised LlamaForCausalLM of any shape, with a byte-level tokenizer."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     tokenizer = byte_tokenizer()
     if vocab_size < len(tokenizer):
         raise ConfigError(
             f"model.vocab_size={vocab_size} is smaller than the byte tokenizer ({len(tokenizer)})"
         )
-    config = LlamaConfig(
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=num_hidden_layers,
-        num_attention_heads=num_attention_heads,
-        num_key_value_heads=num_key_value_heads,
-        vocab_size=vocab_size,
-        max_position_embeddings=max_position_embeddings,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
-    )
+    try:
+        config = _llama_config(
+            tokenizer,
+            hidden_size=hidden_size,
+            intermediate_size=intermediate_size,
+            num_hidden_layers=num_hidden_layers,
+            num_attention_heads=num_attention_heads,
+            num_key_value_heads=num_key_value_heads,
+            vocab_size=vocab_size,
+            max_position_embeddings=max_position_embeddings,
+            initializer_range=initializer_range,
+        )
+    except (ValueError, TypeError) as err:
+        detail = " ".join(line.strip() for line in str(err).strip().splitlines())
+        raise ConfigError(f"model: {detail}") from None
     with torch.random.fork_rng():
         torch.manual_seed(init_seed)
         model = LlamaForCausalLM(config)

@@ -8,6 +8,8 @@ stored; failed ones run again. Entries live in ``$MOYU_CACHE_DIR/points/<key>.js
 from __future__ import annotations
 
 import json
+import logging
+import os
 from importlib import metadata
 from typing import Any
 
@@ -15,12 +17,16 @@ from moyu_exp import cache
 from moyu_exp.results import SCHEMA
 
 IGNORED_KEYS = ("logger", "name", "resume")
+log = logging.getLogger(__name__)
 
 
 def point_key(config: dict[str, Any]) -> str:
     """The content key of a resolved config (a plain dict). A strategy that ignores the
     sparsity (dense) or only switches on with it (cett) gets the same key at every value."""
     relevant = {k: v for k, v in config.items() if k not in IGNORED_KEYS}
+    relevant["data_dir"] = _real(relevant.get("data_dir"))
+    if isinstance(relevant.get("eval"), dict):
+        relevant["eval"] = {**relevant["eval"], "data_dir": _real(relevant["eval"].get("data_dir"))}
     strategy = dict(relevant.get("strategy") or {})
     if "_target_" in strategy and "sparsity" in relevant:
         from hydra.utils import get_class
@@ -43,8 +49,18 @@ def load(key: str) -> dict[str, Any] | None:
 
 
 def save(key: str, payload: dict[str, Any]) -> None:
-    if payload.get("status") == "ok":
+    """Store a finished point; a cache that cannot be written only costs the resume."""
+    if payload.get("status") != "ok":
+        return
+    try:
         cache.write_json_atomic(cache.root() / "points" / f"{key}.json", payload)
+    except OSError as err:
+        log.warning("could not store the finished point (%s): a rerun will recompute it", err)
+
+
+def _real(path: str | None) -> str | None:
+    """One spelling per folder (``../shared/data`` and its absolute path key alike)."""
+    return os.path.realpath(os.path.expanduser(path)) if path else path
 
 
 def _version() -> str:

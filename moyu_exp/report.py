@@ -70,31 +70,52 @@ def rows(payloads: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(out, key=lambda r: (str(r["label"]), r["sparsity"] or 0.0))
 
 
+# Config keys that never tell points apart in a label (the x axis, bookkeeping, paths).
+UNLABELLED = (
+    "sparsity",
+    "strategy.sparsity",
+    "strategy._target_",
+    "strategy.name",
+    "name",
+    "resume",
+    "threads",
+    "logger.",
+    "data_dir",
+    "eval.data_dir",
+    "model.device",
+)
+
+
 def _labels(payloads: list[dict[str, Any]]) -> list[str]:
-    """Strategy names, plus ``key=value`` for the parameters that vary within a strategy."""
-    params = [_strategy_params(p) for p in payloads]
+    """Strategy names, plus ``key=value`` for the config keys that vary within a strategy."""
+    flats = [_flat(p.get("config") or {}) for p in payloads]
+    names = [str(p.get("strategy")) for p in payloads]
     varying: dict[str, set[str]] = {}
-    for p in params:
-        name = str(p.get("name"))
-        for other in params:
-            if str(other.get("name")) == name:
+    for name, flat in zip(names, flats, strict=True):
+        for other_name, other in zip(names, flats, strict=True):
+            if other_name == name:
+                keys = {k for k in set(flat) | set(other) if flat.get(k) != other.get(k)}
                 varying.setdefault(name, set()).update(
-                    k for k in set(p) | set(other) if p.get(k) != other.get(k)
+                    k for k in keys if not k.startswith(UNLABELLED)
                 )
     labels = []
-    for p in params:
-        name = str(p.get("name"))
-        extra = [f"{k}={_short(p.get(k))}" for k in sorted(varying.get(name, ()))]
+    for name, flat in zip(names, flats, strict=True):
+        extra = [
+            f"{k.removeprefix('strategy.')}={_short(flat.get(k))}"
+            for k in sorted(varying.get(name, ()))
+        ]
         labels.append(f"{name} ({', '.join(extra)})" if extra else name)
     return labels
 
 
-def _strategy_params(payload: dict[str, Any]) -> dict[str, Any]:
-    strategy = dict((payload.get("config") or {}).get("strategy") or {})
-    strategy.setdefault("name", payload.get("strategy"))
-    for key in ("_target_", "sparsity"):
-        strategy.pop(key, None)
-    return strategy
+def _flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out |= _flat(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def _short(value: Any) -> str:

@@ -10,6 +10,7 @@ import datetime as dt
 import json
 import os
 import platform
+import re
 import subprocess
 from functools import cache
 from importlib import metadata
@@ -17,15 +18,36 @@ from pathlib import Path
 from typing import Any
 
 from moyu_exp.cache import write_json_atomic
+from moyu_exp.errors import ResultsNotWritten
 
 SCHEMA = 1
 FILENAME = "results.json"
 PACKAGES = ("moyu_exp", "torch", "transformers", "lm_eval", "hydra-core", "wandb", "datasets")
 
 
+SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|passw(or)?d|credential|auth)", re.IGNORECASE)
+REDACTED = "<redacted>"
+
+
+def redact(value: Any) -> Any:
+    """The config with every value under a secret-looking key (token, api_key, ...) hidden."""
+    if isinstance(value, dict):
+        return {
+            k: (REDACTED if SECRET_KEY.search(str(k)) and v is not None else redact(v))
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [redact(v) for v in value]
+    return value
+
+
 def write(run_dir: Path, payload: dict[str, Any]) -> Path:
+    """Write ``results.json`` atomically: a failed write leaves the previous file untouched."""
     path = Path(run_dir) / FILENAME
-    write_json_atomic(path, payload)
+    try:
+        write_json_atomic(path, payload)
+    except OSError as err:
+        raise ResultsNotWritten(f"cannot write {path}: {err.strerror or err}") from err
     return path
 
 

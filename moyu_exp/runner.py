@@ -26,7 +26,7 @@ def run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[str, A
     run_dir.mkdir(parents=True, exist_ok=True)
     with failures_recorded(cfg, run_dir):
         validate(cfg)
-        config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+        config = results.redact(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
         key = points.point_key(config)
     if cfg.resume and (done := points.load(key)) is not None:
         current = {"sparsity": config["sparsity"], "strategy": config["strategy"]["name"]}
@@ -67,7 +67,7 @@ def failures_recorded(cfg: DictConfig, run_dir: Path) -> Iterator[None]:
     try:
         yield
     except Exception as err:
-        config = OmegaConf.to_container(cfg, resolve=False, enum_to_str=True)
+        config = results.redact(OmegaConf.to_container(cfg, resolve=False, enum_to_str=True))
         error = f"{type(err).__name__}: {err}"
         results.write(run_dir, results.build(status="failed", config=config, error=error))
         raise

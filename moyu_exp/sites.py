@@ -27,12 +27,17 @@ SITES: dict[str, str] = {
 }
 
 
-def check_sites(sites: list[str], allowed: tuple[str, ...] | None = None) -> None:
+def check_sites(sites: list[str], allowed: tuple[str, ...] | None = None, owner: str = "") -> None:
     """Raise a one-line ConfigError for a site name that is unknown or not allowed."""
     accepted = allowed or tuple(SITES)
     for site in sites:
-        if site not in accepted:
+        if site not in SITES:
             raise ConfigError(f"unknown site '{site}': accepted sites are {', '.join(accepted)}")
+        if site not in accepted:
+            raise ConfigError(
+                f"site '{site}' does not apply to strategy {owner}: "
+                f"accepted sites are {', '.join(accepted)}"
+            )
 
 
 @dataclass(frozen=True)

@@ -62,18 +62,34 @@ def start(
         return
     import wandb
 
-    settings = wandb.Settings(console="off", silent=True)
-    with wandb.init(
-        project=cfg.project,
-        entity=cfg.entity,
-        dir=str(run_dir),
-        config=config,
-        name=name,
-        group=cfg.group or group,
-        tags=[*tags, *cfg.tags],
-        mode=wandb_mode(cfg),
-        settings=settings,
-    ) as run:
+    def init(mode: str):
+        return wandb.init(
+            project=cfg.project,
+            entity=cfg.entity,
+            dir=str(run_dir),
+            config=config,
+            name=name,
+            group=cfg.group or group,
+            tags=[*tags, *cfg.tags],
+            mode=mode,
+            settings=wandb.Settings(console="off", silent=True, init_timeout=cfg.init_timeout),
+        )
+
+    mode = wandb_mode(cfg)
+    try:
+        run = init(mode)
+    except Exception as err:
+        if mode != "online":
+            raise
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        log.warning(
+            "W&B online logging is unavailable (%s); logging offline instead: upload later with "
+            "`wandb sync %s/wandb/offline-run-*`",
+            reason,
+            run_dir,
+        )
+        run = init("offline")
+    with run:
         yield WandbTracker(run)
 
 

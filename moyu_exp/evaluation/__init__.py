@@ -38,8 +38,10 @@ def run(
 
 
 def check(cfg: DictConfig) -> None:
-    """Fail fast (before loading any model) on task names lm-eval does not know."""
-    from moyu_exp.evaluation.tasks import check_task_name
+    """Fail fast (before loading any model) on unknown task names and missing local files."""
+    from moyu_exp.evaluation.tasks import LOCAL_FILES, check_task_name
 
     for name in cfg.tasks:
         check_task_name(name)
+        if cfg.data_dir and name in LOCAL_FILES:
+            datasets.require_data_file(cfg.data_dir, LOCAL_FILES[name][0], f"eval task {name}")

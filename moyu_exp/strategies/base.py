@@ -131,7 +131,7 @@ class Strategy:
     sequence_level: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
-        check_sites(list(self.sites), self.allowed_sites)
+        check_sites(list(self.sites), self.allowed_sites, self.name)
         check_sparsity(self.sparsity)
         if self.prefill not in PREFILL_POLICIES:
             raise ConfigError(

@@ -1,0 +1,227 @@
+"""Sweeps as users run them: presets, aggregation, resume, kill -9, failures, launchers, search."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from moyu_exp import report, sweep
+from tests.conftest import ROOT
+from tests.wandb_records import records
+
+SMALL = [
+    "model=tiny_llama",
+    "bench=quick",
+    "logger=none",
+    "eval.fidelity=false",
+    "hydra.mode=MULTIRUN",
+]
+
+
+def moyu(*args: str, cwd: Path = ROOT, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "moyu_exp", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=os.environ.copy(),
+    )
+
+
+def summary(sweep_dir: Path) -> list[dict[str, str]]:
+    with open(sweep_dir / "summary.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_quick_preset_aggregates_and_a_rerun_skips_every_point(tmp_path) -> None:
+    sweep_dir = tmp_path / "quick"
+    start = time.perf_counter()
+    first = moyu("+sweep=quick", f"hydra.sweep.dir={sweep_dir}")
+    first_s = time.perf_counter() - start
+    assert first.returncode == 0, first.stderr[-3000:]
+    rows = summary(sweep_dir)
+    assert len(rows) >= 4 and {r["status"] for r in rows} == {"ok"}
+    assert {"embedded/word_perplexity", "fidelity/kl", "decode_tokens_per_s"} <= set(rows[0])
+    for image in ("tradeoff.png", "pareto.png"):
+        assert (sweep_dir / image).read_bytes()[:4] == b"\x89PNG"
+
+    start = time.perf_counter()
+    again = moyu("+sweep=quick", f"hydra.sweep.dir={sweep_dir}")
+    again_s = time.perf_counter() - start
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again_s < first_s / 10, (first_s, again_s)
+    payloads = [json.loads(p.read_text()) for p in sweep_dir.glob("*/results.json")]
+    assert all(p.get("resumed_from") for p in payloads)
+    assert summary(sweep_dir) == rows
+
+
+def test_a_sweep_killed_mid_point_resumes_without_duplicates(tmp_path) -> None:
+    sweep_dir = tmp_path / "killed"
+    args = [sys.executable, "-m", "moyu_exp", "+sweep=quick", f"hydra.sweep.dir={sweep_dir}"]
+    proc = subprocess.Popen(
+        args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while len(list(sweep_dir.glob("*/results.json"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(1.5)  # now inside a later point
+        assert proc.poll() is None, "the sweep finished before it could be killed"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    for path in sweep_dir.glob("*/results.json"):
+        assert json.loads(path.read_text())["status"] == "ok"  # whole files only
+    assert not (sweep_dir / "summary.csv").exists()
+
+    rerun = moyu("+sweep=quick", f"hydra.sweep.dir={sweep_dir}")
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    rows = summary(sweep_dir)
+    keys = [r["point_key"] for r in rows]
+    assert len(keys) == len(set(keys)) == 7
+    assert {r["status"] for r in rows} == {"ok"}
+    assert not list(sweep_dir.rglob("*.tmp"))
+
+
+def test_a_failed_point_is_recorded_and_the_sweep_goes_on(tmp_path) -> None:
+    sweep_dir = tmp_path / "failing"
+    out = moyu(
+        *SMALL,
+        "eval=none",
+        "strategy=topk",
+        "strategy.layers=[0],[7]",
+        f"hydra.sweep.dir={sweep_dir}",
+    )
+    assert out.returncode == 1
+    assert "1 sweep point(s) failed" in out.stderr
+    rows = {r["label"]: r for r in summary(sweep_dir)}
+    assert rows["topk (layers=0)"]["status"] == "ok"
+    failed = rows["topk (layers=7)"]
+    assert failed["status"] == "failed"
+    assert failed["error"] == "ConfigError: layers [7] out of range: the model has 2 layers (0..1)"
+
+
+def test_failed_points_run_again_and_finished_ones_do_not(tmp_path) -> None:
+    sweep_dir = tmp_path / "retry"
+    args = [
+        *SMALL,
+        "eval=none",
+        "strategy=topk",
+        "strategy.layers=[0],[7]",
+        f"hydra.sweep.dir={sweep_dir}",
+    ]
+    moyu(*args)
+    moyu(*args)
+    payloads = {p.parent.name: json.loads(p.read_text()) for p in sweep_dir.glob("*/results.json")}
+    states = sorted((bool(p.get("resumed_from")), p["status"]) for p in payloads.values())
+    assert states == [(False, "failed"), (True, "ok")]
+
+
+SAME_COLUMNS = ["label", "sparsity", "achieved_sparsity", "embedded/word_perplexity", "status"]
+
+
+@pytest.mark.parametrize("launcher", ["joblib", "submitit_local"])
+def test_parallel_launchers_give_the_basic_launchers_rows(launcher, tmp_path) -> None:
+    common = [*SMALL, "strategy=dense,topk,cats", "sparsity=0.4", "resume=false"]
+    basic = moyu(*common, f"hydra.sweep.dir={tmp_path / 'basic'}")
+    assert basic.returncode == 0, basic.stderr[-3000:]
+    extra = ["hydra.launcher.n_jobs=2"] if launcher == "joblib" else []
+    other = moyu(
+        *common, f"hydra/launcher={launcher}", *extra, f"hydra.sweep.dir={tmp_path / launcher}"
+    )
+    assert other.returncode == 0, other.stderr[-3000:]
+
+    def view(rows):
+        return [{c: r[c] for c in SAME_COLUMNS} for r in rows]
+
+    assert view(summary(tmp_path / launcher)) == view(summary(tmp_path / "basic"))
+
+
+def test_the_sweep_is_logged_to_wandb_as_one_group_and_an_aggregate_run(tmp_path) -> None:
+    sweep_dir = tmp_path / "logged"
+    out = moyu(
+        *[a for a in SMALL if a != "logger=none"],
+        "logger=wandb",
+        "strategy=dense,topk",
+        "sparsity=0.5",
+        f"hydra.sweep.dir={sweep_dir}",
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    runs = {}
+    for path in sweep_dir.glob("**/wandb/offline-run-*/run-*.wandb"):
+        run = next(r.run for r in records(path) if r.HasField("run"))
+        runs[run.display_name] = (run.run_group, run.job_type, path)
+    assert set(runs) == {"dense-s0.5", "topk-s0.5", "logged-summary"}
+    assert {group for group, _, _ in runs.values()} == {"logged"}
+    kinds = [r.WhichOneof("record_type") for r in records(runs["logged-summary"][2])]
+    assert "history" in kinds and kinds[-1] == "exit"
+
+
+def test_report_compares_runs_across_sweeps(tmp_path) -> None:
+    for name, strategies in (("a", "dense,topk"), ("b", "cats")):
+        moyu(*SMALL, f"strategy={strategies}", "sparsity=0.5", f"hydra.sweep.dir={tmp_path / name}")
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "moyu_exp.report",
+            str(tmp_path / "a"),
+            str(tmp_path / "b"),
+            "--out",
+            str(tmp_path / "both"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr
+    assert [line.split()[0] for line in out.stdout.splitlines()[2:5]] == ["cats", "dense", "topk"]
+    assert len(summary(tmp_path / "both")) == 3
+    assert (tmp_path / "both" / "tradeoff.png").is_file()
+
+
+def test_report_rejects_a_missing_folder(tmp_path) -> None:
+    assert report.main([str(tmp_path / "nope")]) == 2
+
+
+def test_optuna_search_maximises_sparsity_within_budget(tmp_path) -> None:
+    sweep_dir = tmp_path / "search"
+    out = moyu(
+        "+sweep=search",
+        "model=tiny_llama",
+        "logger=none",
+        "strategy=topk",
+        "hydra.sweeper.n_trials=3",
+        f"hydra.sweep.dir={sweep_dir}",
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    best = (sweep_dir / "optimization_results.yaml").read_text()
+    assert "best_params" in best and "sparsity" in best
+    assert (sweep_dir / "summary.csv").is_file()
+
+
+def test_parallel_jobs_spread_over_gpus(monkeypatch) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    joblib = "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
+    basic = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
+    assert [sweep.job_device("auto", n, joblib) for n in range(5)] == [
+        "cuda:0",
+        "cuda:1",
+        "cuda:2",
+        "cuda:3",
+        "cuda:0",
+    ]
+    assert sweep.job_device("auto", 3, basic) == "auto"
+    assert sweep.job_device("cpu", 3, joblib) == "cpu"
