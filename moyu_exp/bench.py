@@ -79,40 +79,22 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-@torch.inference_mode()
 def run(loaded: LoadedModel, cfg: DictConfig, live: Strategy) -> dict[str, Any]:
     """Time prefill and decode of the model as it is now (with ``live`` attached)."""
     if not cfg.enabled:
         return {}
     mode = str(getattr(cfg.mode, "value", cfg.mode))
-    model, device = loaded.model, loaded.device
-    ids = prompt_ids(loaded.tokenizer, cfg.prompt_tokens).to(device)
-    kw = cache_kwarg(model)
-    model(ids[:, : min(8, ids.shape[1])])  # warm-up: allocator, kernels, lazy init
-    prefill_s, decode_s = [], []
-    with PeakMemory(device) as memory:
-        for _ in tqdm(range(cfg.repeats), desc="bench", leave=False):
-            _sync(device)
-            start = time.perf_counter()
-            out = model(ids, use_cache=True)
-            _sync(device)
-            prefill_s.append(time.perf_counter() - start)
-            cache = getattr(out, kw)
-            token = out.logits[:, -1:].argmax(-1)
-            for step in range(cfg.burn_in + cfg.decode_tokens):
-                if step == cfg.burn_in:
-                    _sync(device)
-                    start = time.perf_counter()
-                out = model(token, use_cache=True, **{kw: cache})
-                cache = getattr(out, kw)
-                token = out.logits[:, -1:].argmax(-1)
-            _sync(device)
-            decode_s.append(time.perf_counter() - start)
+    timer = _kernel_decode if mode == "kernel" else _simulated_decode
+    ids = prompt_ids(loaded.tokenizer, cfg.prompt_tokens).to(loaded.device)
+    with torch.inference_mode():
+        loaded.model(ids[:, : min(8, ids.shape[1])])  # warm-up: allocator, kernels, lazy init
+    with PeakMemory(loaded.device) as memory:
+        prefill_s, decode_s, extra = timer(loaded, cfg, live, ids)
     decode_median = statistics.median(decode_s)
     return {
         "mode": mode,
-        "device": str(device),
-        "dtype": str(model.dtype).removeprefix("torch."),
+        "device": str(loaded.device),
+        "dtype": str(loaded.model.dtype).removeprefix("torch."),
         "prompt_tokens": int(ids.shape[1]),
         "decode_tokens": cfg.decode_tokens,
         "repeats": cfg.repeats,
@@ -121,4 +103,66 @@ def run(loaded: LoadedModel, cfg: DictConfig, live: Strategy) -> dict[str, Any]:
         "decode_ms_per_token": 1000 * decode_median / cfg.decode_tokens,
         "peak_memory_mb": memory.mb,
         "memory_kind": memory.kind,
+        **extra,
     }
+
+
+@torch.inference_mode()
+def _simulated_decode(loaded, cfg, live, ids):
+    """The model's own forward with the strategy's hooks, with the KV cache."""
+    model, device = loaded.model, loaded.device
+    kw = cache_kwarg(model)
+    prefill_s, decode_s = [], []
+    for _ in tqdm(range(cfg.repeats), desc="bench", leave=False):
+        _sync(device)
+        start = time.perf_counter()
+        out = model(ids, use_cache=True)
+        _sync(device)
+        prefill_s.append(time.perf_counter() - start)
+        cache = getattr(out, kw)
+        token = out.logits[:, -1:].argmax(-1)
+        for step in range(cfg.burn_in + cfg.decode_tokens):
+            if step == cfg.burn_in:
+                _sync(device)
+                start = time.perf_counter()
+            out = model(token, use_cache=True, **{kw: cache})
+            cache = getattr(out, kw)
+            token = out.logits[:, -1:].argmax(-1)
+        _sync(device)
+        decode_s.append(time.perf_counter() - start)
+    return prefill_s, decode_s, {}
+
+
+def _kernel_decode(loaded, cfg, live, ids):
+    """The lean decoder (see moyu_exp.kernels): sparse kernels read only active weights."""
+    from moyu_exp.kernels.decoder import LeanDecoder
+
+    device = loaded.device
+    max_tokens = ids.shape[1] + cfg.burn_in + cfg.decode_tokens + 1
+    decoder = LeanDecoder(loaded.model, live, max_tokens)
+    prefill_s, decode_s = [], []
+    for _ in tqdm(range(cfg.repeats), desc="bench (kernel)", leave=False):
+        _sync(device)
+        start = time.perf_counter()
+        token = int(decoder.prefill(ids).argmax())
+        _sync(device)
+        prefill_s.append(time.perf_counter() - start)
+        for step in range(cfg.burn_in + cfg.decode_tokens):
+            if step == cfg.burn_in:
+                _sync(device)
+                start = time.perf_counter()
+                decoder.reset_counters()
+            token = int(decoder.step(token).argmax())
+        _sync(device)
+        decode_s.append(time.perf_counter() - start)
+    decoder.flush_stats()
+    return (
+        prefill_s,
+        decode_s,
+        {
+            "kernel_backend": decoder.backend,
+            "weight_bytes_per_token": decoder.bytes_per_token(),
+            "dense_weight_bytes_per_token": decoder.dense_bytes(),
+            "ideal_speedup": decoder.dense_bytes() / decoder.bytes_per_token(),
+        },
+    )

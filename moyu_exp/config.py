@@ -28,7 +28,8 @@ class DType(StrEnum):
 
 
 class BenchMode(StrEnum):
-    simulated = "simulated"
+    simulated = "simulated"  # the model's own forward with the strategy's masks (accuracy)
+    kernel = "kernel"  # the lean decoder reading only active weights (speed)
 
 
 class LoggerMode(StrEnum):
@@ -179,6 +180,7 @@ class LoggerConfig:
 class Config:
     model: Any = MISSING
     strategy: Any = MISSING
+    probe: Any = None  # a MOYU probe (conf/probe/) runs instead of eval and bench
     dataset: Any = MISSING
     eval: EvalConfig = MISSING
     bench: BenchConfig = MISSING
@@ -218,6 +220,7 @@ def schema_for(cls: type) -> type:
 
 def register_configs() -> None:
     """Store the root schema and one schema per group option (idempotent)."""
+    from moyu_exp.probes import PROBES
     from moyu_exp.strategies import STRATEGIES
 
     cs = ConfigStore.instance()
@@ -237,6 +240,7 @@ def register_configs() -> None:
         "bench": {"bench": BenchConfig},
         "logger": {"logger": LoggerConfig},
         "strategy": {name: schema_for(cls) for name, cls in STRATEGIES.items()},
+        "probe": {name: schema_for(cls) for name, cls in PROBES.items()},
     }
     for group, schemas in groups.items():
         for name, node in schemas.items():
@@ -268,6 +272,8 @@ def validate(cfg: DictConfig) -> None:
     check_sparsity(cfg.sparsity)
     if "sparsity" in cfg.strategy:
         check_sparsity(cfg.strategy.sparsity, "strategy.sparsity")
+    if cfg.get("probe") is not None:
+        check_sparsity(cfg.probe.sparsity, "probe.sparsity")
     if cfg.eval.limit is not None and cfg.eval.limit <= 0:
         raise ConfigError(f"eval.limit={cfg.eval.limit} must be > 0 (or null for all items)")
     if not 0.0 < cfg.eval.prompt_fraction < 1.0:

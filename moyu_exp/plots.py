@@ -37,7 +37,8 @@ def _dense(rows: list[dict[str, Any]], metric: str) -> float | None:
     return None
 
 
-def _save(fig, path: Path) -> None:
+def save_png(fig, path: Path) -> None:
+    """Write a figure as PNG, atomically, and close it."""
     from moyu_exp.cache import write_bytes_atomic
 
     buffer = io.BytesIO()
@@ -72,7 +73,7 @@ def tradeoff(table: list[dict[str, Any]], metrics: list[str], path: Path) -> Non
         fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
     fig.suptitle("accuracy / sparsity trade-off")
     fig.tight_layout()
-    _save(fig, path)
+    save_png(fig, path)
 
 
 def pareto(table: list[dict[str, Any]], metrics: list[str], path: Path) -> None:
@@ -100,4 +101,4 @@ def pareto(table: list[dict[str, Any]], metrics: list[str], path: Path) -> None:
     if rows:
         ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
-    _save(fig, path)
+    save_png(fig, path)

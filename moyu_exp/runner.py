@@ -37,15 +37,20 @@ def run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[str, A
 
     from moyu_exp import evaluation, tracking
 
-    with failures_recorded(cfg, run_dir):
-        evaluation.check(cfg.eval)
-    name = f"{cfg.strategy.name}-s{cfg.sparsity:g}"
-    tags = [cfg.strategy.name, cfg.model.name]
+    probing = cfg.get("probe") is not None
+    if not probing:
+        with failures_recorded(cfg, run_dir):
+            evaluation.check(cfg.eval)
+    subject = f"probe-{cfg.probe.name}" if probing else cfg.strategy.name
+    name = f"{subject}-s{(cfg.probe.sparsity if probing else cfg.sparsity):g}"
+    tags = [subject, cfg.model.name]
     header = {"point_key": key, "run_dir": str(run_dir)}
     timings: dict[str, float] = {}
     with tracking.start(cfg.logger, run_dir, config, name, group or cfg.name, tags) as tracker:
         try:
-            fields = experiment(cfg, timings)
+            fields = (
+                probe_experiment(cfg, timings, run_dir) if probing else experiment(cfg, timings)
+            )
             payload = results.build(status="ok", config=config, **header, **fields)
         except Exception as err:
             error = f"{type(err).__name__}: {err}"
@@ -57,6 +62,8 @@ def run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[str, A
             raise
         results.write(run_dir, payload)
         tracker.log_results(payload)
+        for figure in (payload.get("probe") or {}).get("figures", []):
+            tracker.log_image(figure, run_dir / figure)
     points.save(key, payload)
     return payload
 
@@ -105,6 +112,35 @@ def experiment(cfg: DictConfig, timings: dict[str, float]) -> dict[str, Any]:
         "eval": metrics,
         "eval_details": details,
         "bench": timing,
+        "timings": timings,
+    }
+
+
+def probe_experiment(cfg: DictConfig, timings: dict[str, float], run_dir: Path) -> dict[str, Any]:
+    """A MOYU probe instead of eval and bench: its numbers, and its figures saved as PNGs."""
+    from moyu_exp import models
+    from moyu_exp.plots import save_png
+
+    seed_everything(cfg.seed)
+    with stopwatch(timings, "load"):
+        loaded = models.load(cfg.model)
+    probe = build(cfg.probe)
+    with stopwatch(timings, "probe"), models.finite_logits_guard(loaded.model):
+        output = probe.run(loaded, cfg)
+    files = []
+    for figure_name, figure in output.figures.items():
+        files.append(f"{probe.name}_{figure_name}.png")
+        save_png(figure, run_dir / files[-1])
+    return {
+        "strategy": None,
+        "sparsity": probe.sparsity,
+        "model": {**loaded.info, "loads_in_process": models.load_count()},
+        "probe": {
+            "name": probe.name,
+            "question": probe.question,
+            "numbers": output.numbers,
+            "figures": files,
+        },
         "timings": timings,
     }
 

@@ -21,6 +21,9 @@ class Tracker:
     def log_results(self, payload: dict[str, Any]) -> None:
         """Put a results payload's numbers into the run summary."""
 
+    def log_image(self, name: str, path: Path) -> None:
+        """Attach a figure (a PNG file) to the run."""
+
 
 class WandbTracker(Tracker):
     def __init__(self, run: Any):
@@ -30,6 +33,11 @@ class WandbTracker(Tracker):
         summary = summary_metrics(payload)
         self.run.summary.update(summary)
         self.run.log(summary)
+
+    def log_image(self, name: str, path: Path) -> None:
+        import wandb
+
+        self.run.log({name.removesuffix(".png"): wandb.Image(str(path))})
 
 
 def summary_metrics(payload: dict[str, Any]) -> dict[str, Any]:
@@ -44,7 +52,21 @@ def summary_metrics(payload: dict[str, Any]) -> dict[str, Any]:
     for key, value in (payload.get("bench") or {}).items():
         if isinstance(value, int | float) and not isinstance(value, bool):
             flat[f"bench/{key}"] = value
+    probe = payload.get("probe") or {}
+    flat.update(_scalars(probe.get("numbers") or {}, f"probe/{probe.get('name')}"))
     return flat
+
+
+def _scalars(tree: Any, prefix: str) -> dict[str, float]:
+    """Every scalar leaf of nested dicts, by slash-joined path (lists stay in results.json)."""
+    if isinstance(tree, dict):
+        out: dict[str, float] = {}
+        for key, value in tree.items():
+            out |= _scalars(value, f"{prefix}/{key}")
+        return out
+    if isinstance(tree, int | float) and not isinstance(tree, bool):
+        return {prefix: tree}
+    return {}
 
 
 @contextlib.contextmanager

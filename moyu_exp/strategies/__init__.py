@@ -6,6 +6,7 @@ from moyu_exp.strategies import (  # noqa: F401  (registration side effects)
     chess,
     dense,
     griffin,
+    predictor,
     random,
     static,
     tda,

@@ -66,6 +66,18 @@ class TokenRoles:
 
 
 @dataclass
+class KernelRule:
+    """A kept set stated as data, so the native kernels can select it without calling back into
+    Python: entries whose score |x_i| * scale_i is at least ``threshold`` (a number, or a tensor
+    with one per entry), or, with ``k`` set, the k best scores. The strategy's ``sparsify`` and
+    this rule must keep the same entries (tested for every strategy that gives one)."""
+
+    threshold: float | torch.Tensor = 0.0
+    k: int | None = None
+    scale: torch.Tensor | None = None
+
+
+@dataclass
 class SparsityStats:
     """Entries zeroed / seen per (site, layer), and the weights each entry gates.
 
@@ -129,6 +141,7 @@ class Strategy:
     needs_calibration: ClassVar[bool] = False
     calibration_version: ClassVar[int] = 1  # bump when a method's statistic changes
     sequence_level: ClassVar[bool] = False
+    kernel_support: ClassVar[bool] = True  # bench.mode=kernel can run it (see moyu_exp.kernels)
 
     def __post_init__(self) -> None:
         check_sites(list(self.sites), self.allowed_sites, self.name)
@@ -146,6 +159,7 @@ class Strategy:
         self._handles: list[Any] = []
         self._enabled = True
         self._acc: dict[tuple[str, int], torch.Tensor] = {}
+        self._decode_acc: dict[tuple[str, int], tuple[int, int]] = {}
         self._weights: dict[tuple[str, int], int] = {}
         self._segments: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self.roles = TokenRoles()
@@ -164,8 +178,29 @@ class Strategy:
     def prepare(self, model: torch.nn.Module, adapter: Any) -> None:
         """Called once on attach, before any hook runs: build masks, thresholds, norms."""
 
+    def kernel_rule(self, site: str, layer: int) -> KernelRule | None:
+        """The kept set of a decode-step site as a :class:`KernelRule`, or None when the method
+        cannot state it so (kernel mode then asks :meth:`kept`)."""
+        return None
+
+    def kept(self, site: str, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """Kernel mode's question: which entries of the single-token vector ``x`` (dim,) does
+        this method keep? A bool mask. Defaults to the nonzeros of :meth:`sparsify`; methods
+        override it with a cheaper route to the same set."""
+        return self.sparsify(site, layer, x.view(1, 1, -1)).view(-1) != 0
+
+    def extra_hooks(self, model: torch.nn.Module, adapter: Any) -> list[Any]:
+        """Hooks beyond the sites' (e.g. reading another tensor); removed on exit like them."""
+        return []
+
     def begin_forward(self, fresh: bool) -> None:
         """Called before every model forward (``fresh``: the KV cache was empty)."""
+
+    def decode_neurons(self, layer: int) -> torch.Tensor | None:
+        """For methods whose decode-time MLP neuron set is known in advance (sequence-level
+        methods after the prompt, a static set): bool (d_ff,) of kept neurons; else None.
+        Kernel mode gathers a compact MLP from it once per prompt."""
+        return None
 
     def layer_ids_for(self, model: torch.nn.Module) -> list[int]:
         """The decoder layers this strategy touches in ``model``."""
@@ -206,6 +241,7 @@ class Strategy:
         self.reset_stats()
         try:
             self.prepare(model, adapter)
+            self._handles.extend(self.extra_hooks(model, adapter))
             if self.sites:
                 self._handles.append(model.register_forward_pre_hook(self._begin, with_kwargs=True))
             for site in self.sites:
@@ -223,10 +259,24 @@ class Strategy:
     def stats(self) -> SparsityStats:
         """Entries zeroed / entries sparsified since the last reset (padding excluded)."""
         counts = {k: tuple(int(v) for v in acc) for k, acc in self._acc.items()}
+        for key, (zeroed, total) in self._decode_acc.items():
+            z0, n0, d0 = counts.get(key, (0, 0, 0))
+            counts[key] = (z0 + zeroed, n0 + total, d0)
         return SparsityStats(counts, dict(self._weights))  # type: ignore[arg-type]
 
     def reset_stats(self) -> None:
         self._acc = {}
+        self._decode_acc: dict[tuple[str, int], tuple[int, int]] = {}
+
+    def begin_decode_step(self) -> None:
+        """A decode step run outside the model's forward (kernel mode): no prompt, no padding."""
+        self.roles = TokenRoles()
+        self.begin_forward(False)
+
+    def count_decode(self, site: str, layer: int, zeroed: int, total: int) -> None:
+        """Count a kernel-mode decode step's zeroed entries (plain ints: no tensor ops)."""
+        z0, n0 = self._decode_acc.get((site, layer), (0, 0))
+        self._decode_acc[(site, layer)] = (z0 + zeroed, n0 + total)
 
     def take_stats(self) -> SparsityStats:
         """The stats so far, then reset: one snapshot per phase (eval, bench)."""

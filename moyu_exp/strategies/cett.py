@@ -17,7 +17,7 @@ from moyu_exp.activations import observe
 from moyu_exp.errors import ConfigError
 from moyu_exp.lazy import lazy_import
 from moyu_exp.sites import adapter_for
-from moyu_exp.strategies.base import Strategy, register
+from moyu_exp.strategies.base import KernelRule, Strategy, register
 
 torch = lazy_import("torch")
 
@@ -74,6 +74,11 @@ class Cett(Strategy):
             (down,) = adapter.readers(blocks[layer], SITE)
             self._norm[layer] = down.weight.float().norm(dim=0).to(down.weight.dtype)
             self._eps[layer] = float(self.calibration[f"epsilon.{layer}"])
+
+    def kernel_rule(self, site: str, layer: int) -> KernelRule:
+        if self.sparsity == 0.0:
+            return KernelRule()
+        return KernelRule(threshold=self._eps[layer], scale=self._norm[layer])
 
     def sparsify(self, site: str, layer: int, x: torch.Tensor) -> torch.Tensor:
         if self.sparsity == 0.0:

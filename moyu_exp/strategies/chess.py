@@ -34,9 +34,11 @@ class Chess(ThresholdStrategy):
         self._up_mean: dict[int, torch.Tensor] = {}
 
     def score(self, site: str, layer: int, x: torch.Tensor) -> torch.Tensor:
-        if site != GATE:
-            return x.abs()
-        return x.abs() * self._up_mean[layer].to(device=x.device, dtype=x.dtype)
+        scale = self.score_scale(site, layer)
+        return x.abs() if scale is None else x.abs() * scale.to(device=x.device, dtype=x.dtype)
+
+    def score_scale(self, site: str, layer: int) -> torch.Tensor | None:
+        return self._up_mean[layer] if site == GATE else None
 
     def calibration_taps(self, model, layers: list[int]) -> dict:
         if GATE not in self.sites:

@@ -24,6 +24,7 @@ class SequenceLevel(Strategy):
 
     sites: list[str] = field(default_factory=lambda: [SITE])
     prefill: str = "dense"
+    prompt_limit: int | None = None  # select from at most the first N prompt tokens
 
     allowed_sites = (SITE,)
     sequence_level = True
@@ -44,6 +45,8 @@ class SequenceLevel(Strategy):
         if self.sparsity == 0.0:
             return x
         prompt = self.roles.prompt if self.roles.matches(x) else None
+        if prompt is not None and self.prompt_limit is not None:
+            prompt = prompt & (prompt.cumsum(dim=1) <= self.prompt_limit)
         if prompt is not None and bool(prompt.any()):
             keep = self.select(layer, x, prompt)
             keep[~prompt.any(dim=1)] = True  # a row without prompt tokens has nothing to go on
@@ -52,6 +55,10 @@ class SequenceLevel(Strategy):
         if keep is None or keep.shape[0] != x.shape[0]:
             return x  # nothing selected yet for these rows: stay dense
         return x.masked_fill(~keep[:, None, :], 0.0)
+
+    def decode_neurons(self, layer: int) -> torch.Tensor | None:
+        keep = self._frozen.get(layer)
+        return None if keep is None or keep.shape[0] != 1 else keep[0]
 
     def frozen_selection(self) -> dict[int, torch.Tensor]:
         """The current (batch, d_ff) masks per layer (read by probes and kernels)."""

@@ -32,6 +32,9 @@ class Static(Strategy):
             k = keep_count(self.sparsity, score.numel())
             self._keep[layer] = topk_mask(score, min(k, score.numel()))
 
+    def decode_neurons(self, layer: int) -> torch.Tensor | None:
+        return self._keep[layer]
+
     def sparsify(self, site: str, layer: int, x: torch.Tensor) -> torch.Tensor:
         keep = self._keep[layer]
         return x if bool(keep.all()) else x.masked_fill(~keep, 0.0)

@@ -22,7 +22,7 @@ from typing import Any
 from moyu_exp.activations import calibrate_thresholds, threshold_at
 from moyu_exp.errors import ConfigError
 from moyu_exp.lazy import lazy_import
-from moyu_exp.strategies.base import Strategy
+from moyu_exp.strategies.base import KernelRule, Strategy
 
 torch = lazy_import("torch")
 
@@ -93,6 +93,20 @@ class ThresholdStrategy(Strategy):
                 else:
                     threshold = threshold_at(self.calibration[f"table.{site}.{layer}"], level)
                 self._threshold[(site, layer)] = threshold
+
+    def score_scale(self, site: str, layer: int) -> torch.Tensor | None:
+        """The per-entry factor of :meth:`score` (None: the score is |x|)."""
+        return None
+
+    def kernel_rule(self, site: str, layer: int) -> KernelRule:
+        scale = self.score_scale(site, layer)
+        return KernelRule(threshold=self._threshold[(site, layer)], scale=scale)
+
+    def kept(self, site: str, layer: int, x: torch.Tensor) -> torch.Tensor:
+        threshold = self._threshold[(site, layer)]
+        if threshold <= 0:
+            return torch.ones_like(x, dtype=torch.bool)
+        return self.score(site, layer, x) >= threshold
 
     def sparsify(self, site: str, layer: int, x: torch.Tensor) -> torch.Tensor:
         threshold = self._threshold[(site, layer)]

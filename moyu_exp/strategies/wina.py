@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from moyu_exp.lazy import lazy_import
-from moyu_exp.strategies.base import Strategy, keep_count, register
+from moyu_exp.strategies.base import KernelRule, Strategy, keep_count, register
 from moyu_exp.strategies.teal import TEAL_SITES
 from moyu_exp.strategies.topk import topk_mask
 
@@ -32,6 +32,16 @@ class Wina(Strategy):
             for site in self.sites
             for layer in self.layer_ids
         }
+
+    def kernel_rule(self, site: str, layer: int) -> KernelRule:
+        norms = self._norms[(site, layer)]
+        return KernelRule(k=keep_count(self.sparsity, norms.numel()), scale=norms)
+
+    def kept(self, site: str, layer: int, x: torch.Tensor) -> torch.Tensor:
+        k = keep_count(self.sparsity, x.shape[-1])
+        if k >= x.shape[-1]:
+            return torch.ones_like(x, dtype=torch.bool)
+        return topk_mask(x.abs() * self._norms[(site, layer)].to(x.dtype), k)
 
     def sparsify(self, site: str, layer: int, x: torch.Tensor) -> torch.Tensor:
         k = keep_count(self.sparsity, x.shape[-1])

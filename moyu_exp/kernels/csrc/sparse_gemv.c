@@ -1,0 +1,426 @@
+/* Batch-1 decode kernels for LLaMA-style blocks on the CPU, called through ctypes.
+ *
+ * Mat-vecs (weights fp32, or bf16 bit patterns in *_bf16; activations and sums fp32):
+ *   dot:         out[r] = W[row(r)] . x, row(r) = idx[r] (output-sparse) or r (dense)
+ *   dot_masked:  out[r] = mask[r] ? W[r] . x : 0       (output-sparse by a mask)
+ *   axpy_masked: out = sum over i with mask[i] of x[i] * Wt[i]   (input-sparse: reads only
+ *                the rows of W^T whose input is kept); returns the number of kept inputs
+ * Selection by a rule a strategy states (kernel mode's fast path; see Strategy.kernel_rule):
+ *   select_entries: the entries whose score |x_i| * scale_i is at least a threshold (a number or
+ *                   one per entry), or the k best scores; returns their sorted indices
+ *   axpy_rule, gated_rule: selection fused with the input-sparse mat-vec, and with the whole
+ *                   gated MLP (act = silu(gate) selected, kept up rows and down columns read)
+ * Helpers that keep a decode step to a few calls: rmsnorm, silu_mul, attend (RoPE, KV-cache
+ * write and single-query grouped attention).
+ *
+ * Rows are split over OpenMP threads (torch's runtime, so torch.set_num_threads applies) when
+ * the work is large enough to pay for a parallel region; each thread reads whole rows,
+ * input-sparse threads sum into private accumulators (caller-provided scratch) added at the
+ * end, and gathered rows are prefetched a few rows ahead. Inner loops are left to the
+ * compiler's vectoriser (-O3 -march=native).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#else
+static int omp_get_thread_num(void) { return 0; }
+static int omp_get_num_threads(void) { return 1; }
+#endif
+
+#define AHEAD 4
+#define PARALLEL_WORK 8192 /* weight elements below which one thread is faster */
+
+static inline float from_bf16(uint16_t h) {
+  uint32_t u = ((uint32_t)h) << 16;
+  float f;
+  memcpy(&f, &u, sizeof f);
+  return f;
+}
+static inline float from_f32(float v) { return v; }
+
+/* into L2 (prefetcht2): measured here, non-temporal prefetches of whole rows stalled gathers */
+static inline void prefetch(const void *p, int64_t bytes) {
+  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch((const char *)p + b, 0, 1);
+}
+
+#define DOT(NAME, T, LOAD)                                                               \
+  void NAME(const T *W, int64_t cols, const int64_t *idx, int64_t k, const float *x,    \
+            float *out) {                                                                \
+    _Pragma("omp parallel if (k * cols > PARALLEL_WORK)") {                              \
+      int t = omp_get_thread_num(), n = omp_get_num_threads();                           \
+      int64_t lo = k * t / n, hi = k * (t + 1) / n;                                      \
+      for (int64_t r = lo; r < hi; r++) {                                                \
+        if (idx && r + AHEAD < hi) prefetch(W + idx[r + AHEAD] * cols, cols * sizeof(T)); \
+        const T *row = W + (idx ? idx[r] : r) * cols;                                    \
+        float acc = 0.f;                                                                 \
+        _Pragma("omp simd reduction(+ : acc)") for (int64_t c = 0; c < cols; c++)        \
+            acc += LOAD(row[c]) * x[c];                                                  \
+        out[r] = acc;                                                                    \
+      }                                                                                  \
+    }                                                                                    \
+  }
+
+#define DOT_MASKED(NAME, T, LOAD)                                                        \
+  void NAME(const T *W, int64_t cols, const uint8_t *mask, int64_t rows, const float *x, \
+            float *out) {                                                                \
+    _Pragma("omp parallel if (rows * cols > PARALLEL_WORK)") {                           \
+      int t = omp_get_thread_num(), n = omp_get_num_threads();                           \
+      int64_t lo = rows * t / n, hi = rows * (t + 1) / n;                                \
+      for (int64_t r = lo; r < hi; r++) {                                                \
+        if (!mask[r]) {                                                                  \
+          out[r] = 0.f;                                                                  \
+          continue;                                                                      \
+        }                                                                                \
+        const T *row = W + r * cols;                                                     \
+        float acc = 0.f;                                                                 \
+        _Pragma("omp simd reduction(+ : acc)") for (int64_t c = 0; c < cols; c++)        \
+            acc += LOAD(row[c]) * x[c];                                                  \
+        out[r] = acc;                                                                    \
+      }                                                                                  \
+    }                                                                                    \
+  }
+
+/* scratch: (threads + 1) * stride floats for accumulators and rows int64 for the kept list,
+ * with stride = cols rounded up to 16. Four kept rows are summed per pass over the
+ * accumulator, which quarters its load/store traffic. */
+#define AXPY_MASKED(NAME, T, LOAD)                                                       \
+  int64_t NAME(const T *Wt, int64_t cols, const uint8_t *mask, int64_t rows,             \
+               const float *x, float *out, float *acc, int64_t *list) {                  \
+    int64_t stride = (cols + 15) / 16 * 16, kept = 0;                                    \
+    for (int64_t i = 0; i < rows; i++)                                                   \
+      if (mask[i]) list[kept++] = i;                                                     \
+    _Pragma("omp parallel if (kept * cols > PARALLEL_WORK)") {                            \
+      int t = omp_get_thread_num(), n = omp_get_num_threads();                           \
+      float *a = acc + t * stride;                                                       \
+      memset(a, 0, sizeof(float) * cols);                                                \
+      int64_t lo = kept * t / n, hi = kept * (t + 1) / n, r = lo;                        \
+      for (; r + 4 <= hi; r += 4) {                                                      \
+        if (r + 4 + AHEAD <= hi)                                                         \
+          for (int j = 0; j < 4; j++)                                                    \
+            prefetch(Wt + list[r + AHEAD + j] * cols, cols * sizeof(T));                 \
+        const T *r0 = Wt + list[r] * cols, *r1 = Wt + list[r + 1] * cols;                \
+        const T *r2 = Wt + list[r + 2] * cols, *r3 = Wt + list[r + 3] * cols;            \
+        float s0 = x[list[r]], s1 = x[list[r + 1]], s2 = x[list[r + 2]], s3 = x[list[r + 3]]; \
+        _Pragma("omp simd") for (int64_t c = 0; c < cols; c++) a[c] +=                  \
+            s0 * LOAD(r0[c]) + s1 * LOAD(r1[c]) + s2 * LOAD(r2[c]) + s3 * LOAD(r3[c]);   \
+      }                                                                                  \
+      for (; r < hi; r++) {                                                              \
+        const T *row = Wt + list[r] * cols;                                              \
+        float s = x[list[r]];                                                            \
+        _Pragma("omp simd") for (int64_t c = 0; c < cols; c++) a[c] += s * LOAD(row[c]); \
+      }                                                                                  \
+      _Pragma("omp barrier") _Pragma("omp for") for (int64_t c = 0; c < cols; c++) {    \
+        float s = 0.f;                                                                   \
+        for (int j = 0; j < n; j++) s += acc[j * stride + c];                            \
+        out[c] = s;                                                                      \
+      }                                                                                  \
+    }                                                                                    \
+    return kept;                                                                         \
+  }
+
+/* rows listed in `list` (kept of them) of W^T, scaled by x[list[r]], summed into out */
+#define AXPY_LIST(NAME, T, LOAD)                                                         \
+  void NAME(const T *Wt, int64_t cols, const int64_t *list, int64_t kept, const float *x, \
+            float *out, float *acc) {                                                    \
+    int64_t stride = (cols + 15) / 16 * 16;                                              \
+    _Pragma("omp parallel if (kept * cols > PARALLEL_WORK)") {                            \
+      int t = omp_get_thread_num(), n = omp_get_num_threads();                           \
+      float *a = acc + t * stride;                                                       \
+      memset(a, 0, sizeof(float) * cols);                                                \
+      int64_t lo = kept * t / n, hi = kept * (t + 1) / n, r = lo;                        \
+      for (; r + 4 <= hi; r += 4) {                                                      \
+        if (r + 4 + AHEAD <= hi)                                                         \
+          for (int j = 0; j < 4; j++)                                                    \
+            prefetch(Wt + list[r + AHEAD + j] * cols, cols * sizeof(T));                 \
+        const T *r0 = Wt + list[r] * cols, *r1 = Wt + list[r + 1] * cols;                \
+        const T *r2 = Wt + list[r + 2] * cols, *r3 = Wt + list[r + 3] * cols;            \
+        float s0 = x[list[r]], s1 = x[list[r + 1]], s2 = x[list[r + 2]], s3 = x[list[r + 3]]; \
+        _Pragma("omp simd") for (int64_t c = 0; c < cols; c++) a[c] +=                  \
+            s0 * LOAD(r0[c]) + s1 * LOAD(r1[c]) + s2 * LOAD(r2[c]) + s3 * LOAD(r3[c]);   \
+      }                                                                                  \
+      for (; r < hi; r++) {                                                              \
+        const T *row = Wt + list[r] * cols;                                              \
+        float s = x[list[r]];                                                            \
+        _Pragma("omp simd") for (int64_t c = 0; c < cols; c++) a[c] += s * LOAD(row[c]); \
+      }                                                                                  \
+      _Pragma("omp barrier") _Pragma("omp for") for (int64_t c = 0; c < cols; c++) {    \
+        float s = 0.f;                                                                   \
+        for (int j = 0; j < n; j++) s += acc[j * stride + c];                            \
+        out[c] = s;                                                                      \
+      }                                                                                  \
+    }                                                                                    \
+  }
+
+/* k-th largest of v[0..n) (1-based k), by quickselect on v (reordered in place) */
+static float kth_largest(float *v, int64_t n, int64_t k) {
+  int64_t lo = 0, hi = n - 1, want = k - 1;
+  while (lo < hi) {
+    float pivot = v[(lo + hi) / 2];
+    int64_t i = lo, j = hi;
+    while (i <= j) {
+      while (v[i] > pivot) i++;
+      while (v[j] < pivot) j--;
+      if (i <= j) {
+        float tmp = v[i];
+        v[i] = v[j];
+        v[j] = tmp;
+        i++;
+        j--;
+      }
+    }
+    if (want <= j) hi = j;
+    else if (want >= i) lo = i;
+    else break;
+  }
+  return v[want];
+}
+
+/* Indices (ascending) of the kept entries of x: score_i = |x_i| * (scale ? scale_i : 1);
+ * with k >= 0 the k best scores (ties broken by lower index), else score_i >= threshold_i
+ * (thresholds[i], or threshold for all). work: n floats of scratch. Returns the count. */
+int64_t select_entries(const float *x, int64_t n, const float *scale, const float *thresholds,
+                       float threshold, int64_t k, float *work, int64_t *list) {
+  int64_t kept = 0;
+  if (k >= 0) {
+    if (k >= n) {
+      for (int64_t i = 0; i < n; i++) list[i] = i;
+      return n;
+    }
+    if (k == 0) return 0;
+    for (int64_t i = 0; i < n; i++) work[i] = fabsf(x[i]) * (scale ? scale[i] : 1.f);
+    float cut = kth_largest(work, n, k);
+    int64_t above = 0;
+    for (int64_t i = 0; i < n; i++) above += fabsf(x[i]) * (scale ? scale[i] : 1.f) > cut;
+    int64_t ties = k - above;
+    for (int64_t i = 0; i < n; i++) {
+      float s = fabsf(x[i]) * (scale ? scale[i] : 1.f);
+      if (s > cut || (s == cut && ties-- > 0)) list[kept++] = i;
+    }
+    return kept;
+  }
+  for (int64_t i = 0; i < n; i++) {
+    float s = fabsf(x[i]) * (scale ? scale[i] : 1.f);
+    if (s >= (thresholds ? thresholds[i] : threshold)) list[kept++] = i;
+  }
+  return kept;
+}
+
+DOT(dot_f32, float, from_f32)
+DOT(dot_bf16, uint16_t, from_bf16)
+DOT_MASKED(dot_masked_f32, float, from_f32)
+DOT_MASKED(dot_masked_bf16, uint16_t, from_bf16)
+AXPY_MASKED(axpy_masked_f32, float, from_f32)
+AXPY_MASKED(axpy_masked_bf16, uint16_t, from_bf16)
+AXPY_LIST(axpy_list_f32, float, from_f32)
+AXPY_LIST(axpy_list_bf16, uint16_t, from_bf16)
+
+/* select entries of x by the rule, then out = W x over them (W^T rows); scratch as above:
+ * work (rows floats), list (rows int64), acc ((threads + 1) * stride floats) */
+#define AXPY_RULE(NAME, T, LIST_FN)                                                      \
+  int64_t NAME(const T *Wt, int64_t cols, int64_t rows, const float *x, const float *scale, \
+               const float *thresholds, float threshold, int64_t k, float *out, float *work, \
+               int64_t *list, float *acc) {                                              \
+    int64_t kept = select_entries(x, rows, scale, thresholds, threshold, k, work, list);   \
+    LIST_FN(Wt, cols, list, kept, x, out, acc);                                          \
+    return kept;                                                                         \
+  }
+AXPY_RULE(axpy_rule_f32, float, axpy_list_f32)
+AXPY_RULE(axpy_rule_bf16, uint16_t, axpy_list_bf16)
+
+/* The gated MLP with the activation site sparse: act = silu(gate) (gate: d_ff values already
+ * computed), kept = the rule on act, up = rows kept of W_up . x, z = act * up on kept,
+ * out = W_down z reading the kept rows of W_down^T. scratch: act/work (2 * d_ff floats),
+ * list (d_ff int64), upv (d_ff floats), acc as above. */
+#define GATED_RULE(NAME, T, DOT_FN, LIST_FN)                                             \
+  int64_t NAME(const T *W_up, const T *Wt_down, int64_t d, int64_t d_ff, const float *gate, \
+               const float *x, const float *scale, const float *thresholds, float threshold, \
+               int64_t k, float *out, float *work, int64_t *list, float *upv, float *acc) { \
+    float *act = work + d_ff;                                                            \
+    for (int64_t i = 0; i < d_ff; i++) act[i] = gate[i] / (1.0f + expf(-gate[i]));       \
+    int64_t kept = select_entries(act, d_ff, scale, thresholds, threshold, k, work, list); \
+    DOT_FN(W_up, d, list, kept, x, upv);                                                 \
+    for (int64_t r = 0; r < kept; r++) upv[r] *= act[list[r]];                           \
+    /* axpy_list reads x[list[r]]: scatter z back to full length in act */               \
+    for (int64_t r = 0; r < kept; r++) act[list[r]] = upv[r];                            \
+    LIST_FN(Wt_down, d, list, kept, act, out, acc);                                      \
+    return kept;                                                                         \
+  }
+GATED_RULE(gated_rule_f32, float, dot_f32, axpy_list_f32)
+GATED_RULE(gated_rule_bf16, uint16_t, dot_bf16, axpy_list_bf16)
+
+/* out = x / sqrt(mean(x^2) + eps) * w, as LlamaRMSNorm in fp32 */
+void rmsnorm(const float *x, const float *w, int64_t n, float eps, float *out) {
+  double ss = 0.0;
+  for (int64_t i = 0; i < n; i++) ss += (double)x[i] * x[i];
+  float scale = 1.0f / sqrtf((float)(ss / n) + eps);
+  for (int64_t i = 0; i < n; i++) out[i] = w[i] * (x[i] * scale);
+}
+
+/* out[i] = silu(gu[i]) * gu[n + i] */
+void silu_mul(const float *gu, int64_t n, float *out) {
+  for (int64_t i = 0; i < n; i++) {
+    float g = gu[i];
+    out[i] = g / (1.0f + expf(-g)) * gu[n + i];
+  }
+}
+
+static void rope(float *v, const float *cos, const float *sin, int64_t dim) {
+  int64_t half = dim / 2;
+  for (int64_t i = 0; i < half; i++) {
+    float a = v[i], b = v[i + half];
+    v[i] = a * cos[i] - b * sin[i];
+    v[i + half] = b * cos[i + half] + a * sin[i + half];
+  }
+}
+
+/* qkv = [q (heads*dim), k (kv*dim), v (kv*dim)] of the token at position pos: RoPE q and k,
+ * store k and v in the layer's caches (kv, max_tokens, dim), attend over positions 0..pos and
+ * write the heads' outputs (heads*dim) to out. scores: a scratch row of max_tokens floats per
+ * thread (heads are split over threads). */
+void attend(float *qkv, float *kcache, float *vcache, int64_t heads, int64_t kv, int64_t dim,
+            int64_t max_tokens, int64_t pos, const float *cos, const float *sin, float scale,
+            float *scores, float *out) {
+  float *q = qkv, *k = qkv + heads * dim, *v = qkv + (heads + kv) * dim;
+  for (int64_t h = 0; h < heads; h++) rope(q + h * dim, cos, sin, dim);
+  for (int64_t g = 0; g < kv; g++) {
+    rope(k + g * dim, cos, sin, dim);
+    memcpy(kcache + (g * max_tokens + pos) * dim, k + g * dim, sizeof(float) * dim);
+    memcpy(vcache + (g * max_tokens + pos) * dim, v + g * dim, sizeof(float) * dim);
+  }
+  int64_t group = heads / kv;
+#pragma omp parallel for schedule(static)
+  for (int64_t h = 0; h < heads; h++) {
+    float *s = scores + omp_get_thread_num() * max_tokens;
+    const float *qh = q + h * dim;
+    const float *kh = kcache + (h / group) * max_tokens * dim;
+    const float *vh = vcache + (h / group) * max_tokens * dim;
+    float top = -INFINITY;
+    for (int64_t t = 0; t <= pos; t++) {
+      float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t c = 0; c < dim; c++) acc += qh[c] * kh[t * dim + c];
+      s[t] = acc * scale;
+      if (s[t] > top) top = s[t];
+    }
+    float total = 0.f;
+    for (int64_t t = 0; t <= pos; t++) {
+      s[t] = expf(s[t] - top);
+      total += s[t];
+    }
+    float *o = out + h * dim;
+    for (int64_t c = 0; c < dim; c++) o[c] = 0.f;
+    for (int64_t t = 0; t <= pos; t++) {
+      float p = s[t] / total;
+#pragma omp simd
+      for (int64_t c = 0; c < dim; c++) o[c] += p * vh[t * dim + c];
+    }
+  }
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* A whole decode step in one call, for strategies whose kept sets are rules (or a compact   */
+/* MLP): no Python between the layers. Layouts mirror moyu_exp/kernels/fused.py.              */
+
+typedef struct {
+  const float *scale;      /* per-entry score factor, or NULL */
+  const float *thresholds; /* per-entry thresholds, or NULL (then threshold) */
+  float threshold;
+  int64_t k; /* >= 0: keep the k best scores */
+  int64_t active;
+} Rule;
+
+enum { ATTN_INPUT, O_PROJ_INPUT, MLP_INPUT, GATE_ACT, MLP_INTERMEDIATE, SITES };
+
+typedef struct {
+  const float *ln1, *ln2;
+  const void *qkv, *o, *gate_up, *down;   /* (rows, cols) row-major */
+  const void *qkv_t, *o_t, *gate_up_t, *down_t; /* transposed copies, or NULL */
+  const void *c_gate_up, *c_down;         /* compact MLP (2 kept, d) and (d, kept), or NULL */
+  int64_t c_kept;
+  float *keys, *values;                   /* (kv, max_tokens, head_dim) */
+  Rule rules[SITES];
+} LayerSpec;
+
+typedef struct {
+  int64_t layers, d, d_ff, heads, kv, head_dim, max_tokens, vocab;
+  float eps, scale;
+  const void *embed, *head; /* (vocab, d) */
+  const float *norm, *cos, *sin; /* norm (d); cos/sin (max_tokens, head_dim) */
+  const LayerSpec *layer;
+  /* scratch, fp32: h, n (d); qkv (d_q + 2 d_kv); attn (d_q); gate_up (2 d_ff); z (d_ff);
+   * out (max(d, 2 d_ff)); scores (threads * max_tokens); work (4 d_ff); upv (d_ff);
+   * acc ((threads + 1) * stride); list (max(d, d_ff) int64) */
+  float *h, *n, *qkv, *attn, *gu, *z, *out, *scores, *work, *upv, *acc;
+  int64_t *list;
+} ModelSpec;
+
+#define STEP(NAME, T, LOAD, DOT_FN, AXPY_FN, GATED_FN)                                     \
+  void NAME(const ModelSpec *m, int64_t token, int64_t pos, float *logits, int64_t *kept) { \
+    int64_t d = m->d, d_ff = m->d_ff, d_q = m->heads * m->head_dim;                        \
+    int64_t d_kv = m->kv * m->head_dim, qkv_rows = d_q + 2 * d_kv;                         \
+    const T *embed = (const T *)m->embed;                                                  \
+    for (int64_t i = 0; i < d; i++) m->h[i] = LOAD(embed[token * d + i]);                  \
+    const float *cos = m->cos + pos * m->head_dim, *sin = m->sin + pos * m->head_dim;      \
+    for (int64_t l = 0; l < m->layers; l++) {                                              \
+      const LayerSpec *L = m->layer + l;                                                   \
+      const Rule *R = L->rules;                                                            \
+      int64_t *K = kept + l * SITES;                                                       \
+      rmsnorm(m->h, L->ln1, d, m->eps, m->n);                                              \
+      if (R[ATTN_INPUT].active)                                                            \
+        K[ATTN_INPUT] = AXPY_FN((const T *)L->qkv_t, qkv_rows, d, m->n, R[ATTN_INPUT].scale, \
+                                R[ATTN_INPUT].thresholds, R[ATTN_INPUT].threshold,         \
+                                R[ATTN_INPUT].k, m->qkv, m->work, m->list, m->acc);        \
+      else                                                                                 \
+        DOT_FN((const T *)L->qkv, d, NULL, qkv_rows, m->n, m->qkv);                        \
+      attend(m->qkv, L->keys, L->values, m->heads, m->kv, m->head_dim, m->max_tokens, pos, \
+             cos, sin, m->scale, m->scores, m->attn);                                      \
+      if (R[O_PROJ_INPUT].active)                                                          \
+        K[O_PROJ_INPUT] = AXPY_FN((const T *)L->o_t, d, d_q, m->attn, R[O_PROJ_INPUT].scale, \
+                                  R[O_PROJ_INPUT].thresholds, R[O_PROJ_INPUT].threshold,   \
+                                  R[O_PROJ_INPUT].k, m->out, m->work, m->list, m->acc);    \
+      else                                                                                 \
+        DOT_FN((const T *)L->o, d_q, NULL, d, m->attn, m->out);                            \
+      for (int64_t i = 0; i < d; i++) m->h[i] += m->out[i];                                \
+      rmsnorm(m->h, L->ln2, d, m->eps, m->n);                                              \
+      if (L->c_gate_up) {                                                                  \
+        DOT_FN((const T *)L->c_gate_up, d, NULL, 2 * L->c_kept, m->n, m->gu);              \
+        silu_mul(m->gu, L->c_kept, m->z);                                                  \
+        DOT_FN((const T *)L->c_down, L->c_kept, NULL, d, m->z, m->out);                    \
+        K[MLP_INTERMEDIATE] = L->c_kept;                                                   \
+      } else {                                                                             \
+        int64_t gate_rows = R[GATE_ACT].active ? d_ff : 2 * d_ff;                          \
+        if (R[MLP_INPUT].active)                                                           \
+          K[MLP_INPUT] = AXPY_FN((const T *)L->gate_up_t, gate_rows, d, m->n,              \
+                                 R[MLP_INPUT].scale, R[MLP_INPUT].thresholds,              \
+                                 R[MLP_INPUT].threshold, R[MLP_INPUT].k, m->gu, m->work,   \
+                                 m->list, m->acc);                                         \
+        else                                                                               \
+          DOT_FN((const T *)L->gate_up, d, NULL, gate_rows, m->n, m->gu);                  \
+        if (R[GATE_ACT].active) {                                                          \
+          K[GATE_ACT] = GATED_FN((const T *)L->gate_up + d_ff * d, (const T *)L->down_t, d, \
+                                 d_ff, m->gu, m->n, R[GATE_ACT].scale,                     \
+                                 R[GATE_ACT].thresholds, R[GATE_ACT].threshold,            \
+                                 R[GATE_ACT].k, m->out, m->work, m->list, m->upv, m->acc); \
+        } else {                                                                           \
+          silu_mul(m->gu, d_ff, m->z);                                                     \
+          if (R[MLP_INTERMEDIATE].active)                                                  \
+            K[MLP_INTERMEDIATE] = AXPY_FN((const T *)L->down_t, d, d_ff, m->z,             \
+                                          R[MLP_INTERMEDIATE].scale,                       \
+                                          R[MLP_INTERMEDIATE].thresholds,                  \
+                                          R[MLP_INTERMEDIATE].threshold,                   \
+                                          R[MLP_INTERMEDIATE].k, m->out, m->work, m->list, \
+                                          m->acc);                                         \
+          else                                                                             \
+            DOT_FN((const T *)L->down, d_ff, NULL, d, m->z, m->out);                       \
+        }                                                                                  \
+      }                                                                                    \
+      for (int64_t i = 0; i < d; i++) m->h[i] += m->out[i];                                \
+    }                                                                                      \
+    rmsnorm(m->h, m->norm, d, m->eps, m->n);                                               \
+    DOT_FN((const T *)m->head, d, NULL, m->vocab, m->n, logits);                           \
+  }
+
+STEP(decode_step_f32, float, from_f32, dot_f32, axpy_rule_f32, gated_rule_f32)
+STEP(decode_step_bf16, uint16_t, from_bf16, dot_bf16, axpy_rule_bf16, gated_rule_bf16)

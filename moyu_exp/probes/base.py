@@ -1,0 +1,45 @@
+"""The probe contract: a dataclass of parameters whose ``run`` measures one MOYU phenomenon.
+
+``run(loaded, cfg)`` returns a :class:`ProbeOutput`: JSON-ready numbers (they go to
+``results.json`` under ``probe`` and, where scalar, to the W&B summary) and matplotlib figures
+(saved as PNGs in the run dir and logged to W&B). Probes know nothing of W&B or files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from omegaconf import DictConfig
+
+if TYPE_CHECKING:
+    from moyu_exp.models import LoadedModel
+
+PROBES: dict[str, type[Probe]] = {}
+
+
+def register(name: str):
+    def wrap(cls: type[Probe]) -> type[Probe]:
+        if name in PROBES:
+            raise RuntimeError(f"probe '{name}' registered twice")
+        PROBES[name] = cls
+        return cls
+
+    return wrap
+
+
+@dataclass
+class ProbeOutput:
+    numbers: dict[str, Any] = field(default_factory=dict)
+    figures: dict[str, Any] = field(default_factory=dict)  # name -> matplotlib Figure
+
+
+@dataclass(eq=False)
+class Probe:
+    name: str = "probe"
+    sparsity: float = 0.5  # s in A_l(t) = top-k of |z_t|, k = round((1 - s) * d_ff)
+
+    question: ClassVar[str] = ""
+
+    def run(self, loaded: LoadedModel, cfg: DictConfig) -> ProbeOutput:
+        raise NotImplementedError

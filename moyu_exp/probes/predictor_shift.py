@@ -1,0 +1,95 @@
+"""History-related uncertainty for learned predictors: trained on one source, do they transfer?
+
+A DejaVu-style predictor per layer (the ``predictor`` strategy) is trained on the calibration
+text (source A, the project's prose by default). Its predictions are scored against the true
+top-k sets on held-out text of the same source (A: the evaluation prose) and of another source
+(B: CPython's documentation): precision and recall of the neurons it calls active (score > 0)
+and recall@k of its top-k.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from moyu_exp.activations import observe
+from moyu_exp.lazy import lazy_import
+from moyu_exp.probes import common, figures
+from moyu_exp.probes.base import Probe, ProbeOutput, register
+from moyu_exp.strategies import keep_count
+from moyu_exp.strategies.predictor import Predictor, scores
+from moyu_exp.strategies.topk import topk_mask
+
+torch = lazy_import("torch")
+
+
+@register("predictor_shift")
+@dataclass(eq=False)
+class PredictorShift(Probe):
+    name: str = "predictor_shift"
+    tokens: int = 1024
+    rank: int = 128
+    epochs: int = 40
+
+    question = "Does a predictor trained on one text predict the active neurons of another?"
+
+    def run(self, loaded, cfg) -> ProbeOutput:
+        predictor = Predictor(sparsity=self.sparsity, rank=self.rank, epochs=self.epochs)
+        from moyu_exp import calibration
+
+        meta = calibration.prepare(predictor, loaded, cfg)
+        layers = predictor.layer_ids_for(loaded.model)
+        evaluation = {
+            "A_heldout": _eval_prose(loaded.tokenizer, self.tokens),
+            "B_other_source": common.docs_ids(loaded.tokenizer, self.tokens),
+        }
+        numbers: dict = {"trained_on": meta["dataset"], "train_tokens": meta["tokens"]}
+        for name, ids in evaluation.items():
+            metrics = self.score(loaded, predictor, layers, ids)
+            numbers[name] = {
+                key: {"per_layer": values.tolist(), "mean": float(values.mean())}
+                for key, values in metrics.items()
+            }
+        fig, axes = figures.figure(3, width=4.6, height=3.8)
+        for ax, metric in zip(axes, ("precision", "recall", "recall_at_k"), strict=True):
+            for name, style in (("A_heldout", "-"), ("B_other_source", "--")):
+                ax.plot(layers, numbers[name][metric]["per_layer"], style, label=name)
+            ax.set(xlabel="layer", ylabel=metric, ylim=(0, 1), title=metric)
+            ax.legend(fontsize=7)
+        return ProbeOutput(numbers, {"predictor_shift": figures.finish(fig, self.question)})
+
+    def score(self, loaded, predictor, layers, ids) -> dict[str, torch.Tensor]:
+        inputs: dict[int, torch.Tensor] = {}
+        truth: dict[int, torch.Tensor] = {}
+
+        def tap(site: str, layer: int, x: torch.Tensor) -> None:
+            rows = x[0].float().cpu()
+            if site == "mlp_input":
+                inputs[layer] = rows
+            else:
+                truth[layer] = topk_mask(rows, keep_count(self.sparsity, rows.shape[-1]))
+
+        keys = [(s, i) for i in layers for s in ("mlp_input", "mlp_intermediate")]
+        observe(loaded.model, [ids.to(loaded.device)], keys, tap, desc="predictor eval")
+        out = {"precision": [], "recall": [], "recall_at_k": []}
+        for layer in layers:
+            logits = scores(
+                inputs[layer],
+                predictor.calibration[f"w1.{layer}"],
+                predictor.calibration[f"w2.{layer}"],
+            )
+            called = logits > 0
+            hits = (called & truth[layer]).sum().float()
+            out["precision"].append(hits / called.sum().clamp_min(1))
+            out["recall"].append(hits / truth[layer].sum().clamp_min(1))
+            k = int(truth[layer][0].sum())
+            top = topk_mask(logits, k, magnitude=False)
+            out["recall_at_k"].append((top & truth[layer]).sum().float() / truth[layer].sum())
+        return {key: torch.stack(values) for key, values in out.items()}
+
+
+def _eval_prose(tokenizer, tokens: int) -> torch.Tensor:
+    from moyu_exp import datasets
+
+    text = "\n\n".join(datasets.embedded(split="evaluation"))
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    return torch.tensor([ids[:tokens]])

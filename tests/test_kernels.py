@@ -1,0 +1,140 @@
+"""Kernel mode: the lean decoder with sparse kernels must match simulated mode (allclose) for
+every strategy that supports it, on every backend; bytes and stats are accounted for."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from moyu_exp import bench, calibration, runner
+from moyu_exp.config import ConfigError, build
+from moyu_exp.kernels import native
+from moyu_exp.kernels.decoder import LeanDecoder
+from moyu_exp.strategies import STRATEGIES, keep_count
+from tests.conftest import TINY, compose_config
+
+KERNEL_STRATEGIES = sorted(n for n, cls in STRATEGIES.items() if cls.kernel_support)
+STEPS = 8
+
+
+def prompt(tiny) -> torch.Tensor:
+    return torch.tensor(
+        [tiny.tokenizer("The lighthouse keeper rose before dawn to trim").input_ids]
+    )
+
+
+def ready(name: str, tiny, sparsity: float = 0.5, *overrides: str):
+    cfg = compose_config(*TINY, f"strategy={name}", f"sparsity={sparsity}", *overrides)
+    strategy = build(cfg.strategy)
+    calibration.prepare(strategy, tiny, cfg)
+    return strategy
+
+
+def simulated(tiny, strategy) -> torch.Tensor:
+    """Greedy decode with the model's own forward and the strategy's hooks."""
+    model, kw, logits = tiny.model, bench.cache_kwarg(tiny.model), []
+    with strategy.attach(model), torch.inference_mode():
+        out = model(prompt(tiny), use_cache=True)
+        for _ in range(STEPS):
+            token = out.logits[:, -1:].argmax(-1)
+            out = model(token, use_cache=True, **{kw: getattr(out, kw)})
+            logits.append(out.logits[0, -1])
+    return torch.stack(logits)
+
+
+def kernel(tiny, strategy, fuse: bool = True):
+    with strategy.attach(tiny.model) as live:
+        decoder = LeanDecoder(tiny.model, live, max_tokens=64, fuse=fuse)
+        logits = [decoder.prefill(prompt(tiny))]
+        live.reset_stats()  # count the decode steps only
+        for _ in range(STEPS):
+            logits.append(decoder.step(int(logits[-1].argmax())))
+        decoder.flush_stats()
+        return torch.stack(logits[1:]), decoder, live.stats()
+
+
+def assert_same_decode(expected: torch.Tensor, got: torch.Tensor) -> None:
+    assert torch.equal(expected.argmax(-1), got.argmax(-1))
+    torch.testing.assert_close(got.to(expected.dtype), expected, rtol=1e-4, atol=1e-4)
+
+
+needs_compiler = pytest.mark.skipif(
+    shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler"
+)
+
+
+@needs_compiler
+@pytest.mark.parametrize("name", KERNEL_STRATEGIES)
+def test_native_kernels_match_simulated_mode(name, tiny) -> None:
+    expected = simulated(tiny, ready(name, tiny))
+    got, decoder, _ = kernel(tiny, ready(name, tiny))
+    assert decoder.backend.startswith("native")
+    assert_same_decode(expected, got)
+
+
+@needs_compiler
+@pytest.mark.parametrize("name", KERNEL_STRATEGIES)
+def test_python_step_matches_simulated_mode(name, tiny) -> None:
+    """The unfused path (one kernel call per operation) agrees too."""
+    expected = simulated(tiny, ready(name, tiny))
+    got, decoder, _ = kernel(tiny, ready(name, tiny), fuse=False)
+    assert decoder.fused is None
+    assert_same_decode(expected, got)
+
+
+@pytest.mark.parametrize("name", KERNEL_STRATEGIES)
+def test_stock_torch_kernels_match_simulated_mode(name, tiny, monkeypatch) -> None:
+    """Where no compiler is found (or on CUDA) stock PyTorch ops run the same kernels."""
+    monkeypatch.setattr(native, "load", lambda: None)
+    expected = simulated(tiny, ready(name, tiny))
+    got, decoder, _ = kernel(tiny, ready(name, tiny))
+    assert decoder.backend == "torch"
+    assert_same_decode(expected, got)
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_topk_reads_exactly_the_kept_down_columns(tiny, fuse) -> None:
+    _, decoder, stats = kernel(tiny, ready("topk", tiny, 0.75), fuse=fuse)
+    config, esize = tiny.model.config, 4
+    d, d_ff, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    skipped = (d_ff - keep_count(0.75, d_ff)) * d * layers * esize
+    assert decoder.bytes_per_token() == decoder.dense_bytes() - skipped
+    assert stats.overall == pytest.approx(1 - keep_count(0.75, d_ff) / d_ff)
+    assert stats.entries == STEPS * d_ff * layers
+
+
+def test_dense_bytes_count_every_weight_read(tiny) -> None:
+    decoder = LeanDecoder(tiny.model, None, max_tokens=16)
+    linears = sum(
+        p.numel() for n, p in tiny.model.named_parameters() if "proj" in n and "weight" in n
+    )
+    embedding_row = tiny.model.config.hidden_size
+    expected = (linears + tiny.model.lm_head.weight.numel() + embedding_row) * 4
+    assert decoder.dense_bytes() == expected
+
+
+def test_sequence_level_methods_decode_with_a_compact_mlp(tiny) -> None:
+    _, decoder, stats = kernel(tiny, ready("griffin", tiny, 0.5))
+    d_ff = tiny.model.config.intermediate_size
+    assert all(layer.compact[1].shape[1] == keep_count(0.5, d_ff) for layer in decoder.layers)
+    assert stats.overall == pytest.approx(0.5, abs=0.01)
+
+
+def test_a_strategy_without_a_kernel_path_is_refused(tiny) -> None:
+    strategy = ready("predictor", tiny, 0.5, "strategy.epochs=1", "calibration.tokens=256")
+    with strategy.attach(tiny.model) as live, pytest.raises(ConfigError, match="no kernel path"):
+        LeanDecoder(tiny.model, live)
+
+
+def test_kernel_bench_mode_writes_speed_and_bytes(tmp_path) -> None:
+    cfg = compose_config(*TINY, "strategy=teal", "sparsity=0.5", "eval=none", "bench.mode=kernel")
+    runner.run(cfg, tmp_path)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    bench_out = saved["bench"]
+    assert bench_out["mode"] == "kernel" and bench_out["decode_tokens_per_s"] > 0
+    assert 0 < bench_out["weight_bytes_per_token"] < bench_out["dense_weight_bytes_per_token"]
+    assert bench_out["ideal_speedup"] > 1
+    assert saved["sparsity_detail"]["bench"]["entries"] > 0

@@ -1,0 +1,189 @@
+"""MOYU probes on tiny_llama: each runs end to end (quick settings) and its arithmetic is right."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from moyu_exp import runner
+from moyu_exp.probes import PROBES, common
+from moyu_exp.probes.history_recall import HistoryRecall
+from moyu_exp.probes.hot_neurons import gini, hot_share
+from moyu_exp.probes.lag_overlap import LagOverlap
+from moyu_exp.probes.sparsity_profile import cdf_at
+from moyu_exp.strategies.griffin import Griffin
+from tests.conftest import TINY, compose_config
+from tests.test_strategies import make
+
+QUICK = {
+    "sparsity_profile": ["probe.prompt_tokens=32", "probe.decode_tokens=8"],
+    "hot_neurons": ["probe.tokens=256"],
+    "history_recall": ["probe.prompt_tokens=[8,16]", "probe.max_distance=24", "probe.starts=[0]"],
+    "lag_overlap": ["probe.tokens=128", "probe.max_lag=32"],
+    "first_tokens": [
+        "probe.prompt_tokens=8",
+        "probe.later_tokens=16",
+        "probe.starts=[0]",
+        "probe.eval_documents=1",
+    ],
+    "semantic_vs_positional": ["probe.pairs=3"],
+    "reconstruction": [
+        "probe.tokens=64",
+        "probe.sparsities=[0.5,0.9]",
+        "probe.strategies=[topk,random,cats]",
+    ],
+    "sparsity_variance": [
+        "probe.prompt_tokens=32",
+        "probe.decode_tokens=6",
+        "probe.strategies=[topk,cats]",
+    ],
+    "predictor_shift": [
+        "probe.tokens=256",
+        "probe.epochs=3",
+        "probe.rank=16",
+        "calibration.tokens=1024",
+    ],
+}
+
+
+def test_every_probe_has_a_quick_setting() -> None:
+    assert set(QUICK) == set(PROBES)
+
+
+@pytest.mark.parametrize("name", sorted(QUICK))
+def test_probe_runs_and_writes_numbers_and_figures(name, tmp_path) -> None:
+    cfg = compose_config(*TINY, f"probe={name}", *QUICK[name])
+    payload = runner.run(cfg, tmp_path)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["status"] == "ok" and saved["probe"]["name"] == name
+    assert saved["probe"]["numbers"] == json.loads(json.dumps(payload["probe"]["numbers"]))
+    assert saved["probe"]["figures"]
+    for figure in saved["probe"]["figures"]:
+        assert (tmp_path / figure).read_bytes()[:4] == b"\x89PNG"
+    assert "eval" not in saved and saved["strategy"] is None
+
+
+def test_probe_numbers_and_figures_reach_wandb(tmp_path) -> None:
+    from tests.wandb_records import records, summary
+
+    cfg = compose_config(*TINY, "probe=hot_neurons", "probe.tokens=128", "logger=wandb")
+    runner.run(cfg, tmp_path)
+    (run_file,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
+    values = summary(run_file)
+    assert 0 <= values["probe/hot_neurons/sources/prose/gini_mean"] <= 1
+    kinds = [r.WhichOneof("record_type") for r in records(run_file)]
+    assert "files" in kinds or any("hot_neurons_hot_neurons" in str(r) for r in records(run_file))
+
+
+# ------------------------------------------------------------------------------ arithmetic
+def sets(rows: list[list[int]], d: int = 6) -> torch.Tensor:
+    out = torch.zeros(len(rows), d, dtype=torch.bool)
+    for i, members in enumerate(rows):
+        out[i, members] = True
+    return out
+
+
+def test_jaccard_and_recall_of_known_sets() -> None:
+    a = sets([[0, 1, 2]])[0]
+    b = sets([[0, 1, 2], [2, 3, 4], [3, 4, 5]])
+    assert common.jaccard(a, b).tolist() == pytest.approx([1.0, 0.2, 0.0])
+    assert common.recall(a, b).tolist() == pytest.approx([1.0, 1 / 3, 0.0])
+
+
+def test_topk_sets_keep_k_largest_magnitudes() -> None:
+    z = torch.tensor([[0.1, -3.0, 0.2, 2.0], [5.0, 0.0, -1.0, 0.5]])
+    assert common.topk_sets(z, 0.5).tolist() == [
+        [False, True, False, True],
+        [True, False, True, False],
+    ]
+
+
+def test_prompt_set_is_griffins_selection(tiny) -> None:
+    ids = torch.tensor([[ord(c) for c in "Some prompt text to select from, then more."]])
+    z = common.intermediates(tiny, ids)[0]
+    strategy = Griffin(sparsity=0.5)
+    with strategy.attach(tiny.model) as live, torch.inference_mode():
+        tiny.model(ids, use_cache=True)
+        frozen = live.frozen_selection()[0][0].cpu()
+    assert torch.equal(common.prompt_set(z, 0.5), frozen)
+
+
+def test_recall_by_distance_on_constructed_activations() -> None:
+    probe = HistoryRecall(sparsity=0.5)
+    prompt = {0: torch.tensor([[5.0, 4.0, 0.1, 0.1]] * 3)}  # prompt set {0, 1}
+    later = {0: torch.tensor([[5.0, 4.0, 0.0, 0.0], [0.0, 0.0, 5.0, 4.0], [5.0, 0.0, 4.0, 0.0]])}
+    assert probe.recall_by_distance(prompt, later).tolist() == [[1.0, 0.0, 0.5]]
+
+
+def test_gini_and_hot_share_extremes() -> None:
+    flat = torch.full((1, 100), 0.5)
+    spike = torch.zeros(1, 100)
+    spike[0, 0] = 1.0
+    assert gini(flat).item() == pytest.approx(0.0, abs=1e-6)
+    assert gini(spike).item() == pytest.approx(0.99)
+    assert hot_share(flat, 0.1).item() == pytest.approx(0.1)
+    assert hot_share(spike, 0.1).item() == pytest.approx(1.0)
+
+
+def test_lag_jaccard_from_the_gram_matrix_matches_brute_force(tiny, monkeypatch) -> None:
+    torch.manual_seed(0)
+    z = {0: torch.randn(40, 16)}
+    monkeypatch.setattr(common, "intermediates", lambda loaded, ids: z)
+    curves = LagOverlap(sparsity=0.5, max_lag=5).lag_curves(tiny, None)
+    a = common.topk_sets(z[0], 0.5)
+    brute = [float(common.jaccard(a[:-d], a[d:]).mean()) for d in range(1, 6)]
+    assert curves[0].tolist() == pytest.approx(brute)
+
+
+def test_cdf_at_counts_values_at_or_below_tau() -> None:
+    values = torch.tensor([0.1, 0.2, 0.2, 0.5, 1.0])
+    at = cdf_at(values, torch.tensor([0.0, 0.2, 0.6, 2.0]))
+    assert at.tolist() == pytest.approx([0.0, 0.6, 0.8, 1.0])
+
+
+def test_topk_gives_every_token_the_same_sparsity(tiny) -> None:
+    from moyu_exp.probes.sparsity_variance import SparsityVariance
+
+    cfg = compose_config(*TINY, "probe=sparsity_variance")
+    probe = SparsityVariance(sparsity=0.5, prompt_tokens=24, decode_tokens=5)
+    per_token = probe.per_token(tiny, cfg, "topk", common.prose_ids(tiny.tokenizer, 24))
+    for phase in ("prefill", "decode"):
+        assert torch.allclose(per_token[phase], torch.tensor(0.5))
+    assert per_token["prefill"].numel() == 24 and per_token["decode"].numel() == 5
+
+
+def test_predictor_strategy_keeps_exactly_k(tiny) -> None:
+    strategy = make(
+        "predictor",
+        "sparsity=0.5",
+        "strategy.epochs=2",
+        "strategy.rank=8",
+        "calibration.tokens=512",
+        model=tiny,
+    )
+    ids = torch.tensor([[ord(c) for c in "The lighthouse keeper rose before dawn to trim."]])
+    with strategy.attach(tiny.model) as live, torch.inference_mode():
+        seen = []
+        handle = tiny.model.model.layers[0].mlp.down_proj.register_forward_pre_hook(
+            lambda _m, args: seen.append(args[0][0].clone())
+        )
+        tiny.model(ids)
+        handle.remove()
+    assert torch.all((seen[0] != 0).sum(-1) == 80)
+    assert live.stats().overall == pytest.approx(0.5)
+
+
+def test_predictor_training_learns_a_learnable_target() -> None:
+    """Labels that a low-rank linear score can express are learned (the code trains)."""
+    from moyu_exp.strategies.predictor import scores, train
+    from moyu_exp.strategies.topk import topk_mask
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2048, 24, generator=generator)
+    truth = x @ torch.randn(24, 4, generator=generator) @ torch.randn(4, 40, generator=generator)
+    labels = topk_mask(truth, 20, magnitude=False)
+    w1, w2 = train(x[:1536], labels[:1536], rank=8, epochs=30, lr=1e-2, batch_size=256, seed=0)
+    predicted = topk_mask(scores(x[1536:], w1, w2), 20, magnitude=False)
+    assert common.recall(predicted, labels[1536:]).mean() > 0.85  # chance: 0.5
