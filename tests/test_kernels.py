@@ -138,3 +138,26 @@ def test_kernel_bench_mode_writes_speed_and_bytes(tmp_path) -> None:
     assert 0 < bench_out["weight_bytes_per_token"] < bench_out["dense_weight_bytes_per_token"]
     assert bench_out["ideal_speedup"] > 1
     assert saved["sparsity_detail"]["bench"]["entries"] > 0
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kept", [0, 1, 7, 64, 192, 193, 576])
+@pytest.mark.parametrize("cols", [40, 960, 3072])
+def test_input_sparse_kernel_matches_torch_on_every_thread_split(kept, cols, dtype) -> None:
+    """Few kept rows split the columns over threads, many split the rows: both must equal
+    W[:, kept] @ x[kept] (576 inputs, like SmolLM2's hidden size)."""
+    from moyu_exp.kernels.ops import NativeKernels
+
+    lib = native.load()
+    assert lib is not None
+    gen = torch.Generator().manual_seed(kept * 7 + cols)
+    weight_t = torch.randn(576, cols, generator=gen).to(dtype)
+    x = torch.randn(576, generator=gen)
+    mask = torch.zeros(576, dtype=torch.bool)
+    mask[torch.randperm(576, generator=gen)[:kept]] = True
+    ops = NativeKernels(lib, max_tokens=8, max_cols=max(cols, 576))
+    out, count = ops.sparse_in(weight_t, mask.to(torch.uint8), x)
+    expected = (x * mask) @ weight_t.float()
+    assert count == kept
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)

@@ -84,11 +84,15 @@ class Native:
         return getattr(self.lib, f"{kind}_{suffix}")
 
 
-@functools.cache
 def load() -> Native | None:
     """The compiled kernels, or None (then the stock-PyTorch ops run)."""
     if os.environ.get("MOYU_KERNELS", "native") == "torch":
         return None
+    return _build()
+
+
+@functools.cache
+def _build() -> Native | None:
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if compiler is None:
         log.warning("no C compiler found: sparse kernels fall back to stock PyTorch ops")
