@@ -274,6 +274,9 @@ def validate(cfg: DictConfig) -> None:
         check_sparsity(cfg.strategy.sparsity, "strategy.sparsity")
     if cfg.get("probe") is not None:
         check_sparsity(cfg.probe.sparsity, "probe.sparsity")
+        for key in ("hot_fraction", "always_on"):
+            if key in cfg.probe and not 0.0 < cfg.probe[key] <= 1.0:
+                raise ConfigError(f"probe.{key}={cfg.probe[key]} must be in (0, 1]")
     if cfg.eval.limit is not None and cfg.eval.limit <= 0:
         raise ConfigError(f"eval.limit={cfg.eval.limit} must be > 0 (or null for all items)")
     if not 0.0 < cfg.eval.prompt_fraction < 1.0:

@@ -19,6 +19,22 @@ def _direction(metric: str) -> str:
     return "lower is better" if name in LOWER_IS_BETTER else "higher is better"
 
 
+def _log_scale(metric: str) -> bool:
+    """Perplexity and KL span orders of magnitude across sparsities: plot them on a log axis."""
+    return metric.split("/")[-1] in ("perplexity", "word_perplexity", "byte_perplexity", "kl")
+
+
+def _frontier(
+    points: list[tuple[float, float]], lower_is_better: bool
+) -> list[tuple[float, float]]:
+    """Non-dominated (speed, quality) points, fastest first: nothing is faster and better."""
+    best: list[tuple[float, float]] = []
+    for speed, value in sorted(points, key=lambda p: (-p[0], p[1] if lower_is_better else -p[1])):
+        if not best or (value < best[-1][1] if lower_is_better else value > best[-1][1]):
+            best.append((speed, value))
+    return best
+
+
 def _ok(table: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
     return [r for r in table if r.get("status") == "ok" and r.get(metric) is not None]
 
@@ -54,7 +70,7 @@ def tradeoff(table: list[dict[str, Any]], metrics: list[str], path: Path) -> Non
     for ax, metric in zip(axes[0], metrics or ["(no metric)"], strict=False):
         rows = _ok(table, metric)
         dense = _dense(rows, metric)
-        log_scale = metric.split("/")[-1] in ("perplexity", "word_perplexity", "kl")
+        log_scale = _log_scale(metric)
         # every curve starts from the dense model at sparsity 0 (not drawable at 0 on a log axis)
         start = [(0.0, dense)] if dense is not None and (dense > 0 or not log_scale) else []
         for label in sorted({r["label"] for r in rows if r.get("strategy") != "dense"}):
@@ -77,28 +93,34 @@ def tradeoff(table: list[dict[str, Any]], metrics: list[str], path: Path) -> Non
 
 
 def pareto(table: list[dict[str, Any]], metrics: list[str], path: Path) -> None:
-    """The first metric against measured decode tokens/s; each point marked with its target."""
+    """The first metric against measured decode tokens/s: a line per strategy through its
+    sparsities (each marked with its target), dense as a star, the Pareto frontier dashed."""
     metric = metrics[0] if metrics else None
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
     rows = [r for r in _ok(table, metric) if r.get("decode_tokens_per_s")] if metric else []
     for label in sorted({r["label"] for r in rows}):
-        mine = [r for r in rows if r["label"] == label]
-        dense = label == "dense"
-        ax.scatter(
-            [r["decode_tokens_per_s"] for r in mine],
-            [r[metric] for r in mine],
-            label=label,
-            marker="*" if dense else "o",
-            s=120 if dense else 30,
-            color="black" if dense else None,
+        mine = sorted(
+            (r for r in rows if r["label"] == label), key=lambda r: r.get("sparsity") or 0
         )
+        speeds, values = [r["decode_tokens_per_s"] for r in mine], [r[metric] for r in mine]
+        if label == "dense":
+            ax.scatter(speeds, values, label=label, marker="*", s=140, color="black", zorder=3)
+            continue
+        ax.plot(speeds, values, marker="o", ms=4, lw=1, label=label)
         for r in mine:
             ax.annotate(f"{r['sparsity']:g}", (r["decode_tokens_per_s"], r[metric]), fontsize=6)
+    if rows:
+        lower = _direction(metric) == "lower is better"
+        front = _frontier([(r["decode_tokens_per_s"], r[metric]) for r in rows], lower)
+        ax.step(
+            *zip(*front, strict=True), where="post", color="grey", ls="--", lw=1, label="frontier"
+        )
+        if _log_scale(metric) and all(r[metric] > 0 for r in rows):
+            ax.set_yscale("log")
+        ax.legend(fontsize=7, loc="best")
     ax.set_xlabel("decode tokens/s (batch 1)")
     ax.set_ylabel(f"{metric} ({_direction(metric)})" if metric else "")
     ax.set_title("Pareto: quality against decode speed")
     ax.grid(alpha=0.3)
-    if rows:
-        ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     save_png(fig, path)

@@ -25,7 +25,11 @@ FILENAME = "results.json"
 PACKAGES = ("moyu_exp", "torch", "transformers", "lm_eval", "hydra-core", "wandb", "datasets")
 
 
-SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|passw(or)?d|credential|auth)", re.IGNORECASE)
+# a key part (between _ or -) that names a secret: hf_token, api_key, WANDB_API_KEY, secret_key;
+# not prompt_tokens or tokenizer
+SECRET_KEY = re.compile(
+    r"(^|[_-])(api[_-]?key|token|secret|passw(or)?d|credentials?|auth)($|[_-])", re.IGNORECASE
+)
 REDACTED = "<redacted>"
 
 

@@ -55,6 +55,13 @@ def test_sparsity_out_of_range_is_a_config_error(value: str) -> None:
         validate(cfg)
 
 
+@pytest.mark.parametrize("override", ["probe.hot_fraction=0", "probe.always_on=1.5"])
+def test_probe_fractions_out_of_range_are_config_errors(override: str) -> None:
+    cfg = compose_config("probe=hot_neurons", override)
+    with pytest.raises(ConfigError, match=r"probe\.\w+=.* must be in \(0, 1\]"):
+        validate(cfg)
+
+
 def test_sparsity_of_the_wrong_type_fails_at_compose_time() -> None:
     with pytest.raises(ConfigCompositionException) as err:
         compose_config("sparsity=high")

@@ -290,6 +290,7 @@ def test_secrets_never_reach_results_or_wandb(tmp_path) -> None:
     runner.run(cfg, tmp_path)
     saved = (tmp_path / "results.json").read_text()
     assert "SECRET" not in saved and '"hf_token": "<redacted>"' in saved
+    assert json.loads(saved)["config"]["bench"]["prompt_tokens"] == cfg.bench.prompt_tokens
     (run_file,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
     assert b"SECRET" not in run_file.read_bytes()
 

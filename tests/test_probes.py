@@ -10,7 +10,7 @@ import torch
 from moyu_exp import runner
 from moyu_exp.probes import PROBES, common
 from moyu_exp.probes.history_recall import HistoryRecall
-from moyu_exp.probes.hot_neurons import gini, hot_share
+from moyu_exp.probes.hot_neurons import HotNeurons, gini, hot_share
 from moyu_exp.probes.lag_overlap import LagOverlap
 from moyu_exp.probes.sparsity_profile import cdf_at
 from moyu_exp.strategies.griffin import Griffin
@@ -125,6 +125,22 @@ def test_gini_and_hot_share_extremes() -> None:
     assert gini(spike).item() == pytest.approx(0.99)
     assert hot_share(flat, 0.1).item() == pytest.approx(0.1)
     assert hot_share(spike, 0.1).item() == pytest.approx(1.0)
+
+
+def test_hot_neurons_reports_the_share_ceiling_and_always_on_neurons(tiny, monkeypatch) -> None:
+    """Known frequencies: a quarter of the neurons in every top-k, the rest evenly spread."""
+    d_ff = tiny.model.config.intermediate_size
+    f = torch.full((2, d_ff), 0.5)
+    f[:, : d_ff // 4] = 1.0
+    probe = HotNeurons(sparsity=0.5, tokens=16, hot_fraction=0.1)
+    monkeypatch.setattr(probe, "frequencies", lambda loaded, ids: f)
+    numbers = probe.run(tiny, None).numbers
+    prose = numbers["sources"]["prose"]
+    assert prose["always_on_fraction_mean"] == pytest.approx((d_ff // 4) / d_ff)
+    assert numbers["hot_share_ceiling"] == pytest.approx(0.2)
+    hot = round(0.1 * d_ff)  # all of them always on
+    assert prose["hot_share_mean"] == pytest.approx(hot / f[0].sum().item())
+    assert numbers["jaccard_of_hot_sets"]["prose-docs"]["mean"] == pytest.approx(1.0)
 
 
 def test_lag_jaccard_from_the_gram_matrix_matches_brute_force(tiny, monkeypatch) -> None:

@@ -225,3 +225,17 @@ def test_parallel_jobs_spread_over_gpus(monkeypatch) -> None:
     ]
     assert sweep.job_device("auto", 3, basic) == "auto"
     assert sweep.job_device("cpu", 3, joblib) == "cpu"
+
+
+def test_pareto_frontier_keeps_only_points_nothing_beats() -> None:
+    from moyu_exp.plots import _frontier
+
+    points = [(60.0, 50.0), (80.0, 55.0), (90.0, 70.0), (100.0, 300.0), (110.0, 200.0)]
+    # (90, 70) is kept: nothing faster is better; (100, 300) is beaten by the faster (110, 200)
+    assert _frontier(points, lower_is_better=True) == [
+        (110.0, 200.0),
+        (90.0, 70.0),
+        (80.0, 55.0),
+        (60.0, 50.0),
+    ]
+    assert _frontier([(1.0, 0.5), (2.0, 0.6)], lower_is_better=False) == [(2.0, 0.6)]
