@@ -114,7 +114,11 @@ def test_recall_by_distance_on_constructed_activations() -> None:
     probe = HistoryRecall(sparsity=0.5)
     prompt = {0: torch.tensor([[5.0, 4.0, 0.1, 0.1]] * 3)}  # prompt set {0, 1}
     later = {0: torch.tensor([[5.0, 4.0, 0.0, 0.0], [0.0, 0.0, 5.0, 4.0], [5.0, 0.0, 4.0, 0.0]])}
-    assert probe.recall_by_distance(prompt, later).tolist() == [[1.0, 0.0, 0.5]]
+    measured = probe.recall_by_distance(prompt, later)
+    assert measured["recall"].tolist() == [[1.0, 0.0, 0.5]]
+    assert measured["jaccard"][0].tolist() == pytest.approx([1.0, 0.0, 1 / 3])
+    # magnitude kept by {0, 1} relative to each token's own top-2: 9/9, 0/9, 5/9
+    assert measured["mass_recall"][0].tolist() == pytest.approx([1.0, 0.0, 5 / 9])
 
 
 def test_gini_and_hot_share_extremes() -> None:
