@@ -1,16 +1,21 @@
 """Finished sweep points, keyed by their resolved config, so a rerun skips them.
 
 The key hashes the resolved config minus what does not change a result (``logger``, ``name``,
-``resume``), plus the package version and results schema. Only points with status ``ok`` are
-stored; failed ones run again. Entries live in ``$MOYU_CACHE_DIR/points/<key>.json``.
+``resume``), plus the results schema and the package's code (its version and a hash of its
+sources, so a point measured before a strategy was edited is not served after). Only points
+with status ``ok`` are stored; failed ones run again. Entries live in
+``$MOYU_CACHE_DIR/points/<key>.json``.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import logging
 import os
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 from moyu_exp import cache
@@ -63,8 +68,15 @@ def _real(path: str | None) -> str | None:
     return os.path.realpath(os.path.expanduser(path)) if path else path
 
 
+@functools.cache
 def _version() -> str:
+    """The package version and a hash of every Python source of the package."""
     try:
-        return metadata.version("moyu_exp")
+        version = metadata.version("moyu_exp")
     except metadata.PackageNotFoundError:
-        return "unknown"
+        version = "unknown"
+    package = Path(__file__).parent
+    code = hashlib.sha256()
+    for source in sorted(package.rglob("*.py")):
+        code.update(str(source.relative_to(package)).encode() + b"\0" + source.read_bytes())
+    return f"{version}+{code.hexdigest()[:16]}"

@@ -239,3 +239,28 @@ def test_pareto_frontier_keeps_only_points_nothing_beats() -> None:
         (60.0, 50.0),
     ]
     assert _frontier([(1.0, 0.5), (2.0, 0.6)], lower_is_better=False) == [(2.0, 0.6)]
+
+
+def test_editing_the_package_code_changes_every_point_key(tmp_path, monkeypatch) -> None:
+    from moyu_exp import points
+
+    package = tmp_path / "moyu_exp"
+    (package / "strategies").mkdir(parents=True)
+    (package / "points.py").write_text("# points\n")
+    (package / "strategies" / "topk.py").write_text("K = 1\n")
+    monkeypatch.setattr(points, "__file__", str(package / "points.py"))
+    points._version.cache_clear()
+    before = points.point_key({"sparsity": 0.5})
+    (package / "strategies" / "topk.py").write_text("K = 2\n")
+    points._version.cache_clear()
+    try:
+        assert points.point_key({"sparsity": 0.5}) != before
+    finally:
+        points._version.cache_clear()
+
+
+def test_an_axis_on_the_command_line_replaces_the_presets(tmp_path) -> None:
+    sweep_dir = tmp_path / "narrow"
+    result = moyu("+sweep=quick", "strategy=dense", "sparsity=0.3", f"hydra.sweep.dir={sweep_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [(r["strategy"], r["sparsity"]) for r in summary(sweep_dir)] == [("dense", "0.3")]
