@@ -2,9 +2,9 @@
 
 The key hashes the resolved config minus what does not change a result (``logger``, ``name``,
 ``resume``), plus the results schema and the package's code (its version and a hash of its
-sources, so a point measured before a strategy was edited is not served after). Only points
-with status ``ok`` are stored; failed ones run again. Entries live in
-``$MOYU_CACHE_DIR/points/<key>.json``.
+files, so a point measured before a strategy, a kernel or the evaluation text was edited is
+not served after). Only points with status ``ok`` are stored; failed ones run again. Entries
+live in ``$MOYU_CACHE_DIR/points/<key>.json``.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from moyu_exp import cache
 from moyu_exp.results import SCHEMA
 
 IGNORED_KEYS = ("logger", "name", "resume")
+BUILT = (".pyc", ".so", ".o")  # build products next to the sources are not part of the key
 log = logging.getLogger(__name__)
 
 
@@ -70,13 +71,15 @@ def _real(path: str | None) -> str | None:
 
 @functools.cache
 def _version() -> str:
-    """The package version and a hash of every Python source of the package."""
+    """The package version and a hash of the package's files (Python and C sources, texts)."""
     try:
         version = metadata.version("moyu_exp")
     except metadata.PackageNotFoundError:
         version = "unknown"
     package = Path(__file__).parent
     code = hashlib.sha256()
-    for source in sorted(package.rglob("*.py")):
+    for source in sorted(package.rglob("*")):
+        if not source.is_file() or "__pycache__" in source.parts or source.suffix in BUILT:
+            continue
         code.update(str(source.relative_to(package)).encode() + b"\0" + source.read_bytes())
     return f"{version}+{code.hexdigest()[:16]}"
