@@ -12,20 +12,13 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from omegaconf import DictConfig
 
+from moyu_exp.registry import registrar
+
 if TYPE_CHECKING:
     from moyu_exp.models import LoadedModel
 
 PROBES: dict[str, type[Probe]] = {}
-
-
-def register(name: str):
-    def wrap(cls: type[Probe]) -> type[Probe]:
-        if name in PROBES:
-            raise RuntimeError(f"probe '{name}' registered twice")
-        PROBES[name] = cls
-        return cls
-
-    return wrap
+register = registrar(PROBES, "probe")  # class decorator: ``probe=<name>``
 
 
 @dataclass

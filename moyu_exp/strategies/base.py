@@ -21,24 +21,14 @@ from typing import Any, ClassVar
 from moyu_exp.config import check_sparsity
 from moyu_exp.errors import ConfigError
 from moyu_exp.lazy import lazy_import
+from moyu_exp.registry import registrar
 from moyu_exp.sites import SITES, adapter_for, check_sites, resolve_layers
 
 torch = lazy_import("torch")
 
 STRATEGIES: dict[str, type[Strategy]] = {}
+register = registrar(STRATEGIES, "strategy")  # class decorator: ``strategy=<name>``
 PREFILL_POLICIES = ("sparse", "dense")
-
-
-def register(name: str):
-    """Class decorator: make a strategy available as ``strategy=<name>``."""
-
-    def wrap(cls: type[Strategy]) -> type[Strategy]:
-        if name in STRATEGIES:
-            raise RuntimeError(f"strategy '{name}' registered twice")
-        STRATEGIES[name] = cls
-        return cls
-
-    return wrap
 
 
 def keep_count(sparsity: float, dim: int) -> int:
