@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,6 +26,27 @@ TINY = [
     "bench=quick",
     "logger=none",
 ]
+
+
+def run_module(
+    *args: str,
+    cwd: Path = ROOT,
+    env: dict[str, str] | None = None,
+    module: str = "moyu_exp",
+    timeout: int = 600,
+) -> subprocess.CompletedProcess:
+    """``python -m <module> <args>`` in a subprocess, as a user runs it: this test's environment
+    (its cache dir) plus ``env``, without HYDRA_FULL_ERROR so errors print as users see them."""
+    environment = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    environment.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=cwd,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def compose_config(*overrides: str) -> DictConfig:

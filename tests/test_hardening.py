@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -16,21 +15,12 @@ import torch
 from moyu_exp import cache, calibration, models, points, results, runner
 from moyu_exp.config import build
 from moyu_exp.errors import NonFiniteLogits, ResultsNotWritten
-from tests.conftest import TINY, compose_config
+from tests.conftest import TINY, compose_config, run_module
 from tests.test_sweeps import summary
 
 
 def cli(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    environment = {k: v for k, v in os.environ.items() if "HYDRA_FULL_ERROR" not in k}
-    environment.update(env or {})
-    return subprocess.run(
-        [sys.executable, "-m", "moyu_exp", "model=tiny_llama", "logger=none", *args],
-        cwd=cwd,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    return run_module("model=tiny_llama", "logger=none", *args, cwd=cwd, env=env)
 
 
 def assert_one_line_error(out, expected: str | tuple[str, ...], code: int = 2) -> None:
@@ -161,22 +151,14 @@ def test_a_truncated_point_is_recomputed(tmp_path) -> None:
 # ----------------------------------------------------------------------------- W&B fallback
 def test_wandb_online_without_login_falls_back_to_offline(tmp_path) -> None:
     env = {"WANDB_API_KEY": "", "WANDB_MODE": "", "HOME": str(tmp_path)}
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "moyu_exp",
-            "experiment=tiny_smoke",
-            "logger=wandb",
-            "logger.mode=online",
-            "eval=none",
-            f"hydra.run.dir={tmp_path / 'run'}",
-        ],
+    out = run_module(
+        "experiment=tiny_smoke",
+        "logger=wandb",
+        "logger.mode=online",
+        "eval=none",
+        f"hydra.run.dir={tmp_path / 'run'}",
         cwd=tmp_path,
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        timeout=600,
+        env=env,
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "W&B online logging is unavailable" in out.stdout + out.stderr

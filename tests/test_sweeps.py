@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from moyu_exp import report, sweep
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_module
 from tests.wandb_records import records
 
 SMALL = [
@@ -27,14 +27,7 @@ SMALL = [
 
 
 def moyu(*args: str, cwd: Path = ROOT, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "moyu_exp", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=os.environ.copy(),
-    )
+    return run_module(*args, cwd=cwd, timeout=timeout)
 
 
 def summary(sweep_dir: Path) -> list[dict[str, str]]:
@@ -169,19 +162,12 @@ def test_the_sweep_is_logged_to_wandb_as_one_group_and_an_aggregate_run(tmp_path
 def test_report_compares_runs_across_sweeps(tmp_path) -> None:
     for name, strategies in (("a", "dense,topk"), ("b", "cats")):
         moyu(*SMALL, f"strategy={strategies}", "sparsity=0.5", f"hydra.sweep.dir={tmp_path / name}")
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "moyu_exp.report",
-            str(tmp_path / "a"),
-            str(tmp_path / "b"),
-            "--out",
-            str(tmp_path / "both"),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
+    out = run_module(
+        str(tmp_path / "a"),
+        str(tmp_path / "b"),
+        "--out",
+        str(tmp_path / "both"),
+        module="moyu_exp.report",
     )
     assert out.returncode == 0, out.stderr
     assert [line.split()[0] for line in out.stdout.splitlines()[2:5]] == ["cats", "dense", "topk"]
