@@ -46,7 +46,18 @@ static inline void prefetch(const void *p, int64_t bytes) {
   for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch((const char *)p + b, 0, 1);
 }
 
-#define DOT(NAME, T, LOAD)                                                               \
+/* row . x for one row of T (each element converted to float by LOAD), vectorised */
+#define ROW_DOT(NAME, T, LOAD)                                                           \
+  static inline float NAME(const T *row, const float *x, int64_t cols) {                 \
+    float acc = 0.f;                                                                     \
+    _Pragma("omp simd reduction(+ : acc)") for (int64_t c = 0; c < cols; c++)            \
+        acc += LOAD(row[c]) * x[c];                                                      \
+    return acc;                                                                          \
+  }
+ROW_DOT(row_dot_f32, float, from_f32)
+ROW_DOT(row_dot_bf16, uint16_t, from_bf16)
+
+#define DOT(NAME, T, ROW_DOT_FN)                                                         \
   void NAME(const T *W, int64_t cols, const int64_t *idx, int64_t k, const float *x,    \
             float *out) {                                                                \
     _Pragma("omp parallel if (k * cols > PARALLEL_WORK)") {                              \
@@ -54,32 +65,19 @@ static inline void prefetch(const void *p, int64_t bytes) {
       int64_t lo = k * t / n, hi = k * (t + 1) / n;                                      \
       for (int64_t r = lo; r < hi; r++) {                                                \
         if (idx && r + AHEAD < hi) prefetch(W + idx[r + AHEAD] * cols, cols * sizeof(T)); \
-        const T *row = W + (idx ? idx[r] : r) * cols;                                    \
-        float acc = 0.f;                                                                 \
-        _Pragma("omp simd reduction(+ : acc)") for (int64_t c = 0; c < cols; c++)        \
-            acc += LOAD(row[c]) * x[c];                                                  \
-        out[r] = acc;                                                                    \
+        out[r] = ROW_DOT_FN(W + (idx ? idx[r] : r) * cols, x, cols);                     \
       }                                                                                  \
     }                                                                                    \
   }
 
-#define DOT_MASKED(NAME, T, LOAD)                                                        \
+#define DOT_MASKED(NAME, T, ROW_DOT_FN)                                                  \
   void NAME(const T *W, int64_t cols, const uint8_t *mask, int64_t rows, const float *x, \
             float *out) {                                                                \
     _Pragma("omp parallel if (rows * cols > PARALLEL_WORK)") {                           \
       int t = omp_get_thread_num(), n = omp_get_num_threads();                           \
       int64_t lo = rows * t / n, hi = rows * (t + 1) / n;                                \
-      for (int64_t r = lo; r < hi; r++) {                                                \
-        if (!mask[r]) {                                                                  \
-          out[r] = 0.f;                                                                  \
-          continue;                                                                      \
-        }                                                                                \
-        const T *row = W + r * cols;                                                     \
-        float acc = 0.f;                                                                 \
-        _Pragma("omp simd reduction(+ : acc)") for (int64_t c = 0; c < cols; c++)        \
-            acc += LOAD(row[c]) * x[c];                                                  \
-        out[r] = acc;                                                                    \
-      }                                                                                  \
+      for (int64_t r = lo; r < hi; r++)                                                  \
+        out[r] = mask[r] ? ROW_DOT_FN(W + r * cols, x, cols) : 0.f;                      \
     }                                                                                    \
   }
 
@@ -166,6 +164,10 @@ static float kth_largest(float *v, int64_t n, int64_t k) {
   return v[want];
 }
 
+static inline float entry_score(const float *x, const float *scale, int64_t i) {
+  return fabsf(x[i]) * (scale ? scale[i] : 1.f);
+}
+
 /* Indices (ascending) of the kept entries of x: score_i = |x_i| * (scale ? scale_i : 1);
  * with k >= 0 the k best scores (ties broken by lower index), else score_i >= threshold_i
  * (thresholds[i], or threshold for all). work: n floats of scratch. Returns the count. */
@@ -178,28 +180,28 @@ int64_t select_entries(const float *x, int64_t n, const float *scale, const floa
       return n;
     }
     if (k == 0) return 0;
-    for (int64_t i = 0; i < n; i++) work[i] = fabsf(x[i]) * (scale ? scale[i] : 1.f);
+    for (int64_t i = 0; i < n; i++) work[i] = entry_score(x, scale, i);
     float cut = kth_largest(work, n, k);
     int64_t above = 0;
-    for (int64_t i = 0; i < n; i++) above += fabsf(x[i]) * (scale ? scale[i] : 1.f) > cut;
+    for (int64_t i = 0; i < n; i++) above += entry_score(x, scale, i) > cut;
     int64_t ties = k - above;
     for (int64_t i = 0; i < n; i++) {
-      float s = fabsf(x[i]) * (scale ? scale[i] : 1.f);
+      float s = entry_score(x, scale, i);
       if (s > cut || (s == cut && ties-- > 0)) list[kept++] = i;
     }
     return kept;
   }
   for (int64_t i = 0; i < n; i++) {
-    float s = fabsf(x[i]) * (scale ? scale[i] : 1.f);
+    float s = entry_score(x, scale, i);
     if (s >= (thresholds ? thresholds[i] : threshold)) list[kept++] = i;
   }
   return kept;
 }
 
-DOT(dot_f32, float, from_f32)
-DOT(dot_bf16, uint16_t, from_bf16)
-DOT_MASKED(dot_masked_f32, float, from_f32)
-DOT_MASKED(dot_masked_bf16, uint16_t, from_bf16)
+DOT(dot_f32, float, row_dot_f32)
+DOT(dot_bf16, uint16_t, row_dot_bf16)
+DOT_MASKED(dot_masked_f32, float, row_dot_f32)
+DOT_MASKED(dot_masked_bf16, uint16_t, row_dot_bf16)
 AXPY_LIST(axpy_list_f32, float, from_f32)
 AXPY_LIST(axpy_list_bf16, uint16_t, from_bf16)
 AXPY_MASKED(axpy_masked_f32, float, axpy_list_f32)
@@ -287,10 +289,7 @@ void attend(float *qkv, float *kcache, float *vcache, int64_t heads, int64_t kv,
     const float *vh = vcache + (h / group) * max_tokens * dim;
     float top = -INFINITY;
     for (int64_t t = 0; t <= pos; t++) {
-      float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-      for (int64_t c = 0; c < dim; c++) acc += qh[c] * kh[t * dim + c];
-      s[t] = acc * scale;
+      s[t] = row_dot_f32(kh + t * dim, qh, dim) * scale;
       if (s[t] > top) top = s[t];
     }
     float total = 0.f;
