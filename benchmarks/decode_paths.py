@@ -18,7 +18,7 @@ import statistics
 import sys
 import time
 
-from decode_speed import config, rate
+from decode_speed import config
 
 
 def generate_rate(model, prompt, steps: int, repeats: int, **kwargs) -> float:
@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from moyu_exp import bench, models
+    from moyu_exp.decode import steps, timed_steps
     from moyu_exp.kernels.decoder import LeanDecoder
 
     loaded = models.load(config(args.model, args.dtype, None, "dense", 0.0).model)
@@ -76,10 +77,13 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["MOYU_KERNELS"] = backend
         decoder = LeanDecoder(model, None, args.prompt_tokens + 2 * args.steps + 8)
         first = int(decoder.prefill(prompt).argmax())
-        rate(decoder, first, args.prompt_tokens, 8)
-        results[name] = statistics.median(
-            rate(decoder, first, args.prompt_tokens, args.steps) for _ in range(args.repeats)
-        )
+        steps(decoder, first, 8)  # burn-in
+
+        rates = []
+        for _ in range(args.repeats):
+            decoder.rewind(args.prompt_tokens)
+            rates.append(args.steps / timed_steps(decoder, first, args.steps, loaded.device))
+        results[name] = statistics.median(rates)
         print(f"{name:<44}{results[name]:>8.1f} tok/s ({decoder.backend})", flush=True)
     if not args.skip_compile:
         model.forward = torch.compile(model.forward, fullgraph=False, dynamic=False)

@@ -7,6 +7,8 @@ the ideal ratio if time were proportional to bytes (dense bytes / sparse bytes, 
 the strategy really kept), and measured / ideal. Dense and sparse windows alternate in every
 round (in alternating order); tokens/s are medians over rounds, and the speedup is the median of
 the rounds' sparse/dense ratios, so a slow phase of a shared machine hits both sides of a ratio.
+This is a loop over :func:`moyu_exp.bench.paired`, the measurement ``bench.mode=kernel`` makes
+inside every sweep point.
 
     python benchmarks/decode_speed.py                       # SmolLM2, the issue's grid
     python benchmarks/decode_speed.py --strategies teal --sparsities 0.5 0.9 --rounds 9
@@ -17,9 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -52,16 +52,6 @@ def config(model: str, dtype: str, shape: str | None, strategy: str, sparsity: f
         return compose("config", overrides=overrides)
 
 
-def rate(decoder, first_token: int, prompt_len: int, steps: int) -> float:
-    """Tokens/s of ``steps`` greedy steps from the end of the prompt (the KV cache keeps it)."""
-    decoder.pos = prompt_len
-    token = first_token
-    start = time.perf_counter()
-    for _ in range(steps):
-        token = int(decoder.step(token).argmax())
-    return steps / (time.perf_counter() - start)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2_135m")
@@ -75,33 +65,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--burn-in", type=int, default=8)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", type=Path, help="also write the rows here")
-    parser.add_argument("--verbose", action="store_true", help="print every round")
     args = parser.parse_args(argv)
 
     import torch
 
     from moyu_exp import bench, calibration, models
     from moyu_exp.config import build
-    from moyu_exp.kernels.decoder import LeanDecoder
 
     if args.threads:
         torch.set_num_threads(args.threads)
     base = config(args.model, args.dtype, args.shape, "dense", 0.0)
     loaded = models.load(base.model)
-    prompt = bench.prompt_ids(loaded.tokenizer, args.prompt_tokens)
-    max_tokens = args.prompt_tokens + args.burn_in + args.steps + 2
-    dense = LeanDecoder(loaded.model, None, max_tokens)
-    dense_first = int(dense.prefill(prompt).argmax())
-    rate(dense, dense_first, args.prompt_tokens, args.burn_in)
+    prompt = bench.prompt_ids(loaded.tokenizer, args.prompt_tokens).to(loaded.device)
     print(
         f"model {base.model.name} ({args.dtype}), {torch.get_num_threads()} threads, "
-        f"kernels: {dense.backend}, device: {loaded.device}; prompt {args.prompt_tokens}, "
-        f"{args.rounds} rounds of {args.steps} steps",
+        f"device: {loaded.device}; prompt {args.prompt_tokens}, {args.rounds} rounds of "
+        f"{args.steps} steps (dense and sparse windows alternating, bench.paired)",
         flush=True,
     )
     header = (
         f"{'strategy':<9}{'target':>7}{'achieved':>9}{'dense tok/s':>12}{'sparse tok/s':>13}"
-        f"{'speedup':>8}{'dense MB':>9}{'sparse MB':>10}{'ideal':>7}{'meas/ideal':>11}"
+        f"{'speedup':>8}{'IQR':>6}{'dense MB':>9}{'sparse MB':>10}{'ideal':>7}{'meas/ideal':>11}"
     )
     print(header)
     rows = []
@@ -109,50 +93,27 @@ def main(argv: list[str] | None = None) -> int:
         for sparsity in args.sparsities:
             cfg = config(args.model, args.dtype, args.shape, name, sparsity)
             strategy = build(cfg.strategy)
-            calibration.prepare(strategy, loaded, cfg)
-            with strategy.attach(loaded.model) as live:
-                sparse = LeanDecoder(loaded.model, live, max_tokens)
-                first = int(sparse.prefill(prompt).argmax())
-                rate(sparse, first, args.prompt_tokens, args.burn_in)
-                sparse.reset_counters()
-                live.reset_stats()
-                dense_rates, sparse_rates = [], []
-                for r in range(args.rounds):
-                    pair = [(dense, dense_first, dense_rates), (sparse, first, sparse_rates)]
-                    for decoder, token, out in pair if r % 2 == 0 else pair[::-1]:
-                        out.append(rate(decoder, token, args.prompt_tokens, args.steps))
-                sparse.flush_stats()
-                achieved = live.stats().overall
+            state, _ = calibration.prepare(strategy, loaded, cfg)
+            with strategy.attach(loaded.model, state) as live, live.measuring() as meter:
+                timing = bench.paired(
+                    loaded, live, prompt, args.steps, args.rounds, args.burn_in, meter, False
+                )
             row = {
                 "strategy": name,
                 "sparsity": sparsity,
-                "achieved_sparsity": achieved,
-                "dense_tokens_per_s": statistics.median(dense_rates),
-                "sparse_tokens_per_s": statistics.median(sparse_rates),
-                "dense_bytes_per_token": dense.dense_bytes(),
-                "sparse_bytes_per_token": sparse.bytes_per_token(),
+                "achieved_sparsity": meter.site_sparsity,
+                **timing,
             }
-            pairs = zip(sparse_rates, dense_rates, strict=True)
-            row["speedup"] = statistics.median(s / d for s, d in pairs)
-            row["ideal"] = row["dense_bytes_per_token"] / row["sparse_bytes_per_token"]
-            row["measured_over_ideal"] = row["speedup"] / row["ideal"]
             rows.append(row)
             print(
-                f"{name:<9}{sparsity:>7.2f}{achieved:>9.3f}{row['dense_tokens_per_s']:>12.1f}"
-                f"{row['sparse_tokens_per_s']:>13.1f}{row['speedup']:>8.2f}"
-                f"{row['dense_bytes_per_token'] / 1e6:>9.1f}"
-                f"{row['sparse_bytes_per_token'] / 1e6:>10.1f}{row['ideal']:>7.2f}"
-                f"{row['measured_over_ideal']:>11.2f}",
+                f"{name:<9}{sparsity:>7.2f}{row['achieved_sparsity']:>9.3f}"
+                f"{row['dense_tokens_per_s']:>12.1f}{row['decode_tokens_per_s']:>13.1f}"
+                f"{row['speedup']:>8.2f}{row['speedup_iqr']:>6.2f}"
+                f"{row['dense_weight_bytes_per_token'] / 1e6:>9.1f}"
+                f"{row['weight_bytes_per_token'] / 1e6:>10.1f}{row['ideal_speedup']:>7.2f}"
+                f"{row['efficiency']:>11.2f}",
                 flush=True,
             )
-            if args.verbose:
-                print(
-                    "  dense rounds",
-                    [round(x) for x in dense_rates],
-                    "sparse rounds",
-                    [round(x) for x in sparse_rates],
-                )
-            del sparse
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
     return 0

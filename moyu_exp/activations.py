@@ -12,7 +12,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from moyu_exp.lazy import lazy_import
-from moyu_exp.sites import adapter_for
+from moyu_exp.sites import adapter_for, hooked
 
 torch = lazy_import("torch")
 
@@ -25,23 +25,17 @@ SiteFn = Callable[["torch.Tensor"], "torch.Tensor"]
 def run_with_hooks(
     model: torch.nn.Module,
     batches: list[torch.Tensor],
-    fns: dict[tuple[str, int], SiteFn],
+    fns: Iterable[tuple[tuple[str, int], SiteFn]] | dict[tuple[str, int], SiteFn],
     desc: str = "calibration",
 ) -> None:
-    """Run ``batches`` through the model's decoder stack (no LM head) with ``fns[(site, layer)]``
-    hooked at each site; a function may observe its tensor or return a changed one."""
-    adapter = adapter_for(model)
-    blocks = adapter.layers(model)
-    handles = []
-    try:
-        for (site, layer), fn in fns.items():
-            handles.append(adapter.hook(blocks[layer], site, fn))
-        with torch.inference_mode():
-            for batch in tqdm(batches, desc=desc, leave=False):
-                adapter.backbone(model)(batch, use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
+    """Run ``batches`` through the model's decoder stack (no LM head) with each function hooked
+    at its (site, layer) (see :func:`moyu_exp.sites.hooked`); a function may observe its tensor
+    or return a changed one."""
+    items = fns.items() if isinstance(fns, dict) else fns
+    backbone = adapter_for(model).backbone(model)
+    with hooked(model, items), torch.inference_mode():
+        for batch in tqdm(batches, desc=desc, leave=False):
+            backbone(batch, use_cache=False)
 
 
 def observe(model, batches, keys: Iterable[tuple[str, int]], tap: Tap, desc="calibration"):
@@ -54,7 +48,30 @@ def observe(model, batches, keys: Iterable[tuple[str, int]], tap: Tap, desc="cal
 
         return fn
 
-    run_with_hooks(model, batches, {key: observer(*key) for key in keys}, desc)
+    run_with_hooks(model, batches, [(key, observer(*key)) for key in keys], desc)
+
+
+def capture_block_inputs(model, layers: list[int], ids: torch.Tensor) -> dict[int, tuple]:
+    """The (args, kwargs) each decoder block in ``layers`` receives when ``ids`` run through the
+    model as it is now (attached strategies included)."""
+    adapter = adapter_for(model)
+    blocks = adapter.layers(model)
+    captured: dict[int, tuple] = {}
+
+    def grab(layer):
+        def hook(_module, args, kwargs):
+            captured[layer] = (args, dict(kwargs))
+
+        return hook
+
+    handles = [blocks[i].register_forward_pre_hook(grab(i), with_kwargs=True) for i in layers]
+    try:
+        with torch.inference_mode():
+            adapter.backbone(model)(ids, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured
 
 
 def calibrate_thresholds(
@@ -62,7 +79,7 @@ def calibrate_thresholds(
     ids: torch.Tensor,
     levels: dict[tuple[str, int], float],
     score: Callable[[str, int, torch.Tensor], torch.Tensor],
-    extra: dict[tuple[str, int], SiteFn] | None = None,
+    extra: Iterable[tuple[tuple[str, int], SiteFn]] = (),
     in_order: bool = True,
 ) -> tuple[dict[tuple[str, int], torch.Tensor], dict[tuple[str, int], float]]:
     """Quantile tables of ``score`` per (site, layer) over all of ``ids`` in one pass, and the
@@ -87,8 +104,8 @@ def calibrate_thresholds(
 
         return fn
 
-    fns = {key: calibrate(*key) for key in levels}
-    run_with_hooks(model, [ids], {**(extra or {}), **fns}, desc="threshold calibration")
+    fns = [*extra, *((key, calibrate(*key)) for key in levels)]
+    run_with_hooks(model, [ids], fns, desc="threshold calibration")
     return tables, thresholds
 
 

@@ -1,14 +1,25 @@
 """Batch-1 timing in the style of nanoGPT's bench.py: burn-in steps, then measured steps.
 
-Per repeat: one prefill of ``prompt_tokens`` real tokens (the embedded evaluation text), then
-``burn_in`` greedy decode steps that are not timed, then ``decode_tokens`` timed steps. Reported
-numbers are medians over repeats. ``mode=simulated`` times the masked model (accuracy, not speed);
-it is what a strategy's hooks cost, not what skipping weights would save.
+``mode=simulated`` times the masked model's own forward (what the strategy's hooks cost, not
+what skipping weights would save): per repeat one prefill of ``prompt_tokens`` real tokens (the
+embedded evaluation text), ``burn_in`` untimed greedy steps, then ``decode_tokens`` timed steps;
+medians over repeats.
+
+``mode=kernel`` measures speed the way one can trust on a shared machine: a dense and a sparse
+lean decoder (:mod:`moyu_exp.kernels`, the same kernels on both sides) prefill the same prompt,
+burn in, then decode windows of ``decode_tokens`` steps that alternate between them for
+``rounds`` rounds (in alternating order). ``speedup`` is the median of the rounds' sparse/dense
+ratios (a slow phase of the machine hits both sides of a ratio), with its interquartile range;
+``ideal_speedup`` is the bytes-bound ratio from the sets the strategy really kept in those
+windows, and ``efficiency`` = speedup / ideal. ``benchmarks/decode_speed.py`` is a loop over
+:func:`paired`.
+
+Both modes count only decode steps into the meter they are handed (prefill and burn-in run
+under a scratch meter), so the bench phase's sparsity and bytes are those of decoding.
 """
 
 from __future__ import annotations
 
-import inspect
 import statistics
 import time
 from pathlib import Path
@@ -19,8 +30,10 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from moyu_exp import datasets
+from moyu_exp.decode import ModelStepper, steps, synchronize, timed_steps
+from moyu_exp.meter import SparsityMeter
 from moyu_exp.models import LoadedModel
-from moyu_exp.strategies import Strategy
+from moyu_exp.strategies import Attachment
 
 
 def prompt_ids(tokenizer, length: int) -> torch.Tensor:
@@ -30,17 +43,6 @@ def prompt_ids(tokenizer, length: int) -> torch.Tensor:
     while len(ids) < length:
         ids = ids + ids
     return torch.tensor([ids[:length]])
-
-
-def cache_kwarg(model) -> str:
-    """Name of the KV-cache argument (``cache`` in newer transformers 5.x, else the old name)."""
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class PeakMemory:
@@ -79,90 +81,117 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run(loaded: LoadedModel, cfg: DictConfig, live: Strategy) -> dict[str, Any]:
-    """Time prefill and decode of the model as it is now (with ``live`` attached)."""
+def run(loaded: LoadedModel, cfg: DictConfig, live: Attachment) -> dict[str, Any]:
+    """Time decoding of the model with ``live`` attached; counts go to ``live.meter``."""
     if not cfg.enabled:
         return {}
     mode = str(getattr(cfg.mode, "value", cfg.mode))
-    timer = _kernel_decode if mode == "kernel" else _simulated_decode
     ids = prompt_ids(loaded.tokenizer, cfg.prompt_tokens).to(loaded.device)
-    with torch.inference_mode():
+    meter = live.meter
+    with torch.inference_mode(), live.measuring():
         loaded.model(ids[:, : min(8, ids.shape[1])])  # warm-up: allocator, kernels, lazy init
     with PeakMemory(loaded.device) as memory:
-        prefill_s, decode_s, extra = timer(loaded, cfg, live, ids)
-    decode_median = statistics.median(decode_s)
+        if mode == "kernel":
+            timing = paired(
+                loaded, live, ids, cfg.decode_tokens, cfg.rounds, cfg.burn_in, meter=meter
+            )
+        else:
+            timing = simulated(loaded, live, ids, cfg, meter)
     return {
         "mode": mode,
         "device": str(loaded.device),
         "dtype": str(loaded.model.dtype).removeprefix("torch."),
         "prompt_tokens": int(ids.shape[1]),
         "decode_tokens": cfg.decode_tokens,
+        **timing,
+        "peak_memory_mb": memory.mb,
+        "memory_kind": memory.kind,
+    }
+
+
+def simulated(loaded, live: Attachment, ids, cfg, meter: SparsityMeter) -> dict[str, Any]:
+    """The model's own forward with the strategy's hooks and the KV cache; medians of repeats."""
+    device = loaded.device
+    prefill_s, decode_s = [], []
+    stepper = ModelStepper(loaded.model)
+    for _ in tqdm(range(cfg.repeats), desc="bench", leave=False):
+        with live.measuring():
+            synchronize(device)
+            start = time.perf_counter()
+            token = int(stepper.prefill(ids).argmax())
+            synchronize(device)
+            prefill_s.append(time.perf_counter() - start)
+            token = steps(stepper, token, cfg.burn_in)
+        with live.measuring(meter):
+            decode_s.append(timed_steps(stepper, token, cfg.decode_tokens, device))
+    decode_median = statistics.median(decode_s)
+    return {
         "repeats": cfg.repeats,
         "prefill_ms": 1000 * statistics.median(prefill_s),
         "decode_tokens_per_s": cfg.decode_tokens / decode_median,
         "decode_ms_per_token": 1000 * decode_median / cfg.decode_tokens,
-        "peak_memory_mb": memory.mb,
-        "memory_kind": memory.kind,
-        **extra,
     }
 
 
-@torch.inference_mode()
-def _simulated_decode(loaded, cfg, live, ids):
-    """The model's own forward with the strategy's hooks, with the KV cache."""
+def paired(
+    loaded,
+    live: Attachment,
+    ids: torch.Tensor,
+    decode_tokens: int,
+    rounds: int,
+    burn_in: int,
+    meter: SparsityMeter | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Dense and sparse lean decoders on one prompt, windows alternating (see the module
+    docstring). The sparse windows' kept counts go to ``meter`` (default: a fresh one)."""
+    from moyu_exp.kernels.decoder import DecoderWeights, LeanDecoder
+
+    meter = meter if meter is not None else SparsityMeter(live.cost)
     model, device = loaded.model, loaded.device
-    kw = cache_kwarg(model)
-    prefill_s, decode_s = [], []
-    for _ in tqdm(range(cfg.repeats), desc="bench", leave=False):
-        _sync(device)
+    prompt_len = ids.shape[1]
+    max_tokens = prompt_len + max(burn_in, decode_tokens) + 2
+    weights = DecoderWeights(model, max_tokens)
+    dense = LeanDecoder(model, None, max_tokens, weights=weights)
+    sparse = LeanDecoder(model, live, max_tokens, weights=weights)
+    with live.paused():
+        dense_first = int(dense.prefill(ids).argmax())
+    with live.measuring():
+        synchronize(device)
         start = time.perf_counter()
-        out = model(ids, use_cache=True)
-        _sync(device)
-        prefill_s.append(time.perf_counter() - start)
-        cache = getattr(out, kw)
-        token = out.logits[:, -1:].argmax(-1)
-        for step in range(cfg.burn_in + cfg.decode_tokens):
-            if step == cfg.burn_in:
-                _sync(device)
-                start = time.perf_counter()
-            out = model(token, use_cache=True, **{kw: cache})
-            cache = getattr(out, kw)
-            token = out.logits[:, -1:].argmax(-1)
-        _sync(device)
-        decode_s.append(time.perf_counter() - start)
-    return prefill_s, decode_s, {}
-
-
-def _kernel_decode(loaded, cfg, live, ids):
-    """The lean decoder (see moyu_exp.kernels): sparse kernels read only active weights."""
-    from moyu_exp.kernels.decoder import LeanDecoder
-
-    device = loaded.device
-    max_tokens = ids.shape[1] + cfg.burn_in + cfg.decode_tokens + 1
-    decoder = LeanDecoder(loaded.model, live, max_tokens)
-    prefill_s, decode_s = [], []
-    for _ in tqdm(range(cfg.repeats), desc="bench (kernel)", leave=False):
-        _sync(device)
-        start = time.perf_counter()
-        token = int(decoder.prefill(ids).argmax())
-        _sync(device)
-        prefill_s.append(time.perf_counter() - start)
-        for step in range(cfg.burn_in + cfg.decode_tokens):
-            if step == cfg.burn_in:
-                _sync(device)
-                start = time.perf_counter()
-                decoder.reset_counters()
-            token = int(decoder.step(token).argmax())
-        _sync(device)
-        decode_s.append(time.perf_counter() - start)
-    decoder.flush_stats()
-    return (
-        prefill_s,
-        decode_s,
-        {
-            "kernel_backend": decoder.backend,
-            "weight_bytes_per_token": decoder.bytes_per_token(),
-            "dense_weight_bytes_per_token": decoder.dense_bytes(),
-            "ideal_speedup": decoder.dense_bytes() / decoder.bytes_per_token(),
-        },
-    )
+        sparse_first = int(sparse.prefill(ids).argmax())
+        synchronize(device)
+        prefill_s = time.perf_counter() - start
+    for decoder, first in ((dense, dense_first), (sparse, sparse_first)):
+        steps(decoder, first, burn_in)
+    sparse.rewind(prompt_len)
+    sparse.meter = meter
+    dense_rates: list[float] = []
+    sparse_rates: list[float] = []
+    pair = [(dense, dense_first, dense_rates), (sparse, sparse_first, sparse_rates)]
+    for r in tqdm(range(rounds), desc="bench (kernel, paired)", leave=False, disable=not progress):
+        for decoder, first, rates in pair if r % 2 == 0 else pair[::-1]:
+            decoder.rewind(prompt_len)
+            rates.append(decode_tokens / timed_steps(decoder, first, decode_tokens, device))
+    sparse.flush()
+    ratios = [s / d for s, d in zip(sparse_rates, dense_rates, strict=True)]
+    q25, _, q75 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+    summary = meter.summary()
+    speedup = statistics.median(ratios)
+    sparse_rate = statistics.median(sparse_rates)
+    return {
+        "kernel_backend": sparse.backend,
+        "rounds": rounds,
+        "prefill_ms": 1000 * prefill_s,
+        "decode_tokens_per_s": sparse_rate,
+        "decode_ms_per_token": 1000 / sparse_rate,
+        "dense_tokens_per_s": statistics.median(dense_rates),
+        "speedup": speedup,
+        "speedup_q25": q25,
+        "speedup_q75": q75,
+        "speedup_iqr": q75 - q25,
+        "weight_bytes_per_token": summary["weight_bytes_per_token"],
+        "dense_weight_bytes_per_token": summary["dense_weight_bytes_per_token"],
+        "ideal_speedup": summary["ideal_speedup"],
+        "efficiency": speedup / summary["ideal_speedup"],
+    }

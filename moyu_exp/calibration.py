@@ -26,10 +26,13 @@ log = logging.getLogger(__name__)
 VERSION = 2  # bump when a statistic's definition changes, to invalidate old cache entries
 
 
-def prepare(strategy: Strategy, loaded: LoadedModel, cfg: DictConfig) -> dict[str, Any] | None:
-    """Calibrate ``strategy`` if it needs it (from the cache when possible); return metadata."""
+def prepare(
+    strategy: Strategy, loaded: LoadedModel, cfg: DictConfig
+) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any] | None]:
+    """Calibrate ``strategy`` if it needs it (from the cache when possible): its calibration
+    state (what :meth:`Strategy.attach` takes) and metadata for results.json."""
     if not strategy.needs_calibration:
-        return None
+        return None, None
     start = time.perf_counter()
     documents: list[str] = build(cfg.dataset)
     batches = token_batches(
@@ -57,8 +60,7 @@ def prepare(strategy: Strategy, loaded: LoadedModel, cfg: DictConfig) -> dict[st
             return strategy.calibrate(loaded.model, ids, cached)
 
     state, hit = cache.cached_tensors(strategy.name, key, compute)
-    strategy.load_calibration(state)
-    return {
+    return state, {
         "cache": "hit" if hit else "miss",
         "key": key,
         "dataset": cfg.dataset.name,

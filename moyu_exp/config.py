@@ -136,7 +136,9 @@ class EvalConfig:
 
 @dataclass
 class BenchConfig:
-    """Batch-1 timing: prefill latency and greedy decode tokens/s (burn-in, then measured)."""
+    """Batch-1 timing: prefill latency and greedy decode tokens/s (burn-in, then measured).
+    Simulated mode takes the median of ``repeats``; kernel mode alternates dense and sparse
+    windows of ``decode_tokens`` steps for ``rounds`` rounds (paired speedup)."""
 
     name: str = MISSING
     enabled: bool = True
@@ -145,6 +147,7 @@ class BenchConfig:
     decode_tokens: int = 32
     burn_in: int = 4
     repeats: int = 3
+    rounds: int = 9
 
 
 @dataclass
@@ -293,7 +296,7 @@ def validate(cfg: DictConfig) -> None:
     if cfg.threads is not None and cfg.threads < 1:
         raise ConfigError(f"threads={cfg.threads} must be >= 1 (or null for torch's default)")
     bench = cfg.bench
-    for key in ("prompt_tokens", "decode_tokens", "repeats"):
+    for key in ("prompt_tokens", "decode_tokens", "repeats", "rounds"):
         if bench.enabled and bench[key] < 1:
             raise ConfigError(f"bench.{key}={bench[key]} must be >= 1")
     if bench.burn_in < 0:

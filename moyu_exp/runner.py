@@ -94,19 +94,23 @@ def experiment(cfg: DictConfig, timings: dict[str, float]) -> dict[str, Any]:
         loaded = models.load(cfg.model)
     strategy: Strategy = build(cfg.strategy)
     with stopwatch(timings, "calibrate"):
-        calibrated = calibration.prepare(strategy, loaded, cfg)
-    with strategy.attach(loaded.model) as live, models.finite_logits_guard(loaded.model):
-        with stopwatch(timings, "eval"):
+        state, calibrated = calibration.prepare(strategy, loaded, cfg)
+    with strategy.attach(loaded.model, state) as live, models.finite_logits_guard(loaded.model):
+        with stopwatch(timings, "eval"), live.measuring() as eval_meter:
             metrics, details = evaluation.run(loaded, cfg.eval, live, cfg.seed)
-        eval_stats = live.take_stats()
-        with stopwatch(timings, "bench"):
+        with stopwatch(timings, "bench"), live.measuring() as bench_meter:
             timing = bench.run(loaded, cfg.bench, live)
-        bench_stats = live.take_stats()
-    total = eval_stats + bench_stats
-    measured = bool(total.counts) or not strategy.sites
+    meters = {"eval": eval_meter, "bench": bench_meter}
+    phases = {phase: meter.summary() for phase, meter in meters.items()}
+    # the headline is the evaluation's, else the bench's; dense has nothing to count
+    measured = [phase for phase, meter in meters.items() if meter.measured]
+    measured = measured or ([] if strategy.sites else ["eval"])
+    headline = phases[measured[0]] if measured else None
     return {
-        "achieved_sparsity": total.overall if measured else None,
-        "sparsity_detail": {"eval": eval_stats.to_dict(), "bench": bench_stats.to_dict()},
+        "achieved_sparsity": headline["site_sparsity"] if headline else None,
+        "weight_bytes_per_token": headline["weight_bytes_per_token"] if headline else None,
+        "ideal_speedup": headline["ideal_speedup"] if headline else None,
+        "sparsity_detail": phases,
         "model": {**loaded.info, "loads_in_process": models.load_count()},
         "calibration": calibrated,
         "eval": metrics,

@@ -7,12 +7,14 @@ architecture family means adding one adapter here.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 from moyu_exp.errors import ConfigError
 from moyu_exp.lazy import lazy_import
+from moyu_exp.meter import CostModel
 
 torch = lazy_import("torch")
 
@@ -77,12 +79,58 @@ class GatedMLPAdapter:
         """up_proj(x) of a block's MLP, for a given MLP input ``x``."""
         return layer.mlp.up_proj(x)
 
-    def weights_per_entry(self, layer: torch.nn.Module, site: str) -> int:
-        """Weight elements a kernel can skip for one zero at this site."""
+    def weights_per_entry(
+        self,
+        layer: torch.nn.Module,
+        site: str,
+        sites: tuple[str, ...] = (),
+        compact: bool = False,
+    ) -> int:
+        """Weight elements a kernel skips for one dropped entry of ``site``, given every site
+        the strategy sparsifies (``sites``) and whether its MLP neuron set is known before a
+        decode step (``compact``: a dropped neuron skips a gate row, an up row and a down
+        column)."""
+        mlp = layer.mlp
+        if site == "mlp_intermediate" and compact:
+            return mlp.gate_proj.in_features + mlp.up_proj.in_features + mlp.down_proj.out_features
         if site == "gate_act":  # a zero in act(gate) skips one row of up and one column of down
-            mlp = layer.mlp
             return mlp.up_proj.in_features + mlp.down_proj.out_features
+        if site == "mlp_input" and "gate_act" in sites:  # up is then read by rows: gate only
+            return mlp.gate_proj.out_features
         return sum(linear.out_features for linear in self.readers(layer, site))
+
+    def linears(self, layer: torch.nn.Module) -> list[torch.nn.Linear]:
+        """Every linear layer of a decoder block (what a decode step reads)."""
+        attn = layer.self_attn
+        return [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, *self.mlp_linears(layer)]
+
+    def mlp_linears(self, layer: torch.nn.Module) -> list[torch.nn.Linear]:
+        mlp = layer.mlp
+        return [mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+
+    def cost_model(
+        self,
+        model: torch.nn.Module,
+        sites: list[str] = (),  # type: ignore[assignment]
+        layers: list[int] = (),  # type: ignore[assignment]
+        compact: bool = False,
+    ) -> CostModel:
+        """The weights one decode step reads and what a dropped entry of each (site, layer)
+        saves (see :mod:`moyu_exp.meter`)."""
+        blocks = self.layers(model)
+        head = model.get_output_embeddings().weight
+        return CostModel(
+            element_bytes=head.element_size(),
+            block_weights=sum(lin.weight.numel() for b in blocks for lin in self.linears(b)),
+            head_weights=head.numel(),
+            embedding_row=model.get_input_embeddings().weight.shape[1],
+            dims={(s, i): self.dim(model, s) for s in sites for i in layers},
+            weights_per_entry={
+                (s, i): self.weights_per_entry(blocks[i], s, tuple(sites), compact)
+                for s in sites
+                for i in layers
+            },
+        )
 
     def hook(self, layer: torch.nn.Module, site: str, fn: SiteFn) -> Any:
         """Route the site's tensor through ``fn``; remove the returned handle to restore."""
@@ -105,6 +153,31 @@ class GatedMLPAdapter:
 
             return attn.register_forward_pre_hook(attn_pre, with_kwargs=True)
         raise ConfigError(f"unknown site '{site}': accepted sites are {', '.join(SITES)}")
+
+
+@contextmanager
+def hooked(
+    model: torch.nn.Module,
+    fns: Iterable[tuple[tuple[str, int], SiteFn]],
+    before_forward: Callable | None = None,
+) -> Iterator[None]:
+    """Route each (site, layer)'s tensor through its function while the block runs (a function
+    may observe the tensor or return a changed one; several may share a site, in order), and
+    call ``before_forward(module, args, kwargs)`` before every forward of the model. The one
+    hook mechanism of the project: strategies' attachments, calibration, TEAL's search and the
+    probes all go through it. Every hook is removed on exit, also after an exception."""
+    adapter = adapter_for(model)
+    blocks = adapter.layers(model)
+    handles = []
+    try:
+        if before_forward is not None:
+            handles.append(model.register_forward_pre_hook(before_forward, with_kwargs=True))
+        for (site, layer), fn in fns:
+            handles.append(adapter.hook(blocks[layer], site, fn))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _first_arg(fn: SiteFn):

@@ -80,6 +80,18 @@ def _session_cache(factory) -> Path:
     return _CACHE[0]
 
 
+def attach(name: str, loaded, *overrides: str):
+    """The strategy ``name`` (its config with ``overrides``), calibrated on ``loaded`` when it
+    needs it, as an Attachment to enter: ``with attach("topk", tiny) as live:``."""
+    from moyu_exp import calibration
+    from moyu_exp.config import build
+
+    cfg = compose_config(f"strategy={name}", *overrides)  # calibration reads dataset keys only
+    strategy = build(cfg.strategy)
+    state, _ = calibration.prepare(strategy, loaded, cfg)
+    return strategy.attach(loaded.model, state)
+
+
 @pytest.fixture
 def tiny_cfg() -> DictConfig:
     return compose_config(*TINY)

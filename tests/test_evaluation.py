@@ -17,7 +17,7 @@ def run_eval(loaded, *overrides: str):
     strategy = build(cfg.strategy)
     with strategy.attach(loaded.model) as live:
         metrics, details = evaluation.run(loaded, cfg.eval, live, seed=0)
-        return metrics, details, live.stats()
+        return metrics, details, live.meter
 
 
 def test_embedded_eval_reports_perplexity_and_fidelity(tiny) -> None:
@@ -27,7 +27,7 @@ def test_embedded_eval_reports_perplexity_and_fidelity(tiny) -> None:
     assert metrics["fidelity"]["kl"] > 0
     assert 0 <= metrics["fidelity"]["top1_agreement"] <= 1
     assert details["embedded"]["n_samples"]["effective"] == 6
-    assert stats.overall == pytest.approx(0.5)
+    assert stats.site_sparsity == pytest.approx(0.5)
 
 
 def test_dense_fidelity_is_perfect(tiny) -> None:
@@ -86,15 +86,15 @@ def test_clean_metrics_drops_the_none_filter() -> None:
 
 
 def test_moyulm_finds_each_rows_real_length(tiny) -> None:
-    strategy = build(compose_config(*TINY, "strategy=topk").strategy)
-    lm = MoyuLM(tiny, strategy, batch_size=4, prompt_fraction=0.5)
+    live = build(compose_config(*TINY, "strategy=topk").strategy).attach(tiny.model)
+    lm = MoyuLM(tiny, live, batch_size=4, prompt_fraction=0.5)
     lm._prompts = {(5, 6, 7): 2, (5, 6, 0, 9, 9): 4, (8,): 1}
     lm._lengths = [5, 3, 1]
     assert lm._row_segment([5, 6, 7, 0, 0]) == (3, 2)
     assert lm._row_segment([5, 6, 0, 9, 9]) == (5, 4)
     assert lm._row_segment([8, 0, 0, 0, 0]) == (1, 1)
     assert lm._row_segment([1, 2, 3]) == (3, 3)  # unknown rows count in full
-    with strategy.attach(tiny.model) as live:
+    with live:
         lm._prompts, lm._lengths = {(5, 6, 7): 2, (8,): 1}, [3, 1]
         lm._model_call(torch.tensor([[5, 6, 7], [8, 0, 0]]))
-    assert live.stats().entries == 4 * tiny.model.config.intermediate_size * 2
+    assert live.meter.entries == 4 * tiny.model.config.intermediate_size * 2

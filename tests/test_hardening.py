@@ -126,16 +126,13 @@ def test_a_truncated_checkpoint_is_detected(tmp_path) -> None:
 
 def test_a_truncated_calibration_file_is_rebuilt(tiny, caplog) -> None:
     cfg = compose_config(*TINY, "strategy=cats", "sparsity=0.4")
-    first = calibration.prepare(build(cfg.strategy), tiny, cfg)
+    good, first = calibration.prepare(build(cfg.strategy), tiny, cfg)
     (path,) = (cache.root() / "calibration").glob(f"cats-{first['key']}.safetensors")
-    good = build(cfg.strategy)
-    calibration.prepare(good, tiny, cfg)
     path.write_bytes(path.read_bytes()[:50])
-    again = build(cfg.strategy)
-    meta = calibration.prepare(again, tiny, cfg)
+    again, meta = calibration.prepare(build(cfg.strategy), tiny, cfg)
     assert meta["cache"] == "miss" and "unreadable" in caplog.text
-    assert again.calibration.keys() == good.calibration.keys()
-    assert all(torch.equal(again.calibration[k], good.calibration[k]) for k in good.calibration)
+    assert again.keys() == good.keys()
+    assert all(torch.equal(again[k], good[k]) for k in good)
 
 
 def test_a_truncated_point_is_recomputed(tmp_path) -> None:

@@ -9,12 +9,15 @@ import shutil
 import pytest
 import torch
 
-from moyu_exp import bench, calibration, runner
-from moyu_exp.config import ConfigError, build
+from moyu_exp import runner
+from moyu_exp.config import ConfigError
+from moyu_exp.decode import ModelStepper, greedy
 from moyu_exp.kernels import native
 from moyu_exp.kernels.decoder import LeanDecoder
+from moyu_exp.meter import SparsityMeter
+from moyu_exp.sites import adapter_for
 from moyu_exp.strategies import STRATEGIES, keep_count
-from tests.conftest import TINY, compose_config
+from tests.conftest import TINY, attach, compose_config
 
 KERNEL_STRATEGIES = sorted(n for n, cls in STRATEGIES.items() if cls.kernel_support)
 STEPS = 8
@@ -27,33 +30,26 @@ def prompt(tiny) -> torch.Tensor:
 
 
 def ready(name: str, tiny, sparsity: float = 0.5, *overrides: str):
-    cfg = compose_config(*TINY, f"strategy={name}", f"sparsity={sparsity}", *overrides)
-    strategy = build(cfg.strategy)
-    calibration.prepare(strategy, tiny, cfg)
-    return strategy
+    return attach(name, tiny, f"sparsity={sparsity}", *overrides)
 
 
-def simulated(tiny, strategy) -> torch.Tensor:
+def simulated(tiny, live) -> torch.Tensor:
     """Greedy decode with the model's own forward and the strategy's hooks."""
-    model, kw, logits = tiny.model, bench.cache_kwarg(tiny.model), []
-    with strategy.attach(model), torch.inference_mode():
-        out = model(prompt(tiny), use_cache=True)
-        for _ in range(STEPS):
-            token = out.logits[:, -1:].argmax(-1)
-            out = model(token, use_cache=True, **{kw: getattr(out, kw)})
-            logits.append(out.logits[0, -1])
-    return torch.stack(logits)
+    with live:
+        _, logits = greedy(ModelStepper(tiny.model), prompt(tiny), STEPS + 1)
+    return logits[1:]
 
 
-def kernel(tiny, strategy, fuse: bool = True):
-    with strategy.attach(tiny.model) as live:
+def kernel(tiny, live, fuse: bool = True):
+    with live:
+        meter = SparsityMeter(live.cost)
         decoder = LeanDecoder(tiny.model, live, max_tokens=64, fuse=fuse)
         logits = [decoder.prefill(prompt(tiny))]
-        live.reset_stats()  # count the decode steps only
+        decoder.meter = meter  # count the decode steps only
         for _ in range(STEPS):
             logits.append(decoder.step(int(logits[-1].argmax())))
-        decoder.flush_stats()
-        return torch.stack(logits[1:]), decoder, live.stats()
+        decoder.flush()
+        return torch.stack(logits[1:]), decoder, meter
 
 
 def assert_same_decode(expected: torch.Tensor, got: torch.Tensor) -> None:
@@ -97,35 +93,55 @@ def test_stock_torch_kernels_match_simulated_mode(name, tiny, monkeypatch) -> No
 
 @pytest.mark.parametrize("fuse", [True, False])
 def test_topk_reads_exactly_the_kept_down_columns(tiny, fuse) -> None:
-    _, decoder, stats = kernel(tiny, ready("topk", tiny, 0.75), fuse=fuse)
+    _, _, meter = kernel(tiny, ready("topk", tiny, 0.75), fuse=fuse)
     config, esize = tiny.model.config, 4
     d, d_ff, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     skipped = (d_ff - keep_count(0.75, d_ff)) * d * layers * esize
-    assert decoder.bytes_per_token() == decoder.dense_bytes() - skipped
-    assert stats.overall == pytest.approx(1 - keep_count(0.75, d_ff) / d_ff)
-    assert stats.entries == STEPS * d_ff * layers
+    summary = meter.summary()
+    assert summary["weight_bytes_per_token"] == summary["dense_weight_bytes_per_token"] - skipped
+    assert meter.site_sparsity == pytest.approx(1 - keep_count(0.75, d_ff) / d_ff)
+    assert meter.entries == STEPS * d_ff * layers
+
+
+@pytest.mark.parametrize("name", KERNEL_STRATEGIES)
+def test_simulated_and_kernel_mode_count_the_same_entries(name, tiny) -> None:
+    """The same decode steps, counted by the hooks (simulated) and by the kernels."""
+    live = ready(name, tiny)
+    with live:
+        stepper = ModelStepper(tiny.model)
+        token = int(stepper.prefill(prompt(tiny)).argmax())
+        with live.measuring() as hooks:
+            for _ in range(STEPS):
+                token = int(stepper.step(token).argmax())
+    _, _, kernels = kernel(tiny, ready(name, tiny))
+    assert kernels.counts() == hooks.counts()
+    assert kernels.summary()["ideal_speedup"] == pytest.approx(hooks.summary()["ideal_speedup"])
 
 
 def test_dense_bytes_count_every_weight_read(tiny) -> None:
-    decoder = LeanDecoder(tiny.model, None, max_tokens=16)
+    cost = adapter_for(tiny.model).cost_model(tiny.model)
     linears = sum(
         p.numel() for n, p in tiny.model.named_parameters() if "proj" in n and "weight" in n
     )
     embedding_row = tiny.model.config.hidden_size
     expected = (linears + tiny.model.lm_head.weight.numel() + embedding_row) * 4
-    assert decoder.dense_bytes() == expected
+    assert cost.dense_bytes == expected
 
 
 def test_sequence_level_methods_decode_with_a_compact_mlp(tiny) -> None:
-    _, decoder, stats = kernel(tiny, ready("griffin", tiny, 0.5))
-    d_ff = tiny.model.config.intermediate_size
+    _, decoder, meter = kernel(tiny, ready("griffin", tiny, 0.5))
+    d_ff, d = tiny.model.config.intermediate_size, tiny.model.config.hidden_size
     assert all(layer.compact[1].shape[1] == keep_count(0.5, d_ff) for layer in decoder.layers)
-    assert stats.overall == pytest.approx(0.5, abs=0.01)
+    assert meter.site_sparsity == pytest.approx(0.5, abs=0.01)
+    # a neuron missing from the compact MLP skips its gate row, up row and down column
+    skipped = (d_ff - keep_count(0.5, d_ff)) * 3 * d * 2 * 4
+    summary = meter.summary()
+    assert summary["dense_weight_bytes_per_token"] - summary["weight_bytes_per_token"] == skipped
 
 
 def test_a_strategy_without_a_kernel_path_is_refused(tiny) -> None:
-    strategy = ready("predictor", tiny, 0.5, "strategy.epochs=1", "calibration.tokens=256")
-    with strategy.attach(tiny.model) as live, pytest.raises(ConfigError, match="no kernel path"):
+    live = ready("predictor", tiny, 0.5, "strategy.epochs=1", "calibration.tokens=256")
+    with live, pytest.raises(ConfigError, match="no kernel path"):
         LeanDecoder(tiny.model, live)
 
 
@@ -138,6 +154,17 @@ def test_kernel_bench_mode_writes_speed_and_bytes(tmp_path) -> None:
     assert 0 < bench_out["weight_bytes_per_token"] < bench_out["dense_weight_bytes_per_token"]
     assert bench_out["ideal_speedup"] > 1
     assert saved["sparsity_detail"]["bench"]["entries"] > 0
+    # paired windows: the dense side, the median ratio and its spread, measured / ideal
+    assert bench_out["dense_tokens_per_s"] > 0 and bench_out["rounds"] == 2
+    assert bench_out["speedup_q25"] <= bench_out["speedup"] <= bench_out["speedup_q75"]
+    assert bench_out["speedup_iqr"] == pytest.approx(
+        bench_out["speedup_q75"] - bench_out["speedup_q25"]
+    )
+    assert bench_out["efficiency"] == pytest.approx(
+        bench_out["speedup"] / bench_out["ideal_speedup"]
+    )
+    # the bench counts decode steps only: rounds x decode_tokens per (site, layer)
+    assert saved["sparsity_detail"]["bench"]["sparse_positions"] == 2 * 4
 
 
 @needs_compiler

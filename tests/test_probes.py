@@ -14,8 +14,7 @@ from moyu_exp.probes.hot_neurons import HotNeurons, gini, hot_share
 from moyu_exp.probes.lag_overlap import LagOverlap
 from moyu_exp.probes.sparsity_profile import cdf_at
 from moyu_exp.strategies.griffin import Griffin
-from tests.conftest import TINY, compose_config
-from tests.test_strategies import make
+from tests.conftest import TINY, attach, compose_config
 
 QUICK = {
     "sparsity_profile": ["probe.prompt_tokens=32", "probe.decode_tokens=8"],
@@ -103,10 +102,9 @@ def test_topk_sets_keep_k_largest_magnitudes() -> None:
 def test_prompt_set_is_griffins_selection(tiny) -> None:
     ids = torch.tensor([[ord(c) for c in "Some prompt text to select from, then more."]])
     z = common.intermediates(tiny, ids)[0]
-    strategy = Griffin(sparsity=0.5)
-    with strategy.attach(tiny.model) as live, torch.inference_mode():
+    with Griffin(sparsity=0.5).attach(tiny.model) as live, torch.inference_mode():
         tiny.model(ids, use_cache=True)
-        frozen = live.frozen_selection()[0][0].cpu()
+        frozen = live.state.frozen[0][0].cpu()
     assert torch.equal(common.prompt_set(z, 0.5), frozen)
 
 
@@ -175,16 +173,16 @@ def test_topk_gives_every_token_the_same_sparsity(tiny) -> None:
 
 
 def test_predictor_strategy_keeps_exactly_k(tiny) -> None:
-    strategy = make(
+    live = attach(
         "predictor",
+        tiny,
         "sparsity=0.5",
         "strategy.epochs=2",
         "strategy.rank=8",
         "calibration.tokens=512",
-        model=tiny,
     )
     ids = torch.tensor([[ord(c) for c in "The lighthouse keeper rose before dawn to trim."]])
-    with strategy.attach(tiny.model) as live, torch.inference_mode():
+    with live, torch.inference_mode():
         seen = []
         handle = tiny.model.model.layers[0].mlp.down_proj.register_forward_pre_hook(
             lambda _m, args: seen.append(args[0][0].clone())
@@ -192,18 +190,18 @@ def test_predictor_strategy_keeps_exactly_k(tiny) -> None:
         tiny.model(ids)
         handle.remove()
     assert torch.all((seen[0] != 0).sum(-1) == 80)
-    assert live.stats().overall == pytest.approx(0.5)
+    assert live.meter.site_sparsity == pytest.approx(0.5)
 
 
 def test_predictor_training_learns_a_learnable_target() -> None:
     """Labels that a low-rank linear score can express are learned (the code trains)."""
     from moyu_exp.strategies.predictor import scores, train
-    from moyu_exp.strategies.topk import topk_mask
+    from moyu_exp.strategies.base import topk_mask
 
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(2048, 24, generator=generator)
     truth = x @ torch.randn(24, 4, generator=generator) @ torch.randn(4, 40, generator=generator)
-    labels = topk_mask(truth, 20, magnitude=False)
+    labels = topk_mask(truth, 20)
     w1, w2 = train(x[:1536], labels[:1536], rank=8, epochs=30, lr=1e-2, batch_size=256, seed=0)
-    predicted = topk_mask(scores(x[1536:], w1, w2), 20, magnitude=False)
+    predicted = topk_mask(scores(x[1536:], w1, w2), 20)
     assert common.recall(predicted, labels[1536:]).mean() > 0.85  # chance: 0.5

@@ -5,20 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moyu_exp import calibration
 from moyu_exp.config import ConfigError, build
 from moyu_exp.strategies import STRATEGIES, Strategy, keep_count
 from moyu_exp.strategies.topk import TopK
-from tests.conftest import TINY, compose_config
+from tests.conftest import TINY, attach, compose_config
 
 
-def make(name: str, *overrides: str, model=None) -> Strategy:
-    """A strategy from its config; calibrated on ``model`` when it needs calibration."""
-    cfg = compose_config(*TINY, f"strategy={name}", *overrides)
-    strategy = build(cfg.strategy)
-    if model is not None:
-        calibration.prepare(strategy, model, cfg)
-    return strategy
+def make(name: str, *overrides: str) -> Strategy:
+    """A strategy from its config (not calibrated)."""
+    return build(compose_config(*TINY, f"strategy={name}", *overrides).strategy)
 
 
 @torch.inference_mode()
@@ -29,7 +24,7 @@ def logits(model, ids: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
 def test_sparsity_zero_reproduces_dense_logits_exactly(name, tiny, tiny_batch) -> None:
     dense = logits(tiny.model, tiny_batch)
-    with make(name, "sparsity=0", model=tiny).attach(tiny.model):
+    with attach(name, tiny, "sparsity=0"):
         sparse = logits(tiny.model, tiny_batch)
     assert torch.equal(dense, sparse)
 
@@ -38,8 +33,7 @@ def test_sparsity_zero_reproduces_dense_logits_exactly(name, tiny, tiny_batch) -
 def test_attach_restores_the_model_exactly(name, tiny, tiny_batch) -> None:
     before = logits(tiny.model, tiny_batch)
     state = {k: v.clone() for k, v in tiny.model.state_dict().items()}
-    strategy = make(name, "sparsity=0.6", model=tiny)
-    with strategy.attach(tiny.model):
+    with attach(name, tiny, "sparsity=0.6"):
         logits(tiny.model, tiny_batch)
     assert torch.equal(logits(tiny.model, tiny_batch), before)
     assert all(torch.equal(v, state[k]) for k, v in tiny.model.state_dict().items())
@@ -47,35 +41,41 @@ def test_attach_restores_the_model_exactly(name, tiny, tiny_batch) -> None:
 
 
 def test_hooks_are_removed_after_an_exception(tiny, tiny_batch) -> None:
-    strategy = make("topk", "sparsity=0.5")
-    with pytest.raises(RuntimeError, match="boom"), strategy.attach(tiny.model):
+    with pytest.raises(RuntimeError, match="boom"), attach("topk", tiny, "sparsity=0.5"):
         raise RuntimeError("boom")
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in tiny.model.modules())
+
+
+def test_the_strategy_holds_no_state_of_a_run(tiny, tiny_batch) -> None:
+    """Per-run state lives on the Attachment: the strategy's fields are its parameters only."""
+    strategy = make("griffin", "sparsity=0.5")
+    before = dict(vars(strategy))
+    with strategy.attach(tiny.model) as live:
+        logits(tiny.model, tiny_batch)
+        assert live.state.frozen  # the selection is the attachment's
+    assert vars(strategy) == before
 
 
 def test_topk_keeps_exactly_k_entries_per_token(tiny, tiny_batch) -> None:
     seen = []
     down = tiny.model.model.layers[1].mlp.down_proj
-    strategy = make("topk", "sparsity=0.7")
-    with strategy.attach(tiny.model) as live:  # runs before the recorder registered below
+    with attach("topk", tiny, "sparsity=0.7") as live:  # runs before the recorder below
         handle = down.register_forward_pre_hook(lambda _m, args: seen.append(args[0].clone()))
         logits(tiny.model, tiny_batch)
-        stats = live.stats()
     handle.remove()
     d_ff = tiny.model.config.intermediate_size
     k = keep_count(0.7, d_ff)
     assert k == round(0.3 * 160)
     nonzero = (seen[0] != 0).sum(-1)
     assert torch.all(nonzero == k)
-    assert stats.overall == pytest.approx(1 - k / d_ff, abs=1e-9)
-    assert stats.by(0) == {"mlp_intermediate": pytest.approx(1 - k / d_ff)}
-    assert set(stats.by(1)) == {0, 1}
+    assert live.meter.site_sparsity == pytest.approx(1 - k / d_ff, abs=1e-9)
+    assert live.meter.by(0) == {"mlp_intermediate": pytest.approx(1 - k / d_ff)}
+    assert set(live.meter.by(1)) == {0, 1}
 
 
 def test_topk_keeps_the_largest_magnitudes() -> None:
     x = torch.tensor([[[0.1, -5.0, 0.3, 2.0, -0.2]]])
-    y = TopK(sparsity=0.6).sparsify("mlp_intermediate", 0, x)
-    assert y.tolist() == [[[0.0, -5.0, 0.0, 2.0, 0.0]]]
+    assert TopK(sparsity=0.6).select(x).tolist() == [[[False, True, False, True, False]]]
 
 
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
@@ -84,8 +84,7 @@ def test_sparsity_zero_on_a_fresh_prefill_and_decode_is_dense(name, tiny) -> Non
     with torch.inference_mode():
         out = tiny.model(ids[:, :4], use_cache=True)
         dense = tiny.model(ids[:, 4:], cache=out.cache, use_cache=True).logits
-        strategy = make(name, "sparsity=0", model=tiny)
-        with strategy.attach(tiny.model):
+        with attach(name, tiny, "sparsity=0"):
             out = tiny.model(ids[:, :4], use_cache=True)
             sparse = tiny.model(ids[:, 4:], cache=out.cache, use_cache=True).logits
     assert torch.equal(dense, sparse)
@@ -93,58 +92,59 @@ def test_sparsity_zero_on_a_fresh_prefill_and_decode_is_dense(name, tiny) -> Non
 
 def test_padding_is_not_counted(tiny) -> None:
     ids = torch.tensor([[10, 11, 12, 13], [20, 21, 0, 0]])
-    strategy = make("topk", "sparsity=0.5")
-    with strategy.attach(tiny.model) as live, live.segments(torch.tensor([4, 2])):
+    with attach("topk", tiny, "sparsity=0.5") as live, live.segments(torch.tensor([4, 2])):
         logits(tiny.model, ids)
     d_ff, layers = tiny.model.config.intermediate_size, 2
-    assert live.stats().entries == 6 * d_ff * layers
+    assert live.meter.entries == 6 * d_ff * layers
+    assert live.meter.site_sparsity == pytest.approx(0.5)
 
 
 def test_attention_mask_marks_left_padding(tiny) -> None:
     ids = torch.tensor([[0, 0, 12, 13], [20, 21, 22, 23]])
     mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
-    strategy = make("topk", "sparsity=0.5")
-    with strategy.attach(tiny.model) as live, torch.inference_mode():
+    with attach("topk", tiny, "sparsity=0.5") as live, torch.inference_mode():
         tiny.model(input_ids=ids, attention_mask=mask)
-    assert live.stats().entries == 6 * tiny.model.config.intermediate_size * 2
+    assert live.meter.entries == 6 * tiny.model.config.intermediate_size * 2
 
 
 def test_paused_runs_dense_and_counts_nothing(tiny, tiny_batch) -> None:
     dense = logits(tiny.model, tiny_batch)
-    strategy = make("topk", "sparsity=0.9")
-    with strategy.attach(tiny.model) as live:
+    with attach("topk", tiny, "sparsity=0.9") as live:
         with live.paused():
             assert torch.equal(logits(tiny.model, tiny_batch), dense)
-        assert live.stats().counts == {}
+        assert live.meter.counts() == {}
         assert not torch.equal(logits(tiny.model, tiny_batch), dense)
 
 
+def test_measuring_gives_each_phase_its_own_meter(tiny, tiny_batch) -> None:
+    with attach("topk", tiny, "sparsity=0.5") as live:
+        outer = live.meter
+        with live.measuring() as phase:
+            logits(tiny.model, tiny_batch)
+        assert phase.entries > 0 and outer.counts() == {}
+        assert live.meter is outer
+
+
 def test_layers_select_where_hooks_go(tiny, tiny_batch) -> None:
-    strategy = make("topk", "sparsity=0.5", "strategy.layers=[1]")
-    with strategy.attach(tiny.model) as live:
+    with attach("topk", tiny, "sparsity=0.5", "strategy.layers=[1]") as live:
         logits(tiny.model, tiny_batch)
-    assert set(live.stats().by(1)) == {1}
+    assert set(live.meter.by(1)) == {1}
 
 
 def test_layers_out_of_range_is_a_config_error(tiny) -> None:
-    strategy = make("topk", "strategy.layers=[0,5]")
     error = r"layers \[5\] out of range: the model has 2 layers"
-    with pytest.raises(ConfigError, match=error), strategy.attach(tiny.model):
+    with pytest.raises(ConfigError, match=error), attach("topk", tiny, "strategy.layers=[0,5]"):
         pass
 
 
 def test_attaching_twice_is_refused(tiny) -> None:
-    strategy = make("topk")
-    with (
-        strategy.attach(tiny.model),
-        pytest.raises(RuntimeError, match="already attached"),
-        strategy.attach(tiny.model),
-    ):
+    live = attach("topk", tiny)
+    with live, pytest.raises(RuntimeError, match="already attached"), live:
         pass
 
 
 def test_dense_touches_nothing(tiny, tiny_batch) -> None:
-    with make("dense").attach(tiny.model) as live:
+    with attach("dense", tiny) as live:
         logits(tiny.model, tiny_batch)
         assert not any(m._forward_pre_hooks for m in tiny.model.modules())
-    assert live.stats().overall == 0.0
+    assert live.meter.site_sparsity == 0.0

@@ -12,7 +12,7 @@ from moyu_exp.config import ConfigError, build
 from moyu_exp.evaluation.harness import MoyuLM
 from moyu_exp.strategies import STRATEGIES, keep_count
 from moyu_exp.strategies.cett import mean_cett, solve_epsilon
-from tests.conftest import TINY, compose_config
+from tests.conftest import TINY, attach, compose_config
 from tests.test_strategies import make
 
 D_FF = 160
@@ -29,20 +29,20 @@ def recorded(model, layer: int, site_module: str = "down_proj"):
 @pytest.mark.parametrize("name", ["topk", "random", "static", "wina"])
 @pytest.mark.parametrize("sparsity", [0.3, 0.5, 0.9])
 def test_topk_family_keeps_exactly_k_per_token(name, sparsity, tiny, tiny_batch) -> None:
-    strategy = make(name, f"sparsity={sparsity}", "strategy.sites=[mlp_intermediate]")
-    with strategy.attach(tiny.model) as live, torch.inference_mode():
+    live = attach(name, tiny, f"sparsity={sparsity}", "strategy.sites=[mlp_intermediate]")
+    with live, torch.inference_mode():
         seen, handle = recorded(tiny.model, 0)
         tiny.model(tiny_batch)
         handle.remove()
     k = keep_count(sparsity, D_FF)
     assert torch.all((seen[0] != 0).sum(-1) == k)
-    assert live.stats().overall == pytest.approx(1 - k / D_FF)
+    assert live.meter.site_sparsity == pytest.approx(1 - k / D_FF)
 
 
 def test_random_is_seeded_and_differs_across_seeds(tiny, tiny_batch) -> None:
     def masks(seed: int) -> torch.Tensor:
-        strategy = make("random", "sparsity=0.5", f"strategy.seed={seed}")
-        with strategy.attach(tiny.model), torch.inference_mode():
+        live = attach("random", tiny, "sparsity=0.5", f"strategy.seed={seed}")
+        with live, torch.inference_mode():
             seen, handle = recorded(tiny.model, 0)
             tiny.model(tiny_batch)
             handle.remove()
@@ -53,11 +53,10 @@ def test_random_is_seeded_and_differs_across_seeds(tiny, tiny_batch) -> None:
 
 
 def test_static_set_is_input_independent_and_follows_weight_norms(tiny) -> None:
-    strategy = make("static", "sparsity=0.75")
     mlp = tiny.model.model.layers[1].mlp
     score = mlp.gate_proj.weight.norm(dim=1) * mlp.up_proj.weight.norm(dim=1)
     expected = set(score.topk(keep_count(0.75, D_FF)).indices.tolist())
-    with strategy.attach(tiny.model), torch.inference_mode():
+    with attach("static", tiny, "sparsity=0.75"), torch.inference_mode():
         seen, handle = recorded(tiny.model, 1)
         tiny.model(torch.tensor([[1, 2, 3, 4]]))
         tiny.model(torch.tensor([[200, 100, 50]]))
@@ -74,9 +73,12 @@ def thresholds_over_sparsity(name: str, model, *overrides: str) -> torch.Tensor:
     """(sparsity, site-layer) matrix of thresholds (channel thresholds averaged)."""
     rows = []
     for sparsity in SPARSITIES:
-        strategy = make(name, f"sparsity={sparsity}", *overrides, model=model)
-        with strategy.attach(model.model):
-            values = strategy._threshold.values()
+        with attach(name, model, f"sparsity={sparsity}", *overrides) as live:
+            values = [live.kernel_rule(*key) for key in sorted(live.rules)]
+            if name == "tda":
+                values = list(live.state.thresholds.values())
+            else:
+                values = [r.threshold for r in values]
             rows.append([float(torch.as_tensor(t).float().mean()) for t in values])
     return torch.tensor(rows)
 
@@ -108,10 +110,9 @@ def test_progressive_thresholds_grow_where_nothing_runs_before_them(name, tiny) 
 def test_achieved_sparsity_grows_with_the_target(name, tiny, tiny_batch) -> None:
     achieved = []
     for sparsity in SPARSITIES:
-        strategy = make(name, f"sparsity={sparsity}", model=tiny)
-        with strategy.attach(tiny.model) as live, torch.inference_mode():
+        with attach(name, tiny, f"sparsity={sparsity}") as live, torch.inference_mode():
             tiny.model(tiny_batch)
-        achieved.append(live.stats().overall)
+        achieved.append(live.meter.site_sparsity)
     assert achieved[0] == 0 and achieved == sorted(achieved)
 
 
@@ -127,17 +128,15 @@ def test_quantile_threshold_interpolates_the_table() -> None:
 def test_calibrated_thresholds_hit_the_target_on_the_calibration_text(name, tiny) -> None:
     plus = ["strategy.sites=[gate_act,attn_input,o_proj_input]"] if name == "chess+" else []
     cfg = compose_config(*TINY, f"strategy={name.rstrip('+')}", "sparsity=0.6", *plus)
-    strategy = build(cfg.strategy)
-    calibration.prepare(strategy, tiny, cfg)
     batches = calibration.token_batches(tiny.tokenizer, build(cfg.dataset), 16384, 256)
-    with strategy.attach(tiny.model) as live, torch.inference_mode():
+    with attach(name.rstrip("+"), tiny, "sparsity=0.6", *plus) as live, torch.inference_mode():
         tiny.model(torch.cat(batches))
-    assert live.stats().overall == pytest.approx(0.6, abs=0.005)
+    assert live.meter.site_sparsity == pytest.approx(0.6, abs=0.005)
 
 
 def calibrate_with(model, *overrides: str) -> dict:
     cfg = compose_config(*TINY, *overrides)
-    return calibration.prepare(build(cfg.strategy), model, cfg)
+    return calibration.prepare(build(cfg.strategy), model, cfg)[1]
 
 
 def test_calibration_is_cached_by_what_determines_it(tiny) -> None:
@@ -174,13 +173,13 @@ def test_greedy_path_is_computed_once_for_every_sparsity(tiny, tmp_path, monkeyp
 
 
 def test_teal_greedy_path_reaches_the_target_model_wide(tiny) -> None:
-    strategy = make("teal", "sparsity=0.5", "strategy.allocation=greedy", model=tiny)
+    live = attach("teal", tiny, "sparsity=0.5", "strategy.allocation=greedy")
     for layer in (0, 1):
-        path = strategy.calibration[f"greedy.{layer}"]
+        path = live.calibration[f"greedy.{layer}"]
         assert path[0].tolist() == [0.0] * 5
         assert torch.all(path[1:, 0] >= path[:-1, 0])  # model-wide sparsity only grows
         assert path[-1, 0] >= 0.9 - 1e-6
-    levels = strategy.site_levels(0)
+    levels = live.strategy.site_levels(live.calibration, 0)
     assert set(levels) == {"attn_input", "o_proj_input", "mlp_input", "mlp_intermediate"}
     assert len(set(levels.values())) > 1  # greedy differs from uniform
 
@@ -200,13 +199,12 @@ def test_cett_epsilon_meets_its_target() -> None:
 
 
 def test_cett_reports_the_sparsity_it_reaches(tiny, tiny_batch) -> None:
-    low = make("cett", "sparsity=0.5", "strategy.target=0.05", model=tiny)
-    high = make("cett", "sparsity=0.5", "strategy.target=0.3", model=tiny)
     achieved = []
-    for strategy in (low, high):
-        with strategy.attach(tiny.model) as live, torch.inference_mode():
+    for target in (0.05, 0.3):
+        live = attach("cett", tiny, "sparsity=0.5", f"strategy.target={target}")
+        with live, torch.inference_mode():
             tiny.model(tiny_batch)
-        achieved.append(live.stats().overall)
+        achieved.append(live.meter.site_sparsity)
     assert 0 < achieved[0] < achieved[1] < 1
 
 
@@ -231,8 +229,7 @@ def test_sequence_level_selects_from_the_context_only(tiny) -> None:
     from_everything = set(griffin_keep(z, slice(None), k)[0].tolist())
     assert from_context != from_everything  # the case discriminates
 
-    strategy = make("griffin", "sparsity=0.5")
-    with strategy.attach(tiny.model) as live, torch.inference_mode():
+    with attach("griffin", tiny, "sparsity=0.5") as live, torch.inference_mode():
         seen, handle = recorded(tiny.model, 1)
         with live.segments(torch.tensor([ids.shape[1]]), torch.tensor([context])):
             tiny.model(ids)
@@ -241,18 +238,17 @@ def test_sequence_level_selects_from_the_context_only(tiny) -> None:
     assert torch.equal(z_sparse[:, :context] != 0, z[:, :context] != 0)  # context runs dense
     for t in range(context, ids.shape[1]):
         assert set((z_sparse[0, t] != 0).nonzero().flatten().tolist()) <= from_context
-    stats = live.stats().to_dict()
-    assert stats["overall"] == pytest.approx(1 - k / D_FF, abs=0.01)
+    stats = live.meter.summary()
+    assert stats["site_sparsity"] == pytest.approx(1 - k / D_FF, abs=0.01)
     assert stats["dense_prompt_entries"] == context * D_FF * 2
 
 
 def test_sequence_level_freezes_the_prefill_selection_for_decoding(tiny) -> None:
     prompt = torch.tensor([[ord(c) for c in "Once upon a time there was"]])
-    strategy = make("griffin", "sparsity=0.6")
-    with strategy.attach(tiny.model) as live, torch.inference_mode():
+    with attach("griffin", tiny, "sparsity=0.6") as live, torch.inference_mode():
         seen, handle = recorded(tiny.model, 0)
         out = tiny.model(prompt, use_cache=True)
-        frozen = live.frozen_selection()[0][0]
+        frozen = live.state.frozen[0][0]
         token = out.logits[:, -1:].argmax(-1)
         for _ in range(3):
             out = tiny.model(token, cache=out.cache, use_cache=True)
@@ -264,45 +260,44 @@ def test_sequence_level_freezes_the_prefill_selection_for_decoding(tiny) -> None
             assert torch.equal(kept & ~frozen, torch.zeros_like(kept))
             assert int(kept.sum()) == keep_count(0.6, D_FF)
         tiny.model(torch.tensor([[1, 2, 3]]), use_cache=True)  # a new sequence
-        assert not torch.equal(live.frozen_selection()[0][0], frozen)
+        assert not torch.equal(live.state.frozen[0][0], frozen)
 
 
 def test_tda_keeps_neurons_above_its_calibrated_threshold(tiny) -> None:
-    strategy = make("tda", "sparsity=0.5", model=tiny)
     ids = torch.tensor([[ord(c) for c in "A fairly ordinary sentence about the weather today."]])
-    with strategy.attach(tiny.model) as live, torch.inference_mode():
+    with attach("tda", tiny, "sparsity=0.5") as live, torch.inference_mode():
         with live.segments(torch.tensor([ids.shape[1]]), torch.tensor([30])):
             tiny.model(ids)
-        achieved = live.stats().overall
+        achieved = live.meter.site_sparsity
     assert 0.2 < achieved < 0.8  # threshold-based: near the target on average, not exact
 
 
 def test_lm_eval_bridge_declares_context_lengths(tiny) -> None:
-    strategy = make("griffin", "sparsity=0.5")
-    lm = MoyuLM(tiny, strategy, batch_size=4, prompt_fraction=0.5)
+    live = attach("griffin", tiny, "sparsity=0.5")
+    lm = MoyuLM(tiny, live, batch_size=4, prompt_fraction=0.5)
     captured = []
-    original = strategy.segments
+    original = live.segments
 
     def spy(valid, prompt=None):
         captured.append((valid.tolist(), prompt.tolist()))
         return original(valid, prompt)
 
-    strategy.segments = spy
+    live.segments = spy
     requests = [(("a", "b"), [10, 11, 12], [13, 14]), (("c", "d"), [20], [21])]
-    with strategy.attach(tiny.model):
+    with live:
         lm._loglikelihood_tokens(requests, disable_tqdm=True)
     # rows are [10, 11, 12, 13] (context 3) and [20, 0, 0, 0] (context 1), sorted longest first
     assert captured == [([4, 1], [3, 1])]
 
 
 def test_lm_eval_rolling_windows_use_the_prompt_fraction(tiny) -> None:
-    strategy = make("griffin", "sparsity=0.5")
-    lm = MoyuLM(tiny, strategy, batch_size=4, prompt_fraction=0.5)
+    live = attach("griffin", tiny, "sparsity=0.5")
+    lm = MoyuLM(tiny, live, batch_size=4, prompt_fraction=0.5)
     lm._rolling = True
     captured = []
-    original = strategy.segments
-    strategy.segments = lambda v, p=None: captured.append(p.tolist()) or original(v, p)
-    with strategy.attach(tiny.model):
+    original = live.segments
+    live.segments = lambda v, p=None: captured.append(p.tolist()) or original(v, p)
+    with live:
         lm._loglikelihood_tokens([(None, [256], list(range(40, 50)))], disable_tqdm=True)
     assert captured == [[5]]  # a 10-token input: first half is the prompt
 
@@ -310,9 +305,7 @@ def test_lm_eval_rolling_windows_use_the_prompt_fraction(tiny) -> None:
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
 def test_every_strategy_runs_the_embedded_eval(name, tiny) -> None:
     cfg = compose_config(*TINY, f"strategy={name}", "sparsity=0.5")
-    strategy = build(cfg.strategy)
-    calibration.prepare(strategy, tiny, cfg)
-    with strategy.attach(tiny.model) as live:
+    with attach(name, tiny, "sparsity=0.5") as live:
         metrics, _ = evaluation.run(tiny, cfg.eval, live, seed=0)
     assert metrics["embedded"]["word_perplexity"] > 1
     expected_dense = name == "dense"

@@ -9,11 +9,11 @@ from omegaconf import DictConfig
 from moyu_exp import datasets
 from moyu_exp.evaluation import fidelity, harness
 from moyu_exp.models import LoadedModel
-from moyu_exp.strategies import Strategy
+from moyu_exp.strategies import Attachment
 
 
 def run(
-    loaded: LoadedModel, cfg: DictConfig, live: Strategy, seed: int
+    loaded: LoadedModel, cfg: DictConfig, live: Attachment, seed: int
 ) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
     """Evaluate the model as it is now (with ``live`` attached): metrics and per-task details."""
     metrics: dict[str, dict[str, float]] = {}
@@ -34,6 +34,7 @@ def run(
     if cfg.fidelity:
         documents = datasets.embedded(split="evaluation")
         metrics["fidelity"] = fidelity.measure(loaded, live, documents, cfg.prompt_fraction)
+        details["fidelity"] = {"higher_is_better": fidelity.HIGHER_IS_BETTER}
     return metrics, details
 
 

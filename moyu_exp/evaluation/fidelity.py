@@ -11,7 +11,9 @@ from tqdm.auto import tqdm
 
 from moyu_exp.evaluation.harness import window_prompt
 from moyu_exp.models import LoadedModel
-from moyu_exp.strategies import Strategy
+from moyu_exp.strategies import Attachment
+
+HIGHER_IS_BETTER = {"kl": False, "top1_agreement": True}
 
 
 def prefix_token(tokenizer) -> int:
@@ -22,7 +24,7 @@ def prefix_token(tokenizer) -> int:
 @torch.inference_mode()
 def measure(
     loaded: LoadedModel,
-    live: Strategy,
+    live: Attachment,
     documents: list[str],
     prompt_fraction: float,
     window: int = 1024,

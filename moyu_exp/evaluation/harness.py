@@ -15,7 +15,7 @@ from lm_eval.models.huggingface import HFLM
 
 from moyu_exp.evaluation.tasks import task_manager, task_spec
 from moyu_exp.models import LoadedModel
-from moyu_exp.strategies import Strategy
+from moyu_exp.strategies import Attachment
 
 
 def window_prompt(tokens: int, fraction: float) -> int:
@@ -34,7 +34,7 @@ class MoyuLM(HFLM):
     """
 
     def __init__(
-        self, loaded: LoadedModel, live: Strategy, batch_size: int, prompt_fraction: float
+        self, loaded: LoadedModel, live: Attachment, batch_size: int, prompt_fraction: float
     ):
         super().__init__(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=batch_size)
         self._live = live
@@ -94,7 +94,7 @@ def clean_metrics(result: dict[str, Any]) -> dict[str, float]:
 
 def evaluate(
     loaded: LoadedModel,
-    live: Strategy,
+    live: Attachment,
     tasks: list[str],
     *,
     limit: float | None,
@@ -132,6 +132,7 @@ def evaluate(
         task: {
             "n_samples": out.get("n-samples", {}).get(task),
             "version": out["versions"].get(task),
+            "higher_is_better": out.get("higher_is_better", {}).get(task, {}),
         }
         for task in out["results"]
     }

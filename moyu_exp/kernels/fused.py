@@ -92,28 +92,28 @@ class FusedStep:
 
     def __init__(self, decoder, rules: dict[tuple[str, int], object]):
         self.decoder = decoder
-        self.keep: list = []  # tensors the structures point into
+        w = decoder.w
         lib = decoder.k.typed
-        suffix = {torch.float32: "f32", torch.bfloat16: "bf16"}[decoder.head.dtype]
+        suffix = {torch.float32: "f32", torch.bfloat16: "bf16"}[w.head.dtype]
         self.fn = getattr(lib.lib, f"decode_step_{suffix}")
         self.fn.argtypes = [ctypes.POINTER(ModelSpec), I64, I64, P, P]
         self.fn.restype = None
         self.rules = rules
         self.layers = (LayerSpec * len(decoder.layers))()
         self.refresh()
-        d, d_ff = decoder.d, decoder.d_ff
+        d, d_ff = w.d, w.d_ff
         threads = max(1, torch.get_num_threads())
-        widest = max(d, 2 * d_ff, decoder.heads * decoder.head_dim)
+        widest = max(d, 2 * d_ff, w.heads * w.head_dim)
         stride = (widest + 15) // 16 * 16
         scratch = {
             "h": d,
             "n": d,
-            "qkv": (decoder.heads + 2 * decoder.kv_heads) * decoder.head_dim,
-            "attn": decoder.heads * decoder.head_dim,
+            "qkv": (w.heads + 2 * w.kv_heads) * w.head_dim,
+            "attn": w.heads * w.head_dim,
             "gu": 2 * d_ff,
             "z": d_ff,
             "out": widest,
-            "scores": threads * decoder.max_tokens,
+            "scores": threads * w.max_tokens,
             "work": 4 * max(d, d_ff),
             "upv": d_ff,
             "acc": (threads + 1) * stride,
@@ -121,23 +121,23 @@ class FusedStep:
         self.buffers = {k: torch.zeros(v, dtype=torch.float32) for k, v in scratch.items()}
         self.buffers["list"] = torch.zeros(max(d, d_ff, widest), dtype=torch.int64)
         self.kept = torch.zeros(len(decoder.layers), len(SITES), dtype=torch.int64)
-        self.logits = torch.empty(decoder.head.shape[0], dtype=torch.float32)
+        self.logits = torch.empty(w.head.shape[0], dtype=torch.float32)
         self.model = ModelSpec(
             layers=len(decoder.layers),
             d=d,
             d_ff=d_ff,
-            heads=decoder.heads,
-            kv=decoder.kv_heads,
-            head_dim=decoder.head_dim,
-            max_tokens=decoder.max_tokens,
-            vocab=decoder.head.shape[0],
-            eps=decoder.eps,
+            heads=w.heads,
+            kv=w.kv_heads,
+            head_dim=w.head_dim,
+            max_tokens=w.max_tokens,
+            vocab=w.head.shape[0],
+            eps=w.eps,
             scale=decoder.scale,
-            embed=decoder.embed.data_ptr(),
-            head=decoder.head.data_ptr(),
-            norm=decoder.norm.data_ptr(),
-            cos=decoder.cos.data_ptr(),
-            sin=decoder.sin.data_ptr(),
+            embed=w.embed.data_ptr(),
+            head=w.head.data_ptr(),
+            norm=w.norm.data_ptr(),
+            cos=w.cos.data_ptr(),
+            sin=w.sin.data_ptr(),
             layer=ctypes.cast(self.layers, P),
             **{name: buffer.data_ptr() for name, buffer in self.buffers.items()},
         )
@@ -148,8 +148,8 @@ class FusedStep:
         for i, layer in enumerate(decoder.layers):
             spec = self.layers[i]
             for name in ("qkv", "o", "gate_up", "down"):
-                setattr(spec, name, getattr(layer, name).data_ptr())
-            spec.ln1, spec.ln2 = layer.ln1.data_ptr(), layer.ln2.data_ptr()
+                setattr(spec, name, getattr(layer.w, name).data_ptr())
+            spec.ln1, spec.ln2 = layer.w.ln1.data_ptr(), layer.w.ln2.data_ptr()
             spec.qkv_t = _ptr(layer.t.get("attn_input"))
             spec.o_t = _ptr(layer.t.get("o_proj_input"))
             spec.gate_up_t = _ptr(layer.t.get("mlp_input"))
@@ -164,14 +164,12 @@ class FusedStep:
                 if rule is None:
                     spec.rules[j] = Rule(active=0)
                     continue
-                scale = _f32(rule.scale, self.keep)
-                thresholds = rule.threshold if isinstance(rule.threshold, torch.Tensor) else None
-                thresholds = _f32(thresholds, self.keep)
+                scale, thresholds, threshold, k = rule.native_args()
                 spec.rules[j] = Rule(
                     scale=_ptr(scale),
                     thresholds=_ptr(thresholds),
-                    threshold=0.0 if thresholds is not None else float(rule.threshold),
-                    k=-1 if rule.k is None else rule.k,
+                    threshold=threshold,
+                    k=k,
                     active=1,
                 )
 
@@ -179,11 +177,3 @@ class FusedStep:
         """Logits of one step, and the kept counts per (layer, site)."""
         self.fn(ctypes.byref(self.model), token, pos, self.logits.data_ptr(), self.kept.data_ptr())
         return self.logits, self.kept
-
-
-def _f32(tensor, keep: list):
-    if tensor is None:
-        return None
-    tensor = tensor.detach().to(torch.float32).contiguous()
-    keep.append(tensor)
-    return tensor

@@ -75,6 +75,8 @@ class Native:
         lib.silu_mul.argtypes, lib.silu_mul.restype = [ptr, i64, ptr], None
         lib.attend.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, i64, ptr, ptr, f32, ptr, ptr]
         lib.attend.restype = None
+        lib.mask_rows.argtypes = [ptr, ptr, i64, i64, ptr, ptr, ptr, f32, i64, i64, ptr, ptr]
+        lib.mask_rows.restype = i64
 
     def fn(self, kind: str, weight):
         """The ``kind`` kernel for ``weight``'s dtype (fp32 or bf16)."""

@@ -53,11 +53,11 @@ class TorchKernels:
         return torch.nn.functional.silu(gate) * up
 
     def sparse_in_rule(self, weight_t, rule, x):
-        return self.sparse_in(weight_t, rule_mask(rule, x), x)
+        return self.sparse_in(weight_t, rule.mask(x), x)
 
     def gated_rule(self, up_weight, down_t, gate, x, rule):
         act = torch.nn.functional.silu(gate)
-        mask = rule_mask(rule, act)
+        mask = rule.mask(act)
         up = self.rows_masked(up_weight, mask, x)
         return self.sparse_in(down_t, mask, act * up)
 
@@ -137,15 +137,6 @@ class NativeKernels:
         self.lib.silu_mul(gate_up.data_ptr(), out.numel(), out.data_ptr())
         return out
 
-    def _rule_args(self, rule):
-        thresholds = rule.threshold if isinstance(rule.threshold, torch.Tensor) else None
-        return (
-            None if rule.scale is None else _f32(rule.scale).data_ptr(),
-            None if thresholds is None else _f32(thresholds).data_ptr(),
-            0.0 if thresholds is not None else float(rule.threshold),
-            -1 if rule.k is None else rule.k,
-        )
-
     def sparse_in_rule(self, weight_t, rule, x):
         out = torch.empty(weight_t.shape[1], dtype=torch.float32)
         kept = self._fn("axpy_rule", weight_t)(
@@ -153,7 +144,7 @@ class NativeKernels:
             weight_t.shape[1],
             weight_t.shape[0],
             x.data_ptr(),
-            *self._rule_args(rule),
+            *rule.native_pointers(),
             out.data_ptr(),
             self.work.data_ptr(),
             self.list.data_ptr(),
@@ -170,7 +161,7 @@ class NativeKernels:
             up_weight.shape[0],
             gate.data_ptr(),
             x.data_ptr(),
-            *self._rule_args(rule),
+            *rule.native_pointers(),
             out.data_ptr(),
             self.work.data_ptr(),
             self.list.data_ptr(),
@@ -206,35 +197,6 @@ def kernels_for(device, dtype, max_tokens: int, max_cols: int):
         if lib is not None:
             return NativeKernels(lib, max_tokens, max_cols)
     return TorchKernels(dtype, device)
-
-
-def rule_mask(rule, x):
-    """The mask a :class:`KernelRule` keeps of x (the stock-PyTorch twin of the C selection)."""
-    score = x.abs() if rule.scale is None else x.abs() * rule.scale.to(x.dtype)
-    if rule.k is not None:
-        from moyu_exp.strategies.topk import topk_mask
-
-        if rule.k >= x.numel():
-            return torch.ones_like(x, dtype=torch.bool)
-        return topk_mask(score, rule.k)
-    threshold = rule.threshold
-    if isinstance(threshold, torch.Tensor):
-        threshold = threshold.to(device=x.device, dtype=x.dtype)
-    return score >= threshold
-
-
-_F32: dict = {}
-
-
-def _f32(tensor):
-    """A contiguous fp32 copy of a (small, long-lived) rule tensor, made once."""
-    if tensor.dtype == torch.float32 and tensor.is_contiguous():
-        return tensor
-    key = id(tensor)
-    cached = _F32.get(key)
-    if cached is None or cached[0] is not tensor:
-        cached = _F32[key] = (tensor, tensor.float().contiguous())
-    return cached[1]
 
 
 def _rope(x, cos, sin):

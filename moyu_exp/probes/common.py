@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from moyu_exp import datasets
 from moyu_exp.activations import run_with_hooks
+from moyu_exp.decode import ModelStepper, greedy
 from moyu_exp.lazy import lazy_import
-from moyu_exp.sites import adapter_for
-from moyu_exp.strategies import keep_count
+from moyu_exp.sites import adapter_for, hooked
+from moyu_exp.strategies.griffin import Griffin
+from moyu_exp.strategies.topk import TopK
 
 torch = lazy_import("torch")
 
@@ -32,15 +34,11 @@ def intermediates(loaded, ids: torch.Tensor, site: str = SITE) -> dict[int, torc
 
 
 def generate(loaded, prompt: torch.Tensor, steps: int, sites=(SITE,)):
-    """Greedy decoding from ``prompt`` (1, T). Returns the generated ids (1, steps) and, per
-    (site, layer), the activations of the prompt (T, dim) and of each generated token
-    (steps, dim)."""
-    from moyu_exp.bench import cache_kwarg
-
-    model = loaded.model
-    adapter = adapter_for(model)
-    blocks = adapter.layers(model)
-    keys = [(site, layer) for site in sites for layer in range(len(blocks))]
+    """Greedy decoding from ``prompt`` (1, T) (:func:`moyu_exp.decode.greedy`). Returns the ids
+    fed after the prompt (1, steps) and, per (site, layer), the activations of the prompt
+    (T, dim) and of each fed token (steps, dim)."""
+    layers = range(len(adapter_for(loaded.model).layers(loaded.model)))
+    keys = [(site, layer) for site in sites for layer in layers]
     seen: dict[tuple[str, int], list[torch.Tensor]] = {key: [] for key in keys}
 
     def keep(key):
@@ -50,39 +48,23 @@ def generate(loaded, prompt: torch.Tensor, steps: int, sites=(SITE,)):
 
         return fn
 
-    handles = [adapter.hook(blocks[layer], site, keep((site, layer))) for site, layer in keys]
-    kw = cache_kwarg(model)
-    generated: list[torch.Tensor] = []
-    try:
-        with torch.inference_mode():
-            out = model(prompt.to(loaded.device), use_cache=True)
-            for _ in range(steps):
-                token = out.logits[:, -1:].argmax(-1)
-                generated.append(token)
-                out = model(token, use_cache=True, **{kw: getattr(out, kw)})
-    finally:
-        for handle in handles:
-            handle.remove()
-    ids = torch.cat(generated, dim=1).cpu()
+    with hooked(loaded.model, [(key, keep(key)) for key in keys]):
+        tokens, _ = greedy(ModelStepper(loaded.model), prompt, steps + 1)
+    ids = torch.tensor([tokens[:steps]])
     prompt_z = {key: chunks[0] for key, chunks in seen.items()}
     decode_z = {key: torch.cat(chunks[1:], dim=0) for key, chunks in seen.items()}
     return ids, prompt_z, decode_z
 
 
 def topk_sets(z: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Bool (T, d): the top-k of |z_t| per token, k = round((1 - s) * d)."""
-    k = keep_count(sparsity, z.shape[-1])
-    keep = torch.zeros_like(z, dtype=torch.bool)
-    return keep.scatter_(-1, z.abs().topk(k, dim=-1).indices, True)
+    """Bool (T, d): the top-k strategy's kept set A_l(t) of every token, k = round((1 - s) d)."""
+    return TopK(sparsity=sparsity).select(z)
 
 
 def prompt_set(z: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """GRIFFIN's selection from prompt activations z (T, d): top-k of ||(z_t / ||z_t||)_t||."""
-    zn = z / z.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    score = zn.norm(dim=0)
-    k = keep_count(sparsity, z.shape[-1])
-    keep = torch.zeros_like(score, dtype=torch.bool)
-    return keep.scatter_(-1, score.topk(k).indices, True)
+    """GRIFFIN's selection (the griffin strategy's own) from prompt activations z (T, d)."""
+    everywhere = torch.ones(1, z.shape[0], dtype=torch.bool, device=z.device)
+    return Griffin(sparsity=sparsity).select(z[None], everywhere)[0]
 
 
 def jaccard(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -15,9 +15,8 @@ from moyu_exp.activations import observe
 from moyu_exp.lazy import lazy_import
 from moyu_exp.probes import common, figures
 from moyu_exp.probes.base import Probe, ProbeOutput, register
-from moyu_exp.strategies import keep_count
+from moyu_exp.strategies.base import topk_mask
 from moyu_exp.strategies.predictor import Predictor, scores
-from moyu_exp.strategies.topk import topk_mask
 
 torch = lazy_import("torch")
 
@@ -36,15 +35,15 @@ class PredictorShift(Probe):
         predictor = Predictor(sparsity=self.sparsity, rank=self.rank, epochs=self.epochs)
         from moyu_exp import calibration
 
-        meta = calibration.prepare(predictor, loaded, cfg)
-        layers = predictor.layer_ids_for(loaded.model)
+        state, meta = calibration.prepare(predictor, loaded, cfg)
+        layers = predictor.layer_ids(loaded.model)
         evaluation = {
             "A_heldout": _eval_prose(loaded.tokenizer, self.tokens),
             "B_other_source": common.docs_ids(loaded.tokenizer, self.tokens),
         }
         numbers: dict = {"trained_on": meta["dataset"], "train_tokens": meta["tokens"]}
         for name, ids in evaluation.items():
-            metrics = self.score(loaded, predictor, layers, ids)
+            metrics = self.score(loaded, state, layers, ids)
             numbers[name] = {
                 key: {"per_layer": values.tolist(), "mean": float(values.mean())}
                 for key, values in metrics.items()
@@ -57,7 +56,7 @@ class PredictorShift(Probe):
             ax.legend(fontsize=7)
         return ProbeOutput(numbers, {"predictor_shift": figures.finish(fig, self.question)})
 
-    def score(self, loaded, predictor, layers, ids) -> dict[str, torch.Tensor]:
+    def score(self, loaded, state, layers, ids) -> dict[str, torch.Tensor]:
         inputs: dict[int, torch.Tensor] = {}
         truth: dict[int, torch.Tensor] = {}
 
@@ -66,23 +65,19 @@ class PredictorShift(Probe):
             if site == "mlp_input":
                 inputs[layer] = rows
             else:
-                truth[layer] = topk_mask(rows, keep_count(self.sparsity, rows.shape[-1]))
+                truth[layer] = common.topk_sets(rows, self.sparsity)
 
         keys = [(s, i) for i in layers for s in ("mlp_input", "mlp_intermediate")]
         observe(loaded.model, [ids.to(loaded.device)], keys, tap, desc="predictor eval")
         out = {"precision": [], "recall": [], "recall_at_k": []}
         for layer in layers:
-            logits = scores(
-                inputs[layer],
-                predictor.calibration[f"w1.{layer}"],
-                predictor.calibration[f"w2.{layer}"],
-            )
+            logits = scores(inputs[layer], state[f"w1.{layer}"], state[f"w2.{layer}"])
             called = logits > 0
             hits = (called & truth[layer]).sum().float()
             out["precision"].append(hits / called.sum().clamp_min(1))
             out["recall"].append(hits / truth[layer].sum().clamp_min(1))
             k = int(truth[layer][0].sum())
-            top = topk_mask(logits, k, magnitude=False)
+            top = topk_mask(logits, k)
             out["recall_at_k"].append((top & truth[layer]).sum().float() / truth[layer].sum())
         return {key: torch.stack(values) for key, values in out.items()}
 

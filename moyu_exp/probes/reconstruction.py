@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from moyu_exp.activations import capture_block_inputs
 from moyu_exp.lazy import lazy_import
 from moyu_exp.probes import common, figures
 from moyu_exp.probes.base import Probe, ProbeOutput, register
@@ -74,41 +75,24 @@ class Reconstruction(Probe):
         return ProbeOutput(numbers, {"reconstruction": figures.finish(fig, self.question)})
 
     def block_errors(self, loaded, cfg, name: str, sparsity: float, ids) -> torch.Tensor:
-        """(layers,) mean relative error of each block's output under strategy ``name``."""
-        strategy = STRATEGIES[name](sparsity=sparsity)
+        """(layers,) mean relative error of each block's output under strategy ``name``, the
+        sparse and the dense block fed the same input (what the sparse model gives it)."""
         from moyu_exp import calibration
 
-        calibration.prepare(strategy, loaded, cfg)
+        strategy = STRATEGIES[name](sparsity=sparsity)
+        state, _ = calibration.prepare(strategy, loaded, cfg)
         blocks = adapter_for(loaded.model).layers(loaded.model)
         errors = torch.zeros(len(blocks))
-        with strategy.attach(loaded.model) as live:
-            busy = []  # re-running a block inside its own hook must not recurse
-
-            def compare(layer: int):
-                def hook(module, args, kwargs, output):
-                    if busy:
-                        return
-                    busy.append(layer)
-                    try:
-                        with live.paused():
-                            dense = module(*args, **kwargs)
-                    finally:
-                        busy.pop()
-                    y = output[0] if isinstance(output, tuple) else output
-                    d = dense[0] if isinstance(dense, tuple) else dense
-                    diff = (y - d).float().norm(dim=-1) / d.float().norm(dim=-1).clamp_min(1e-12)
-                    errors[layer] = diff.mean().cpu()
-
-                return hook
-
-            handles = [
-                block.register_forward_hook(compare(i), with_kwargs=True)
-                for i, block in enumerate(blocks)
-            ]
-            try:
-                with torch.inference_mode():
-                    loaded.model(ids.to(loaded.device), use_cache=False)
-            finally:
-                for handle in handles:
-                    handle.remove()
+        with strategy.attach(loaded.model, state) as live, torch.inference_mode():
+            inputs = capture_block_inputs(loaded.model, list(range(len(blocks))), ids)
+            for layer, (args, kwargs) in inputs.items():
+                sparse = _hidden(blocks[layer](*args, **kwargs))
+                with live.paused():
+                    dense = _hidden(blocks[layer](*args, **kwargs)).float()
+                diff = (sparse.float() - dense).norm(dim=-1) / dense.norm(dim=-1).clamp_min(1e-12)
+                errors[layer] = diff.mean().cpu()
         return errors
+
+
+def _hidden(output):
+    return output[0] if isinstance(output, tuple) else output

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from moyu_exp.decode import ModelStepper, greedy
 from moyu_exp.lazy import lazy_import
 from moyu_exp.probes import common, figures
 from moyu_exp.probes.base import Probe, ProbeOutput, register
-from moyu_exp.sites import adapter_for
+from moyu_exp.sites import hooked
 from moyu_exp.strategies import STRATEGIES
 
 torch = lazy_import("torch")
@@ -51,18 +52,15 @@ class SparsityVariance(Probe):
         return ProbeOutput(numbers, {"sparsity_variance": figures.finish(fig, self.question)})
 
     def per_token(self, loaded, cfg, name: str, prompt) -> dict[str, torch.Tensor]:
-        strategy = STRATEGIES[name](sparsity=self.sparsity)
         from moyu_exp import calibration
 
-        calibration.prepare(strategy, loaded, cfg)
-        adapter = adapter_for(loaded.model)
-        blocks = adapter.layers(loaded.model)
+        strategy = STRATEGIES[name](sparsity=self.sparsity)
+        state, _ = calibration.prepare(strategy, loaded, cfg)
         current: dict[str, torch.Tensor] = {}
+        phases: dict[str, list[torch.Tensor]] = {"prefill": [], "decode": []}
 
-        def observer(site: str, layer: int):
-            weight = adapter.weights_per_entry(blocks[layer], site)
-
-            def fn(x: torch.Tensor) -> torch.Tensor:
+        def observer(weight: int):
+            def fn(x: torch.Tensor) -> torch.Tensor:  # after the strategy's own hook
                 z = (x[0] == 0).float().sum(-1) * weight
                 n = torch.full_like(z, x.shape[-1] * weight)
                 current["zeros"] = current.get("zeros", 0) + z.cpu()
@@ -71,26 +69,15 @@ class SparsityVariance(Probe):
 
             return fn
 
-        phases: dict[str, list[torch.Tensor]] = {"prefill": [], "decode": []}
-        with strategy.attach(loaded.model) as live:
-            handles = [
-                adapter.hook(blocks[layer], site, observer(site, layer))
-                for site in strategy.sites
-                for layer in live.layer_ids
-            ]
-            counter = {"forward": 0}
+        def collect(forward: int) -> None:
+            phase = "prefill" if forward == 0 else "decode"
+            phases[phase].append(current.pop("zeros") / current.pop("entries"))
 
-            def flush(_module, _args, _output) -> None:
-                phase = "prefill" if counter["forward"] == 0 else "decode"
-                phases[phase].append(current.pop("zeros") / current.pop("entries"))
-                counter["forward"] += 1
-
-            handles.append(loaded.model.register_forward_hook(flush))
-            try:
-                common.generate(loaded, prompt, self.decode_tokens)
-            finally:
-                for handle in handles:
-                    handle.remove()
+        with strategy.attach(loaded.model, state) as live:
+            weights = live.cost.weights_per_entry
+            fns = [(key, observer(weights[key])) for key in weights]
+            with hooked(loaded.model, fns):
+                greedy(ModelStepper(loaded.model), prompt, self.decode_tokens + 1, collect)
         return {phase: torch.cat(values) for phase, values in phases.items()}
 
 

@@ -14,6 +14,15 @@ from moyu_exp.strategies import (  # noqa: F401  (registration side effects)
     topk,
     wina,
 )
-from moyu_exp.strategies.base import STRATEGIES, SparsityStats, Strategy, keep_count, register
+from moyu_exp.strategies.attachment import Attachment, TokenRoles
+from moyu_exp.strategies.base import STRATEGIES, KernelRule, Strategy, keep_count, register
 
-__all__ = ["STRATEGIES", "SparsityStats", "Strategy", "keep_count", "register"]
+__all__ = [
+    "STRATEGIES",
+    "Attachment",
+    "KernelRule",
+    "Strategy",
+    "TokenRoles",
+    "keep_count",
+    "register",
+]

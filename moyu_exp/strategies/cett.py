@@ -11,6 +11,7 @@ the model dense); ``strategy.target`` is the knob.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 from moyu_exp.activations import observe
@@ -50,7 +51,7 @@ class Cett(Strategy):
     def calibrate(self, model, batches: list[torch.Tensor], cached) -> dict[str, torch.Tensor]:
         adapter = adapter_for(model)
         blocks = adapter.layers(model)
-        layers = self.layer_ids_for(model)
+        layers = self.layer_ids(model)
         rows: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
 
         def keep(_site: str, layer: int, x: torch.Tensor) -> None:
@@ -66,24 +67,18 @@ class Cett(Strategy):
             state[f"epsilon.{layer}"] = torch.tensor([eps])
         return state
 
-    def prepare(self, model, adapter) -> None:
+    def prepare(self, model, adapter, layers, calibration) -> SimpleNamespace:
         blocks = adapter.layers(model)
-        self._norm = {}
-        self._eps = {}
-        for layer in self.layer_ids:
+        rules = {}
+        for layer in layers:
             (down,) = adapter.readers(blocks[layer], SITE)
-            self._norm[layer] = down.weight.float().norm(dim=0).to(down.weight.dtype)
-            self._eps[layer] = float(self.calibration[f"epsilon.{layer}"])
+            norm = down.weight.float().norm(dim=0).to(down.weight.dtype)
+            eps = float(calibration[f"epsilon.{layer}"]) if self.sparsity else 0.0
+            rules[layer] = KernelRule(threshold=eps, scale=norm)
+        return SimpleNamespace(rules=rules)
 
-    def kernel_rule(self, site: str, layer: int) -> KernelRule:
-        if self.sparsity == 0.0:
-            return KernelRule()
-        return KernelRule(threshold=self._eps[layer], scale=self._norm[layer])
-
-    def sparsify(self, site: str, layer: int, x: torch.Tensor) -> torch.Tensor:
-        if self.sparsity == 0.0:
-            return x
-        return x.masked_fill(x.abs() * self._norm[layer] < self._eps[layer], 0.0)
+    def kernel_rule(self, state, site: str, layer: int) -> KernelRule:
+        return state.rules[layer]
 
 
 def mean_cett(z: torch.Tensor, weight: torch.Tensor, contribution: torch.Tensor, eps: float):

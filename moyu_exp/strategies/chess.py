@@ -1,10 +1,10 @@
 """CHESS: channel-wise thresholds on SiLU(gate) from importance |SiLU(gate)_j| * mean|up_j|.
 
 Calibration measures mean|up_j| per channel and the per-layer s-quantile tau of the importance
-|SiLU(gate)_j| * mean|up_j|; channel j's threshold on |SiLU(gate)_j| is tau / mean|up_j| (He et
-al., EMNLP 2024). Adding ``attn_input`` and ``o_proj_input`` to ``sites`` gives CHESS+ (per-layer
-magnitude thresholds there; unlike CHESS's code, which sparsifies only q's input, the shared
-attention input feeds q, k and v here).
+|SiLU(gate)_j| * mean|up_j|; a channel is kept when its importance reaches tau, i.e. channel j's
+threshold on |SiLU(gate)_j| is tau / mean|up_j| (He et al., EMNLP 2024). Adding ``attn_input``
+and ``o_proj_input`` to ``sites`` gives CHESS+ (per-layer magnitude thresholds there; unlike
+CHESS's code, which sparsifies only q's input, the shared attention input feeds q, k and v here).
 """
 
 from __future__ import annotations
@@ -28,41 +28,22 @@ class Chess(ThresholdStrategy):
     sites: list[str] = field(default_factory=lambda: [GATE])
 
     allowed_sites = (GATE, "attn_input", "o_proj_input")
+    calibration_version = 2  # 1 stored mean|up| as up_mean.<layer>
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self._up_mean: dict[int, torch.Tensor] = {}
-
-    def score(self, site: str, layer: int, x: torch.Tensor) -> torch.Tensor:
-        scale = self.score_scale(site, layer)
-        return x.abs() if scale is None else x.abs() * scale.to(device=x.device, dtype=x.dtype)
-
-    def score_scale(self, site: str, layer: int) -> torch.Tensor | None:
-        return self._up_mean[layer] if site == GATE else None
-
-    def calibration_taps(self, model, layers: list[int]) -> dict:
+    def calibration_scales(self, model, layers: list[int]) -> tuple[list, dict]:
+        """mean|up_j| per channel of each layer, measured on the calibration pass's MLP input."""
         if GATE not in self.sites:
-            return {}
+            return [], {}
         adapter = adapter_for(model)
         blocks = adapter.layers(model)
+        scales: dict[tuple[str, int], torch.Tensor] = {}
 
         def up_mean(layer: int):
             def fn(x: torch.Tensor) -> torch.Tensor:
                 up = adapter.mlp_up(blocks[layer], x).abs().float()
-                self._up_mean[layer] = up.reshape(-1, up.shape[-1]).mean(0)
+                scales[(GATE, layer)] = up.reshape(-1, up.shape[-1]).mean(0)
                 return x
 
             return fn
 
-        return {("mlp_input", layer): up_mean(layer) for layer in layers}
-
-    def extra_state(self) -> dict[str, torch.Tensor]:
-        return {f"up_mean.{layer}": mean for layer, mean in self._up_mean.items()}
-
-    def prepare(self, model, adapter) -> None:
-        super().prepare(model, adapter)
-        if GATE in self.sites:
-            self._up_mean = {
-                layer: self.calibration[f"up_mean.{layer}"].to(next(model.parameters()).device)
-                for layer in self.layer_ids
-            }
+        return [(("mlp_input", layer), up_mean(layer)) for layer in layers], scales

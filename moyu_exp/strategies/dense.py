@@ -4,10 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from moyu_exp.lazy import lazy_import
 from moyu_exp.strategies.base import Strategy, register
-
-torch = lazy_import("torch")
 
 
 @register("dense")
@@ -20,6 +17,3 @@ class Dense(Strategy):
     @classmethod
     def key_sparsity(cls, sparsity: float) -> float:
         return 0.0
-
-    def sparsify(self, site: str, layer: int, x: torch.Tensor) -> torch.Tensor:
-        return x

@@ -9,9 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from moyu_exp.lazy import lazy_import
-from moyu_exp.strategies.base import keep_count, register
+from moyu_exp.strategies.base import keep_count, register, topk_mask
 from moyu_exp.strategies.sequence import SequenceLevel, prompt_norms
-from moyu_exp.strategies.topk import topk_mask
 
 torch = lazy_import("torch")
 
@@ -21,6 +20,6 @@ torch = lazy_import("torch")
 class Griffin(SequenceLevel):
     name: str = "griffin"
 
-    def select(self, layer: int, z: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
+    def select(self, z: torch.Tensor, prompt: torch.Tensor, state=None, layer: int = 0):
         score = prompt_norms(z, prompt, normalize_tokens=True)
         return topk_mask(score, keep_count(self.sparsity, score.shape[-1]))

@@ -10,12 +10,12 @@ achieved sparsity is exact; how well the scores transfer to other text is what t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 from moyu_exp.activations import observe
 from moyu_exp.lazy import lazy_import
-from moyu_exp.strategies.base import Strategy, keep_count, register
-from moyu_exp.strategies.topk import topk_mask
+from moyu_exp.strategies.base import Strategy, keep_count, register, topk_mask
 
 torch = lazy_import("torch")
 
@@ -42,7 +42,7 @@ class Predictor(Strategy):
         return super().calibration_key() | {"sparsity": self.sparsity, "training": params}
 
     def calibrate(self, model, batches, cached) -> dict[str, torch.Tensor]:
-        layers = self.layer_ids_for(model)
+        layers = self.layer_ids(model)
         inputs, labels = training_pairs(model, batches, layers, self.sparsity)
         state = {}
         for layer in layers:
@@ -58,33 +58,30 @@ class Predictor(Strategy):
             state[f"w1.{layer}"], state[f"w2.{layer}"] = w1, w2
         return state
 
-    def prepare(self, model, adapter) -> None:
+    def prepare(self, model, adapter, layers, calibration) -> SimpleNamespace:
         param = next(model.parameters())
-        self._weights = {
+        weights = {
             layer: (
-                self.calibration[f"w1.{layer}"].to(param.device, param.dtype),
-                self.calibration[f"w2.{layer}"].to(param.device, param.dtype),
+                calibration[f"w1.{layer}"].to(param.device, param.dtype),
+                calibration[f"w2.{layer}"].to(param.device, param.dtype),
             )
-            for layer in self.layer_ids
+            for layer in layers
         }
-        self._scores: dict[int, torch.Tensor] = {}
+        return SimpleNamespace(weights=weights, scores={})
 
-    def extra_hooks(self, model, adapter) -> list[Any]:
-        blocks = adapter.layers(model)
-        return [adapter.hook(blocks[i], "mlp_input", self._predict(i)) for i in self.layer_ids]
+    def taps(self, state, model, adapter, layers) -> list:
+        def predict(layer: int):
+            def fn(x: torch.Tensor) -> torch.Tensor:
+                state.scores[layer] = scores(x, *state.weights[layer])
+                return x
 
-    def _predict(self, layer: int):
-        def fn(x: torch.Tensor) -> torch.Tensor:
-            self._scores[layer] = scores(x, *self._weights[layer])
-            return x
+            return fn
 
-        return fn
+        return [(("mlp_input", layer), predict(layer)) for layer in layers]
 
-    def sparsify(self, site: str, layer: int, x: torch.Tensor) -> torch.Tensor:
+    def keep(self, state, site, layer, x, roles) -> torch.Tensor | None:
         k = keep_count(self.sparsity, x.shape[-1])
-        if k >= x.shape[-1]:
-            return x
-        return x.masked_fill(~topk_mask(self._scores[layer], k, magnitude=False), 0.0)
+        return None if k >= x.shape[-1] else topk_mask(state.scores[layer], k)
 
 
 def scores(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
@@ -102,7 +99,7 @@ def training_pairs(model, batches, layers, sparsity: float):
         if site == "mlp_input":
             inputs[layer].append(rows)
         else:
-            labels[layer].append(topk_mask(rows, keep_count(sparsity, rows.shape[-1])))
+            labels[layer].append(topk_mask(rows.abs(), keep_count(sparsity, rows.shape[-1])))
 
     keys = [(s, i) for i in layers for s in ("mlp_input", SITE)]
     observe(model, batches, keys, tap, desc="predictor data")

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 from moyu_exp.lazy import lazy_import
-from moyu_exp.strategies.base import Strategy, keep_count, register
-from moyu_exp.strategies.topk import topk_mask
+from moyu_exp.strategies.base import Strategy, keep_count, register, topk_mask
 
 torch = lazy_import("torch")
 
@@ -20,13 +20,13 @@ class Random(Strategy):
     sites: list[str] = field(default_factory=lambda: ["mlp_intermediate"])
     seed: int = 0
 
-    def prepare(self, model, adapter) -> None:
+    def prepare(self, model, adapter, layers, calibration) -> SimpleNamespace:
         device = next(model.parameters()).device
-        self._generator = torch.Generator(device=device).manual_seed(self.seed)
+        return SimpleNamespace(generator=torch.Generator(device=device).manual_seed(self.seed))
 
-    def sparsify(self, site: str, layer: int, x: torch.Tensor) -> torch.Tensor:
+    def keep(self, state, site, layer, x, roles) -> torch.Tensor | None:
         k = keep_count(self.sparsity, x.shape[-1])
         if k >= x.shape[-1]:
-            return x
-        scores = torch.rand(x.shape, generator=self._generator, device=x.device)
-        return x.masked_fill(~topk_mask(scores, k), 0.0)
+            return None
+        scores = torch.rand(x.shape, generator=state.generator, device=x.device)
+        return topk_mask(scores, k)

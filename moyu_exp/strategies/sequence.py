@@ -3,12 +3,14 @@
 A sequence-level method runs the prompt dense, scores every MLP neuron over the prompt
 positions, and uses the selected neurons for every later token: the continuation positions of
 the same forward (an lm-eval multiple-choice item), or the decode steps that follow a prefill
-(generation). The selection is one (batch, d_ff) mask per layer.
+(generation). The selection is one (batch, d_ff) mask per layer, kept in the attachment's state
+(``state.frozen``) and dropped when a new sequence starts.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 from moyu_exp.lazy import lazy_import
 from moyu_exp.strategies.base import Strategy
@@ -28,41 +30,38 @@ class SequenceLevel(Strategy):
 
     allowed_sites = (SITE,)
     sequence_level = True
+    compact_mlp = True
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self._frozen: dict[int, torch.Tensor] = {}
-
-    def select(self, layer: int, z: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
-        """Bool (batch, d_ff) of kept neurons from ``z`` (batch, tokens, d_ff) at ``prompt``."""
+    def select(self, z: torch.Tensor, prompt: torch.Tensor, state=None, layer: int = 0):
+        """Bool (batch, d_ff) of kept neurons from ``z`` (batch, tokens, d_ff) at the ``prompt``
+        positions (bool (batch, tokens)). Probes call it too."""
         raise NotImplementedError
 
-    def begin_forward(self, fresh: bool) -> None:
-        if fresh:  # a new sequence: the old selection must not leak into it
-            self._frozen = {}
+    def prepare(self, model, adapter, layers, calibration) -> SimpleNamespace:
+        return SimpleNamespace(frozen={})
 
-    def sparsify(self, site: str, layer: int, x: torch.Tensor) -> torch.Tensor:
+    def begin_forward(self, state, fresh: bool) -> None:
+        if fresh:  # a new sequence: the old selection must not leak into it
+            state.frozen = {}
+
+    def keep(self, state, site, layer, x, roles) -> torch.Tensor | None:
         if self.sparsity == 0.0:
-            return x
-        prompt = self.roles.prompt if self.roles.matches(x) else None
+            return None
+        prompt = roles.prompt
         if prompt is not None and self.prompt_limit is not None:
             prompt = prompt & (prompt.cumsum(dim=1) <= self.prompt_limit)
         if prompt is not None and bool(prompt.any()):
-            keep = self.select(layer, x, prompt)
+            keep = self.select(x, prompt, state, layer)
             keep[~prompt.any(dim=1)] = True  # a row without prompt tokens has nothing to go on
-            self._frozen[layer] = keep
-        keep = self._frozen.get(layer)
+            state.frozen[layer] = keep
+        keep = state.frozen.get(layer)
         if keep is None or keep.shape[0] != x.shape[0]:
-            return x  # nothing selected yet for these rows: stay dense
-        return x.masked_fill(~keep[:, None, :], 0.0)
+            return None  # nothing selected yet for these rows: stay dense
+        return keep[:, None, :]
 
-    def decode_neurons(self, layer: int) -> torch.Tensor | None:
-        keep = self._frozen.get(layer)
+    def decode_neurons(self, state, layer: int) -> torch.Tensor | None:
+        keep = state.frozen.get(layer)
         return None if keep is None or keep.shape[0] != 1 else keep[0]
-
-    def frozen_selection(self) -> dict[int, torch.Tensor]:
-        """The current (batch, d_ff) masks per layer (read by probes and kernels)."""
-        return dict(self._frozen)
 
 
 def prompt_norms(z: torch.Tensor, prompt: torch.Tensor, normalize_tokens: bool) -> torch.Tensor:

@@ -16,6 +16,7 @@ tokens' large activations dominate and it falls ~0.02 short.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 from moyu_exp.activations import ValueSample, observe, threshold_at
@@ -39,7 +40,7 @@ class Tda(SequenceLevel):
         return super().calibration_key() | {"prompt_tokens": self.prompt_tokens}
 
     def calibrate(self, model, batches: list[torch.Tensor], cached) -> dict[str, torch.Tensor]:
-        layers = self.layer_ids_for(model)
+        layers = self.layer_ids(model)
         ids = torch.cat(batches, dim=1)
         n = ids.shape[1] // self.prompt_tokens
         prompts = [ids[:, i * self.prompt_tokens : (i + 1) * self.prompt_tokens] for i in range(n)]
@@ -52,14 +53,14 @@ class Tda(SequenceLevel):
         observe(model, prompts or batches, [(SITE, layer) for layer in layers], stat)
         return {f"{SITE}.{layer}": sample.table(layer) for layer in layers}
 
-    def prepare(self, model, adapter) -> None:
-        self._threshold = {
-            layer: threshold_at(self.calibration[f"{SITE}.{layer}"], self.sparsity)
-            for layer in self.layer_ids
+    def prepare(self, model, adapter, layers, calibration) -> SimpleNamespace:
+        thresholds = {
+            layer: threshold_at(calibration[f"{SITE}.{layer}"], self.sparsity) for layer in layers
         }
+        return SimpleNamespace(frozen={}, thresholds=thresholds)
 
-    def select(self, layer: int, z: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
-        return rms_over_prompt(z, prompt) >= self._threshold[layer]
+    def select(self, z: torch.Tensor, prompt: torch.Tensor, state=None, layer: int = 0):
+        return rms_over_prompt(z, prompt) >= state.thresholds[layer]
 
 
 def rms_over_prompt(z: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:

@@ -17,10 +17,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from moyu_exp.activations import ValueSample, observe, threshold_at
+from moyu_exp.activations import ValueSample, capture_block_inputs, observe, threshold_at
 from moyu_exp.errors import ConfigError
 from moyu_exp.lazy import lazy_import
-from moyu_exp.sites import adapter_for
+from moyu_exp.sites import adapter_for, hooked
 from moyu_exp.strategies.base import register
 from moyu_exp.strategies.threshold import ThresholdStrategy
 
@@ -53,7 +53,6 @@ class Teal(ThresholdStrategy):
                 f"sparsity={self.sparsity} is beyond the greedy path "
                 f"(strategy.greedy_max={self.greedy_max}): raise greedy_max or use uniform"
             )
-        self._paths: dict[int, torch.Tensor] = {}
 
     def greedy_params(self) -> dict[str, Any]:
         return {
@@ -68,26 +67,20 @@ class Teal(ThresholdStrategy):
         key = super().calibration_key() | {"allocation": self.allocation}
         return key | ({"greedy": self.greedy_params()} if self.allocation == "greedy" else {})
 
-    def calibrate(self, model, batches, cached) -> dict[str, torch.Tensor]:
-        if self.allocation == "greedy":
-            layers = self.layer_ids_for(model)
+    def calibrate_first(self, model, batches, cached) -> dict[str, torch.Tensor]:
+        """The greedy paths (computed once for every sparsity, then cached)."""
+        if self.allocation != "greedy":
+            return {}
+        layers = self.layer_ids(model)
+        paths = cached(
+            "greedy", self.greedy_params(), lambda: greedy_paths(model, batches, self, layers)
+        )
+        return dict(paths)
 
-            def compute() -> dict[str, torch.Tensor]:
-                return greedy_paths(model, batches, self, layers)
-
-            paths = cached("greedy", self.greedy_params(), compute)
-            self._paths = {layer: paths[f"greedy.{layer}"] for layer in layers}
-        return super().calibrate(model, batches, cached)
-
-    def extra_state(self) -> dict[str, torch.Tensor]:
-        return {f"greedy.{layer}": path for layer, path in self._paths.items()}
-
-    def site_levels(self, layer: int) -> dict[str, float]:
+    def site_levels(self, calibration: dict, layer: int) -> dict[str, float]:
         if self.allocation == "uniform" or self.sparsity == 0.0:
-            return super().site_levels(layer)
-        path = self._paths.get(layer)
-        if path is None:
-            path = self.calibration[f"greedy.{layer}"]
+            return super().site_levels(calibration, layer)
+        path = calibration[f"greedy.{layer}"]
         row = path[(path[:, 0] - self.sparsity).abs().argmin()]
         return {site: float(level) for site, level in zip(self.sites, row[1:], strict=True)}
 
@@ -105,7 +98,7 @@ def _greedy_paths(model, batches, teal: Teal, layers: list[int]) -> dict[str, to
     sites = list(teal.sites)
     ids = torch.cat(batches, dim=1)[:, : teal.greedy_tokens]
     tables = dense_tables(model, [ids], sites, layers)
-    inputs = capture_block_inputs(model, blocks, layers, ids)
+    inputs = capture_block_inputs(model, layers, ids)
     paths = {}
     for layer in layers:
         block = blocks[layer]
@@ -114,7 +107,7 @@ def _greedy_paths(model, batches, teal: Teal, layers: list[int]) -> dict[str, to
         steps = {s: teal.greedy_step * smallest / gated[s] for s in sites}
         levels = dict.fromkeys(sites, 0.0)
         rows = [[0.0] + [0.0] * len(sites)]
-        search = CandidateSearch(adapter, block, sites, inputs[layer])
+        search = CandidateSearch(model, layer, sites, inputs[layer])
         with search:
             reference = search.outputs([dict.fromkeys(sites, 0.0)])[0]
             while rows[-1][0] < teal.greedy_max:
@@ -145,8 +138,9 @@ def dense_tables(model, batches, sites, layers) -> dict[tuple[str, int], torch.T
 class CandidateSearch:
     """Evaluates several threshold settings of one block at once, as rows of one batch."""
 
-    def __init__(self, adapter, block, sites, captured):
-        self.adapter, self.block, self.sites = adapter, block, sites
+    def __init__(self, model, layer: int, sites: list[str], captured):
+        self.model, self.layer, self.sites = model, layer, sites
+        self.block = adapter_for(model).layers(model)[layer]
         args, kwargs = captured
         kwargs = dict(kwargs)
         if "hidden_states" in kwargs:
@@ -157,12 +151,13 @@ class CandidateSearch:
         self.thresholds: dict[str, torch.Tensor] = {}
 
     def __enter__(self) -> CandidateSearch:
-        self.handles = [self.adapter.hook(self.block, s, self._fn(s)) for s in self.sites]
+        fns = [((site, self.layer), self._fn(site)) for site in self.sites]
+        self._hooks = hooked(self.model, fns)
+        self._hooks.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        for handle in self.handles:
-            handle.remove()
+        self._hooks.__exit__(*exc)
 
     def _fn(self, site: str):
         def fn(x: torch.Tensor) -> torch.Tensor:
@@ -178,25 +173,6 @@ class CandidateSearch:
         out = self.block(hidden, *self.args, **self.kwargs)
         out = out[0] if isinstance(out, tuple) else out
         return list(out.unbind(0))
-
-
-def capture_block_inputs(model, blocks, layers, ids: torch.Tensor) -> dict[int, tuple]:
-    """The (args, kwargs) each decoder block receives when ``ids`` run through the dense model."""
-    captured: dict[int, tuple] = {}
-
-    def grab(layer):
-        def hook(_module, args, kwargs):
-            captured[layer] = (args, dict(kwargs))
-
-        return hook
-
-    handles = [blocks[i].register_forward_pre_hook(grab(i), with_kwargs=True) for i in layers]
-    try:
-        adapter_for(model).backbone(model)(ids, use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return captured
 
 
 def _error(output: torch.Tensor, reference: torch.Tensor, last_fraction: float = 0.25) -> float:

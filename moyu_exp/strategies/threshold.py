@@ -1,8 +1,8 @@
 """Shared machinery of calibrated-threshold methods (CATS, TEAL, CHESS).
 
-An entry is zeroed when its *score* (|x| by default) is below its (site, layer) threshold, the
-quantile of calibration scores at the site's sparsity level. ``threshold_mode`` says how the
-calibration scores are gathered:
+An entry is dropped when its *score* ``|x_i| * scale_i`` (scale 1 unless a method weighs
+entries, as CHESS does) is below its (site, layer) threshold, the quantile of calibration scores
+at the site's sparsity level. ``threshold_mode`` says how the calibration scores are gathered:
 
 - ``progressive`` (default): in one pass in execution order, every site seeing the inputs the
   thresholds before it leave. The achieved sparsity then meets the target; calibrating on the
@@ -17,6 +17,7 @@ calibration scores are gathered:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 from moyu_exp.activations import calibrate_thresholds, threshold_at
@@ -47,11 +48,7 @@ class ThresholdStrategy(Strategy):
     def in_order(self) -> bool:
         return self.threshold_mode == "progressive"
 
-    def score(self, site: str, layer: int, x: torch.Tensor) -> torch.Tensor:
-        """What is compared with the threshold (|x| unless a method weighs entries)."""
-        return x.abs()
-
-    def site_levels(self, layer: int) -> dict[str, float]:
+    def site_levels(self, calibration: dict, layer: int) -> dict[str, float]:
         """The fraction of entries each site of ``layer`` drops (uniform by default)."""
         return dict.fromkeys(self.sites, self.sparsity)
 
@@ -59,57 +56,50 @@ class ThresholdStrategy(Strategy):
         key = super().calibration_key() | {"threshold_mode": self.threshold_mode}
         return key | ({"sparsity": self.sparsity} if self.in_order else {})
 
-    def calibration_taps(self, model, layers: list[int]) -> dict:
-        """Extra hooks for the calibration pass (statistics a score needs)."""
+    def calibration_scales(self, model, layers: list[int]) -> tuple[list, dict]:
+        """Hooks for the calibration pass that measure each (site, layer)'s score scale, and
+        the dict they fill ({(site, layer): tensor}); none by default."""
+        return [], {}
+
+    def calibrate_first(self, model, batches, cached) -> dict[str, torch.Tensor]:
+        """State the levels depend on, computed before the thresholds (TEAL's greedy path)."""
         return {}
 
     def calibrate(self, model, batches, cached) -> dict[str, torch.Tensor]:
-        layers = self.layer_ids_for(model)
+        layers = self.layer_ids(model)
+        state = self.calibrate_first(model, batches, cached)
         levels = {
             (site, layer): level
             for layer in layers
-            for site, level in self.site_levels(layer).items()
+            for site, level in self.site_levels(state, layer).items()
         }
+        taps, scales = self.calibration_scales(model, layers)
+
+        def score(site: str, layer: int, x: torch.Tensor) -> torch.Tensor:
+            scale = scales.get((site, layer))
+            return x.abs() if scale is None else x.abs() * scale.to(x.device, x.dtype)
+
         ids = torch.cat(batches, dim=0)
-        taps = self.calibration_taps(model, layers)
-        tables, thresholds = calibrate_thresholds(
-            model, ids, levels, self.score, taps, self.in_order
-        )
-        state = {f"table.{site}.{layer}": table for (site, layer), table in tables.items()}
+        tables, thresholds = calibrate_thresholds(model, ids, levels, score, taps, self.in_order)
+        state |= {f"table.{site}.{layer}": table for (site, layer), table in tables.items()}
+        state |= {f"scale.{site}.{layer}": scale for (site, layer), scale in scales.items()}
         if self.in_order:
             state |= {f"threshold.{s}.{i}": torch.tensor([t]) for (s, i), t in thresholds.items()}
-        return state | self.extra_state()
+        return state
 
-    def extra_state(self) -> dict[str, torch.Tensor]:
-        """Statistics gathered during calibration that inference needs too."""
-        return {}
-
-    def prepare(self, model, adapter) -> None:
-        self._threshold = {}
-        for layer in self.layer_ids:
-            for site, level in self.site_levels(layer).items():
+    def prepare(self, model, adapter, layers, calibration) -> SimpleNamespace:
+        device = next(model.parameters()).device
+        rules = {}
+        for layer in layers:
+            for site, level in self.site_levels(calibration, layer).items():
                 if self.in_order:
-                    threshold = float(self.calibration[f"threshold.{site}.{layer}"])
+                    threshold = float(calibration[f"threshold.{site}.{layer}"])
                 else:
-                    threshold = threshold_at(self.calibration[f"table.{site}.{layer}"], level)
-                self._threshold[(site, layer)] = threshold
+                    threshold = threshold_at(calibration[f"table.{site}.{layer}"], level)
+                scale = calibration.get(f"scale.{site}.{layer}")
+                scale = None if scale is None else scale.to(device)
+                rules[(site, layer)] = KernelRule(threshold=max(threshold, 0.0), scale=scale)
+        return SimpleNamespace(rules=rules)
 
-    def score_scale(self, site: str, layer: int) -> torch.Tensor | None:
-        """The per-entry factor of :meth:`score` (None: the score is |x|)."""
-        return None
-
-    def kernel_rule(self, site: str, layer: int) -> KernelRule:
-        scale = self.score_scale(site, layer)
-        return KernelRule(threshold=self._threshold[(site, layer)], scale=scale)
-
-    def kept(self, site: str, layer: int, x: torch.Tensor) -> torch.Tensor:
-        threshold = self._threshold[(site, layer)]
-        if threshold <= 0:
-            return torch.ones_like(x, dtype=torch.bool)
-        return self.score(site, layer, x) >= threshold
-
-    def sparsify(self, site: str, layer: int, x: torch.Tensor) -> torch.Tensor:
-        threshold = self._threshold[(site, layer)]
-        if threshold <= 0:
-            return x
-        return x.masked_fill(self.score(site, layer, x) < threshold, 0.0)
+    def kernel_rule(self, state, site: str, layer: int) -> KernelRule:
+        return state.rules[(site, layer)]

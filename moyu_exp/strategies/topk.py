@@ -3,18 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 from moyu_exp.lazy import lazy_import
-from moyu_exp.strategies.base import KernelRule, Strategy, keep_count, register
+from moyu_exp.strategies.base import KernelRule, Strategy, register, topk_rule
 
 torch = lazy_import("torch")
-
-
-def topk_mask(x: torch.Tensor, k: int, magnitude: bool = True) -> torch.Tensor:
-    """Bool mask with exactly ``k`` True entries per row: the largest |x| (or x) on the last dim."""
-    keep = torch.zeros_like(x, dtype=torch.bool)
-    score = x.abs() if magnitude else x
-    return keep.scatter_(-1, score.topk(k, dim=-1, sorted=False).indices, True)
 
 
 @register("topk")
@@ -25,18 +19,12 @@ class TopK(Strategy):
     name: str = "topk"
     sites: list[str] = field(default_factory=lambda: ["mlp_intermediate"])
 
-    def kernel_rule(self, site: str, layer: int) -> KernelRule:
-        return KernelRule(k=keep_count(self.sparsity, self.dims[site]))
+    def prepare(self, model, adapter, layers, calibration) -> SimpleNamespace:
+        return SimpleNamespace(dims={site: adapter.dim(model, site) for site in self.sites})
 
-    def prepare(self, model, adapter) -> None:
-        self.dims = {site: adapter.dim(model, site) for site in self.sites}
+    def kernel_rule(self, state, site: str, layer: int) -> KernelRule:
+        return topk_rule(self.sparsity, state.dims[site])
 
-    def kept(self, site: str, layer: int, x: torch.Tensor) -> torch.Tensor:
-        k = keep_count(self.sparsity, x.shape[-1])
-        return torch.ones_like(x, dtype=torch.bool) if k >= x.shape[-1] else topk_mask(x, k)
-
-    def sparsify(self, site: str, layer: int, x: torch.Tensor) -> torch.Tensor:
-        k = keep_count(self.sparsity, x.shape[-1])
-        if k >= x.shape[-1]:
-            return x
-        return x.masked_fill(~topk_mask(x, k), 0.0)
+    def select(self, x: torch.Tensor) -> torch.Tensor:
+        """The kept set of every token of ``x`` (..., dim): bool, k per row (probes use it)."""
+        return topk_rule(self.sparsity, x.shape[-1]).mask(x)

@@ -8,11 +8,11 @@ their stacked weights, so one mask serves the shared input.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 from moyu_exp.lazy import lazy_import
-from moyu_exp.strategies.base import KernelRule, Strategy, keep_count, register
+from moyu_exp.strategies.base import KernelRule, Strategy, register, topk_rule
 from moyu_exp.strategies.teal import TEAL_SITES
-from moyu_exp.strategies.topk import topk_mask
 
 torch = lazy_import("torch")
 
@@ -25,30 +25,18 @@ class Wina(Strategy):
 
     allowed_sites = TEAL_SITES
 
-    def prepare(self, model, adapter) -> None:
+    def prepare(self, model, adapter, layers, calibration) -> SimpleNamespace:
         blocks = adapter.layers(model)
-        self._norms = {
+        norms = {
             (site, layer): column_norms(adapter.readers(blocks[layer], site))
             for site in self.sites
-            for layer in self.layer_ids
+            for layer in layers
         }
+        return SimpleNamespace(norms=norms)
 
-    def kernel_rule(self, site: str, layer: int) -> KernelRule:
-        norms = self._norms[(site, layer)]
-        return KernelRule(k=keep_count(self.sparsity, norms.numel()), scale=norms)
-
-    def kept(self, site: str, layer: int, x: torch.Tensor) -> torch.Tensor:
-        k = keep_count(self.sparsity, x.shape[-1])
-        if k >= x.shape[-1]:
-            return torch.ones_like(x, dtype=torch.bool)
-        return topk_mask(x.abs() * self._norms[(site, layer)].to(x.dtype), k)
-
-    def sparsify(self, site: str, layer: int, x: torch.Tensor) -> torch.Tensor:
-        k = keep_count(self.sparsity, x.shape[-1])
-        if k >= x.shape[-1]:
-            return x
-        score = x.abs() * self._norms[(site, layer)].to(x.dtype)
-        return x.masked_fill(~topk_mask(score, k), 0.0)
+    def kernel_rule(self, state, site: str, layer: int) -> KernelRule:
+        norms = state.norms[(site, layer)]
+        return topk_rule(self.sparsity, norms.numel(), scale=norms)
 
 
 def column_norms(linears) -> torch.Tensor:

@@ -10,6 +10,7 @@
  *                   one per entry), or the k best scores; returns their sorted indices
  *   axpy_rule, gated_rule: selection fused with the input-sparse mat-vec, and with the whole
  *                   gated MLP (act = silu(gate) selected, kept up rows and down columns read)
+ *   mask_rows:      simulated mode's masking of a whole batch by the same rule, in one pass
  * Helpers that keep a decode step to a few calls: rmsnorm, silu_mul, attend (RoPE, KV-cache
  * write and single-query grouped attention).
  *
@@ -196,6 +197,44 @@ int64_t select_entries(const float *x, int64_t n, const float *scale, const floa
     if (s >= (thresholds ? thresholds[i] : threshold)) list[kept++] = i;
   }
   return kept;
+}
+
+/* Simulated mode's masking of a batch (one call per site and forward, instead of a top-k, a
+ * scatter, a fill and a count in separate passes): every row r of x (rows x d, fp32) that is
+ * active (active[r], or every row when active is NULL) keeps the entries select_entries keeps
+ * and is zeroed elsewhere; an inactive row is copied unchanged. y must not alias x. scratch:
+ * `threads` rows of d floats (work) and d int64 (list). Returns the entries dropped over the
+ * active rows (the same count kernel mode makes: d - kept per row). */
+int64_t mask_rows(const float *x, float *y, int64_t rows, int64_t d, const uint8_t *active,
+                  const float *scale, const float *thresholds, float threshold, int64_t k,
+                  int64_t threads, float *work, int64_t *list) {
+  int64_t dropped = 0;
+#pragma omp parallel for schedule(static) reduction(+ : dropped) num_threads(threads) \
+    if (rows * d > PARALLEL_WORK)
+  for (int64_t r = 0; r < rows; r++) {
+    const float *xr = x + r * d;
+    float *yr = y + r * d;
+    if (active && !active[r]) {
+      memcpy(yr, xr, sizeof(float) * d);
+      continue;
+    }
+    int64_t kept = 0;
+    if (k < 0) { /* a threshold: one pass */
+      for (int64_t i = 0; i < d; i++) {
+        int keep = entry_score(xr, scale, i) >= (thresholds ? thresholds[i] : threshold);
+        yr[i] = keep ? xr[i] : 0.f;
+        kept += keep;
+      }
+    } else {
+      int t = omp_get_thread_num();
+      int64_t *l = list + t * d;
+      kept = select_entries(xr, d, scale, thresholds, threshold, k, work + t * d, l);
+      memset(yr, 0, sizeof(float) * d);
+      for (int64_t j = 0; j < kept; j++) yr[l[j]] = xr[l[j]];
+    }
+    dropped += d - kept;
+  }
+  return dropped;
 }
 
 DOT(dot_f32, float, row_dot_f32)

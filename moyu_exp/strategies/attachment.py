@@ -1,0 +1,235 @@
+"""A strategy attached to a model: hooks, token roles, pausing and the sparsity meter.
+
+``with strategy.attach(model, calibration) as live:`` builds the strategy's state for this model
+(:meth:`Strategy.prepare`), asks it once for the rule of every (site, layer) and installs one
+hook per (site, layer) through :func:`moyu_exp.sites.hooked`. Each hook applies the rule (or the
+strategy's mask) to the positions that run sparse and counts into ``live.meter``; callers that
+measure a phase (evaluation, bench, the lean decoder) swap in their own meter with
+:meth:`Attachment.measuring` and get back what they measured. Leaving the block removes every
+hook, so the model is restored bit-exactly, also after an exception.
+
+Every forward pass has *token roles*: which positions are real tokens (not padding) and which
+belong to the prompt. Roles come from the lm-eval bridge (:meth:`Attachment.segments`), else
+from the attention mask and the KV cache: a forward on an empty cache is a prefill, all prompt;
+a forward on a filled cache is a decode step. With ``prefill=dense`` prompt positions stay dense.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from moyu_exp.lazy import lazy_import
+from moyu_exp.masking import apply_mask, apply_rule
+from moyu_exp.meter import SparsityMeter
+from moyu_exp.sites import adapter_for, hooked
+
+if TYPE_CHECKING:
+    from moyu_exp.strategies.base import Strategy
+
+torch = lazy_import("torch")
+
+
+@dataclass
+class TokenRoles:
+    """Per position of the current forward: real token or padding, prompt or not."""
+
+    valid: torch.Tensor | None = None  # (batch, tokens) bool; None: every position is real
+    prompt: torch.Tensor | None = None  # (batch, tokens) bool; None: no prompt position
+
+    def matches(self, x: torch.Tensor) -> bool:
+        ref = self.valid if self.valid is not None else self.prompt
+        return ref is None or tuple(ref.shape) == tuple(x.shape[:2])
+
+    def active(self, dense_prompt: bool) -> torch.Tensor | None:
+        """Positions the strategy sparsifies; None means all of them."""
+        if dense_prompt and self.prompt is not None:
+            valid = self.valid if self.valid is not None else torch.ones_like(self.prompt)
+            return valid & ~self.prompt
+        return self.valid
+
+
+class _Forward:
+    """The roles of one forward and what follows from them under a prefill policy."""
+
+    def __init__(self, roles: TokenRoles, dense_prompt: bool, shape: tuple[int, int]):
+        self.roles = roles
+        self.active = roles.active(dense_prompt)
+        total = roles.valid.sum() if roles.valid is not None else shape[0] * shape[1]
+        self.sparse = self.active.sum() if self.active is not None else total
+        self.dense = total - self.sparse
+
+
+class Attachment:
+    """The hooks of one strategy on one model (see the module docstring)."""
+
+    def __init__(self, strategy: Strategy, model: torch.nn.Module, calibration: dict | None):
+        self.strategy = strategy
+        self.model = model
+        self.adapter = adapter_for(model)
+        self.layer_ids = strategy.layer_ids(model)
+        self.cost = self.adapter.cost_model(
+            model, list(strategy.sites), self.layer_ids, strategy.compact_mlp
+        )
+        self.meter = SparsityMeter(self.cost)
+        self.roles = TokenRoles()
+        self.state: Any = None
+        self.rules: dict[tuple[str, int], Any] = {}
+        self.calibration = calibration
+        self._segments: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self._forward: _Forward | None = None
+        self._enabled = True
+        self._stack: ExitStack | None = None
+
+    # -------------------------------------------------------------------- the strategy
+    @property
+    def name(self) -> str:
+        return self.strategy.name
+
+    @property
+    def sites(self) -> list[str]:
+        return list(self.strategy.sites)
+
+    @property
+    def kernel_support(self) -> bool:
+        return self.strategy.kernel_support
+
+    def kernel_rule(self, site: str, layer: int):
+        """The strategy's rule for (site, layer), asked once per attachment (None: a mask)."""
+        return self.rules.get((site, layer))
+
+    def kept(self, site: str, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """Kernel mode's question for a single-token vector ``x`` (dim,): the bool mask of the
+        entries the strategy keeps."""
+        rule = self.kernel_rule(site, layer)
+        if rule is not None:
+            return rule.mask(x)
+        keep = self.strategy.keep(self.state, site, layer, x.view(1, 1, -1), TokenRoles())
+        if keep is None:
+            return torch.ones_like(x, dtype=torch.bool)
+        return keep.expand(1, 1, x.numel()).reshape(-1)
+
+    def decode_neurons(self, layer: int) -> torch.Tensor | None:
+        return self.strategy.decode_neurons(self.state, layer)
+
+    def begin_decode_step(self) -> None:
+        """A decode step run outside the model's forward (kernel mode): no prompt, no padding."""
+        self.roles = TokenRoles()
+        self.strategy.begin_forward(self.state, False)
+
+    # ------------------------------------------------------------------------ contract
+    def __enter__(self) -> Attachment:
+        if self._stack is not None:
+            raise RuntimeError(f"strategy '{self.name}' is already attached to a model")
+        strategy, layers = self.strategy, self.layer_ids
+        self.state = strategy.prepare(self.model, self.adapter, layers, self.calibration)
+        self.rules = {
+            (site, layer): rule
+            for site in strategy.sites
+            for layer in layers
+            if (rule := strategy.kernel_rule(self.state, site, layer)) is not None
+        }
+        fns = [((s, i), self._site_fn(s, i)) for s in strategy.sites for i in layers]
+        fns += strategy.taps(self.state, self.model, self.adapter, layers)
+        stack = ExitStack()
+        stack.enter_context(hooked(self.model, fns, self._begin if strategy.sites else None))
+        self._stack = stack
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        stack, self._stack = self._stack, None
+        self.roles, self._forward = TokenRoles(), None
+        if stack is not None:
+            stack.close()
+
+    @contextmanager
+    def measuring(self, meter: SparsityMeter | None = None) -> Iterator[SparsityMeter]:
+        """Count into ``meter`` (a fresh one by default) inside this block, then return to the
+        previous meter: one meter per phase."""
+        meter = meter if meter is not None else SparsityMeter(self.cost)
+        previous, self.meter = self.meter, meter
+        try:
+            yield meter
+        finally:
+            self.meter = previous
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Run the model dense inside this block (for a dense reference); nothing is counted."""
+        previous, self._enabled = self._enabled, False
+        try:
+            yield
+        finally:
+            self._enabled = previous
+
+    @contextmanager
+    def segments(
+        self, valid_lengths: torch.Tensor, prompt_lengths: torch.Tensor | None = None
+    ) -> Iterator[None]:
+        """Declare the next forwards' rows: ``valid_lengths[b]`` real tokens (right padding), of
+        which the first ``prompt_lengths[b]`` are the prompt (lm-eval's context)."""
+        previous, self._segments = self._segments, (valid_lengths, prompt_lengths)
+        try:
+            yield
+        finally:
+            self._segments = previous
+
+    # ------------------------------------------------------------------------ internals
+    def _begin(self, _module, args, kwargs):
+        ids = kwargs.get("input_ids")
+        if ids is None:
+            ids = args[0] if args else kwargs.get("inputs_embeds")
+        batch, tokens = ids.shape[:2]
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        fresh = cache is None or cache.get_seq_length() == 0
+        self.roles = self._roles(batch, tokens, ids.device, kwargs.get("attention_mask"), fresh)
+        self._forward = None
+        self.strategy.begin_forward(self.state, fresh)
+        return None
+
+    def _roles(self, batch, tokens, device, mask, fresh: bool) -> TokenRoles:
+        positions = torch.arange(tokens, device=device)[None, :]
+        if self._segments is not None and self._segments[0].numel() == batch:
+            valid_lengths, prompt_lengths = self._segments
+            valid = positions < valid_lengths.to(device)[:, None]
+            prompt = None
+            if prompt_lengths is not None:
+                prompt = valid & (positions < prompt_lengths.to(device)[:, None])
+            return TokenRoles(valid, prompt)
+        valid = None
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1] >= tokens:
+            valid = mask[:, -tokens:].to(device=device, dtype=torch.bool)
+        if not fresh:
+            return TokenRoles(valid, None)
+        prompt = valid if valid is not None else torch.ones(batch, tokens, device=device).bool()
+        return TokenRoles(valid, prompt)
+
+    def _current(self, x: torch.Tensor) -> _Forward:
+        """The roles that apply to ``x`` (computed once per forward)."""
+        dense_prompt = self.strategy.prefill == "dense"
+        forward = self._forward
+        if forward is None or forward.roles is not self.roles:
+            forward = self._forward = _Forward(self.roles, dense_prompt, tuple(x.shape[:2]))
+        if self.roles.matches(x):
+            return forward
+        return _Forward(TokenRoles(), dense_prompt, tuple(x.shape[:2]))
+
+    def _site_fn(self, site: str, layer: int):
+        key = (site, layer)
+
+        def fn(x: torch.Tensor) -> torch.Tensor:
+            if not self._enabled:
+                return x
+            forward = self._current(x)
+            rule = self.rules.get(key)
+            if rule is not None:
+                y, dropped = apply_rule(x, rule, forward.active)
+            else:
+                keep = self.strategy.keep(self.state, site, layer, x, forward.roles)
+                y, dropped = (x, 0) if keep is None else apply_mask(x, keep, forward.active)
+            self.meter.add(site, layer, dropped, forward.sparse, forward.dense)
+            return y
+
+        return fn
