@@ -195,8 +195,8 @@ def test_predictor_strategy_keeps_exactly_k(tiny) -> None:
 
 def test_predictor_training_learns_a_learnable_target() -> None:
     """Labels that a low-rank linear score can express are learned (the code trains)."""
-    from moyu_exp.strategies.predictor import scores, train
     from moyu_exp.strategies.base import topk_mask
+    from moyu_exp.strategies.predictor import scores, train
 
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(2048, 24, generator=generator)
