@@ -77,7 +77,7 @@ def apply_rule(x: torch.Tensor, rule: KernelRule, active: torch.Tensor | None):
     dim = x.shape[-1]
     if rule.keeps_all(dim):
         return x, 0
-    lib = native.load() if x.device.type == "cpu" and x.dtype == torch.float32 else None
+    lib = _native_for(x)
     if lib is None:
         return apply_mask(x, rule.mask(x), active)
     x = x.contiguous()
@@ -85,8 +85,7 @@ def apply_rule(x: torch.Tensor, rule: KernelRule, active: torch.Tensor | None):
     rows = x.numel() // dim
     flags = None if active is None else active.reshape(-1).to(torch.uint8).contiguous()
     threads = max(1, torch.get_num_threads())
-    work = torch.empty(threads * dim, dtype=torch.float32)
-    kept_list = torch.empty(threads * dim, dtype=torch.int64)
+    work = torch.empty(threads * (2 * dim + 2048), dtype=torch.float32)  # radix-select scratch
     dropped = lib.lib.mask_rows(
         x.data_ptr(),
         y.data_ptr(),
@@ -96,18 +95,60 @@ def apply_rule(x: torch.Tensor, rule: KernelRule, active: torch.Tensor | None):
         *rule.native_pointers(),
         threads,
         work.data_ptr(),
-        kept_list.data_ptr(),
     )
     return y, int(dropped)
 
 
+def random_keep(shape: tuple[int, ...], k: int, generator: torch.Generator) -> torch.Tensor:
+    """A bool mask of ``shape`` keeping exactly ``k`` uniformly random entries of every row (last
+    dim), drawn from ``generator``: natively on the CPU (one seed per call), else as the top-k
+    of uniform scores."""
+    lib = native.load() if generator.device.type == "cpu" else None
+    if lib is None:
+        scores = torch.rand(shape, generator=generator, device=generator.device)
+        return topk_mask(scores, k)
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    mask = torch.empty(shape, dtype=torch.bool)
+    dim = shape[-1]
+    threads = max(1, torch.get_num_threads())
+    lib.lib.random_keep(mask.data_ptr(), mask.numel() // dim, dim, k, seed, threads)
+    return mask
+
+
 def apply_mask(x: torch.Tensor, keep: torch.Tensor, active: torch.Tensor | None):
-    """``x`` zeroed where ``keep`` (bool, broadcastable to x) is False at ``active`` positions,
-    and the number of entries dropped (a tensor: no device sync)."""
-    if active is not None:
-        keep = keep | ~active[..., None]
-    drop = ~keep.expand(x.shape)
-    return x.masked_fill(drop, 0.0), drop.sum()
+    """``x`` (batch, tokens, dim) zeroed where ``keep`` (bool, broadcastable to x) is False at
+    ``active`` positions, and the number of entries dropped (natively in one pass on the CPU;
+    else stock ops, the count a tensor: no device sync)."""
+    lib = _native_for(x)
+    if lib is None or x.dim() != 3:
+        if active is not None:
+            keep = keep | ~active[..., None]
+        drop = ~keep.expand(x.shape)
+        return x.masked_fill(drop, 0.0), drop.sum()
+    x = x.contiguous()
+    keep = keep.to(device=x.device).expand(x.shape)
+    if keep.stride(-1) != 1:
+        keep = keep.contiguous()
+    y = torch.empty_like(x)
+    flags = None if active is None else active.reshape(-1).to(torch.uint8).contiguous()
+    dropped = lib.lib.apply_keep(
+        x.data_ptr(),
+        y.data_ptr(),
+        x.shape[0],
+        x.shape[1],
+        x.shape[2],
+        keep.data_ptr(),
+        keep.stride(0),
+        keep.stride(1),
+        _ptr(flags),
+        max(1, torch.get_num_threads()),
+    )
+    return y, int(dropped)
+
+
+def _native_for(x: torch.Tensor):
+    """The native kernels when they can run on ``x`` (an fp32 CPU tensor), else None."""
+    return native.load() if x.device.type == "cpu" and x.dtype == torch.float32 else None
 
 
 def _f32(tensor):

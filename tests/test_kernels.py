@@ -14,6 +14,7 @@ from moyu_exp.config import ConfigError
 from moyu_exp.decode import ModelStepper, greedy
 from moyu_exp.kernels import native
 from moyu_exp.kernels.decoder import LeanDecoder
+from moyu_exp.masking import KernelRule, apply_rule
 from moyu_exp.meter import SparsityMeter
 from moyu_exp.sites import adapter_for
 from moyu_exp.strategies import STRATEGIES, keep_count
@@ -188,3 +189,80 @@ def test_input_sparse_kernel_matches_torch_on_every_thread_split(kept, cols, dty
     expected = (x * mask) @ weight_t.float()
     assert count == kept
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+
+
+RULES = {
+    "topk": lambda dim: KernelRule(k=keep_count(0.6, dim)),
+    "scaled topk": lambda dim: KernelRule(k=keep_count(0.3, dim), scale=torch.rand(dim) + 0.5),
+    "threshold": lambda dim: KernelRule(threshold=0.7),
+    "per-entry thresholds": lambda dim: KernelRule(
+        threshold=torch.rand(dim), scale=torch.rand(dim)
+    ),
+}
+
+
+@pytest.mark.parametrize("backend", ["native", "torch"])
+@pytest.mark.parametrize("dim", [7, 160, 1536])
+@pytest.mark.parametrize("kind", sorted(RULES))
+def test_simulated_masking_keeps_exactly_what_the_rule_keeps(kind, dim, backend, monkeypatch):
+    """Simulated mode's batched masking (native, or stock ops) keeps the rule's set at active
+    positions, copies inactive ones, and counts the dropped entries."""
+    if backend == "torch":
+        monkeypatch.setattr(native, "load", lambda: None)
+    elif shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler")
+    gen = torch.manual_seed(dim)
+    x = torch.randn(3, 5, dim, generator=gen)
+    active = torch.rand(3, 5, generator=gen) > 0.3
+    rule = RULES[kind](dim)
+    y, dropped = apply_rule(x, rule, active)
+    keep = rule.mask(x) | ~active[..., None]
+    assert torch.equal(y, x.masked_fill(~keep, 0.0))
+    assert int(dropped) == int((~keep).sum())
+
+
+@needs_compiler
+def test_native_topk_breaks_ties_by_the_lower_index() -> None:
+    """Fewer nonzeros than k: the zeros kept are the first ones (kernel mode selects alike)."""
+    x = torch.tensor([[[3.0, 0.0, 0.0, -2.0, 0.0, 0.0]]])
+    y, dropped = apply_rule(x, KernelRule(k=4), None)
+    assert dropped == 2
+    lib = native.load()
+    work = torch.empty(2 * 6 + 2048)
+    kept = torch.empty(6, dtype=torch.int64)
+    count = lib.lib.select_entries(
+        x.data_ptr(), 6, None, None, 0.0, 4, work.data_ptr(), kept.data_ptr()
+    )
+    assert kept[:count].tolist() == [0, 1, 2, 3]
+
+
+@needs_compiler
+def test_native_random_masks_keep_exactly_k_uniformly() -> None:
+    from moyu_exp.masking import random_keep
+
+    generator = torch.Generator().manual_seed(0)
+    mask = random_keep((4000, 10), 3, generator)
+    assert torch.all(mask.sum(-1) == 3)
+    assert torch.allclose(mask.float().mean(0), torch.full((10,), 0.3), atol=0.03)
+    again = random_keep((4000, 10), 3, torch.Generator().manual_seed(0))
+    assert torch.equal(mask, again)
+
+
+@pytest.mark.parametrize("backend", ["native", "torch"])
+@pytest.mark.parametrize("shape", [(160,), (3, 1, 160), (3, 5, 160)])
+def test_a_strategys_mask_is_applied_and_counted_alike(shape, backend, monkeypatch) -> None:
+    """Masks from keep() (a fixed set, one per sequence, one per token) at active positions."""
+    from moyu_exp.masking import apply_mask
+
+    if backend == "torch":
+        monkeypatch.setattr(native, "load", lambda: None)
+    elif shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler")
+    gen = torch.manual_seed(1)
+    x = torch.randn(3, 5, 160, generator=gen)
+    keep = torch.rand(shape, generator=gen) > 0.5
+    active = torch.rand(3, 5, generator=gen) > 0.3
+    y, dropped = apply_mask(x, keep, active)
+    kept = keep.expand(x.shape) | ~active[..., None]
+    assert torch.equal(y, x.masked_fill(~kept, 0.0))
+    assert int(dropped) == int((~kept).sum())

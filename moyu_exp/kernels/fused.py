@@ -114,7 +114,7 @@ class FusedStep:
             "z": d_ff,
             "out": widest,
             "scores": threads * w.max_tokens,
-            "work": 4 * max(d, d_ff),
+            "work": 4 * max(d, d_ff) + 2048,  # + select_entries' histogram
             "upv": d_ff,
             "acc": (threads + 1) * stride,
         }

@@ -75,8 +75,14 @@ class Native:
         lib.silu_mul.argtypes, lib.silu_mul.restype = [ptr, i64, ptr], None
         lib.attend.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, i64, ptr, ptr, f32, ptr, ptr]
         lib.attend.restype = None
-        lib.mask_rows.argtypes = [ptr, ptr, i64, i64, ptr, ptr, ptr, f32, i64, i64, ptr, ptr]
+        lib.mask_rows.argtypes = [ptr, ptr, i64, i64, ptr, ptr, ptr, f32, i64, i64, ptr]
         lib.mask_rows.restype = i64
+        lib.select_entries.argtypes = [ptr, i64, ptr, ptr, f32, i64, ptr, ptr]
+        lib.select_entries.restype = i64
+        lib.random_keep.argtypes = [ptr, i64, i64, i64, ctypes.c_uint64, i64]
+        lib.random_keep.restype = None
+        lib.apply_keep.argtypes = [ptr, ptr, i64, i64, i64, ptr, i64, i64, ptr, i64]
+        lib.apply_keep.restype = i64
 
     def fn(self, kind: str, weight):
         """The ``kind`` kernel for ``weight``'s dtype (fp32 or bf16)."""

@@ -88,7 +88,7 @@ class NativeKernels:
         stride = (max_cols + 15) // 16 * 16
         self.acc = torch.empty((threads + 1) * stride, dtype=torch.float32)  # axpy scratch
         self.list = torch.empty(max_cols, dtype=torch.int64)
-        self.work = torch.empty(2 * max_cols, dtype=torch.float32)
+        self.work = torch.empty(2 * max_cols + 2048, dtype=torch.float32)  # + a histogram
         self.upv = torch.empty(max_cols, dtype=torch.float32)
 
     def _fn(self, kind, weight):

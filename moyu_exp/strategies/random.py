@@ -1,4 +1,9 @@
-"""Random: keep a random (1 - s) fraction of a site's entries per token (a control)."""
+"""Random: keep a random (1 - s) fraction of a site's entries per token (a control).
+
+Every token keeps exactly k = round((1 - s) * d) entries drawn uniformly (selection sampling in
+the native kernels, seeded per call from the strategy's seeded generator; top-k of uniform
+scores where the kernels are not built): the same seed gives the same sets for the same inputs.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,8 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 from moyu_exp.lazy import lazy_import
-from moyu_exp.strategies.base import Strategy, keep_count, register, topk_mask
+from moyu_exp.masking import random_keep
+from moyu_exp.strategies.base import Strategy, keep_count, register
 
 torch = lazy_import("torch")
 
@@ -26,7 +32,4 @@ class Random(Strategy):
 
     def keep(self, state, site, layer, x, roles) -> torch.Tensor | None:
         k = keep_count(self.sparsity, x.shape[-1])
-        if k >= x.shape[-1]:
-            return None
-        scores = torch.rand(x.shape, generator=state.generator, device=x.device)
-        return topk_mask(scores, k)
+        return None if k >= x.shape[-1] else random_keep(x.shape, k, state.generator)

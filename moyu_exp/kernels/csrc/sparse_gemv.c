@@ -141,37 +141,56 @@ ROW_DOT(row_dot_bf16, uint16_t, from_bf16)
     return kept;                                                                         \
   }
 
-/* k-th largest of v[0..n) (1-based k), by quickselect on v (reordered in place) */
-static float kth_largest(float *v, int64_t n, int64_t k) {
-  int64_t lo = 0, hi = n - 1, want = k - 1;
-  while (lo < hi) {
-    float pivot = v[(lo + hi) / 2];
-    int64_t i = lo, j = hi;
-    while (i <= j) {
-      while (v[i] > pivot) i++;
-      while (v[j] < pivot) j--;
-      if (i <= j) {
-        float tmp = v[i];
-        v[i] = v[j];
-        v[j] = tmp;
-        i++;
-        j--;
-      }
-    }
-    if (want <= j) hi = j;
-    else if (want >= i) lo = i;
-    else break;
-  }
-  return v[want];
-}
-
 static inline float entry_score(const float *x, const float *scale, int64_t i) {
   return fabsf(x[i]) * (scale ? scale[i] : 1.f);
 }
 
+/* The cut of a top-k of the scores |x_i| * scale_i, by radix select on their bits (a
+ * non-negative float's bits, read as an unsigned integer, order like the float): a histogram of
+ * the top 11 bits over every key finds the bin of the k-th largest; its few candidates are
+ * copied out and narrowed by the next 11 and 10 bits, stopping once every candidate left is
+ * kept. The kept set is then {key > *cut} plus, when *ties >= 0, the first *ties keys equal to
+ * *cut (lowest index first), else {key >= *cut}. Scratch: keys and cand (n uint32 each), hist
+ * (2048 int32). Requires 0 < k < n. */
+static void topk_cut(const float *x, int64_t n, const float *scale, int64_t k, uint32_t *keys,
+                     uint32_t *cand, int32_t *hist, uint32_t *cut, int64_t *ties) {
+  static const int shift[3] = {21, 10, 0}, width[3] = {11, 11, 10};
+  uint32_t top = 0;
+  for (int64_t i = 0; i < n; i++) {
+    float s = entry_score(x, scale, i);
+    memcpy(keys + i, &s, sizeof s);
+    top = keys[i] > top ? keys[i] : top;
+  }
+  const uint32_t *src = keys;
+  int64_t count = n, want = k; /* want: rank of the k-th largest among the candidates */
+  uint32_t prefix = 0;
+  for (int pass = 0; pass < 3; pass++) {
+    int bins = 1 << width[pass];
+    uint32_t digit = (uint32_t)(bins - 1);
+    memset(hist, 0, sizeof(int32_t) * bins);
+    for (int64_t i = 0; i < count; i++) hist[(src[i] >> shift[pass]) & digit]++;
+    int b = pass == 0 ? (int)(top >> shift[0]) : bins - 1;
+    while (hist[b] < want) want -= hist[b--];
+    prefix |= (uint32_t)b << shift[pass];
+    if (hist[b] == want) { /* every candidate in this bin is kept: no ties to break */
+      *cut = prefix;
+      *ties = -1;
+      return;
+    }
+    int64_t next = 0; /* the candidates in bin b */
+    for (int64_t i = 0; i < count; i++)
+      if (((src[i] >> shift[pass]) & digit) == (uint32_t)b) cand[next++] = src[i];
+    src = cand; /* compacting in place: next <= i at every step */
+    count = next;
+  }
+  *cut = prefix; /* the exact k-th largest key; keep `want` of its ties */
+  *ties = want;
+}
+
 /* Indices (ascending) of the kept entries of x: score_i = |x_i| * (scale ? scale_i : 1);
  * with k >= 0 the k best scores (ties broken by lower index), else score_i >= threshold_i
- * (thresholds[i], or threshold for all). work: n floats of scratch. Returns the count. */
+ * (thresholds[i], or threshold for all). work: 2 n + 2048 floats of scratch. Returns the
+ * count. */
 int64_t select_entries(const float *x, int64_t n, const float *scale, const float *thresholds,
                        float threshold, int64_t k, float *work, int64_t *list) {
   int64_t kept = 0;
@@ -181,14 +200,15 @@ int64_t select_entries(const float *x, int64_t n, const float *scale, const floa
       return n;
     }
     if (k == 0) return 0;
-    for (int64_t i = 0; i < n; i++) work[i] = entry_score(x, scale, i);
-    float cut = kth_largest(work, n, k);
-    int64_t above = 0;
-    for (int64_t i = 0; i < n; i++) above += entry_score(x, scale, i) > cut;
-    int64_t ties = k - above;
-    for (int64_t i = 0; i < n; i++) {
-      float s = entry_score(x, scale, i);
-      if (s > cut || (s == cut && ties-- > 0)) list[kept++] = i;
+    uint32_t *keys = (uint32_t *)work, cut;
+    int64_t ties;
+    topk_cut(x, n, scale, k, keys, keys + n, (int32_t *)(work + 2 * n), &cut, &ties);
+    if (ties < 0) {
+      for (int64_t i = 0; i < n; i++)
+        if (keys[i] >= cut) list[kept++] = i;
+    } else {
+      for (int64_t i = 0; i < n; i++)
+        if (keys[i] > cut || (keys[i] == cut && ties-- > 0)) list[kept++] = i;
     }
     return kept;
   }
@@ -203,11 +223,11 @@ int64_t select_entries(const float *x, int64_t n, const float *scale, const floa
  * scatter, a fill and a count in separate passes): every row r of x (rows x d, fp32) that is
  * active (active[r], or every row when active is NULL) keeps the entries select_entries keeps
  * and is zeroed elsewhere; an inactive row is copied unchanged. y must not alias x. scratch:
- * `threads` rows of d floats (work) and d int64 (list). Returns the entries dropped over the
- * active rows (the same count kernel mode makes: d - kept per row). */
+ * `threads` rows of 2 d + 2048 floats (work). Returns the entries dropped over the active rows
+ * (the same count kernel mode makes: d - kept per row). */
 int64_t mask_rows(const float *x, float *y, int64_t rows, int64_t d, const uint8_t *active,
                   const float *scale, const float *thresholds, float threshold, int64_t k,
-                  int64_t threads, float *work, int64_t *list) {
+                  int64_t threads, float *work) {
   int64_t dropped = 0;
 #pragma omp parallel for schedule(static) reduction(+ : dropped) num_threads(threads) \
     if (rows * d > PARALLEL_WORK)
@@ -225,16 +245,90 @@ int64_t mask_rows(const float *x, float *y, int64_t rows, int64_t d, const uint8
         yr[i] = keep ? xr[i] : 0.f;
         kept += keep;
       }
-    } else {
-      int t = omp_get_thread_num();
-      int64_t *l = list + t * d;
-      kept = select_entries(xr, d, scale, thresholds, threshold, k, work + t * d, l);
+    } else if (k >= d) {
+      memcpy(yr, xr, sizeof(float) * d);
+      kept = d;
+    } else if (k == 0) {
       memset(yr, 0, sizeof(float) * d);
-      for (int64_t j = 0; j < kept; j++) yr[l[j]] = xr[l[j]];
+    } else {
+      uint32_t *keys = (uint32_t *)(work + omp_get_thread_num() * (2 * d + 2048)), cut;
+      int64_t ties;
+      topk_cut(xr, d, scale, k, keys, keys + d, (int32_t *)(keys + 2 * d), &cut, &ties);
+      if (ties < 0) { /* the common case, vectorised */
+        for (int64_t i = 0; i < d; i++) {
+          int keep = keys[i] >= cut;
+          yr[i] = keep ? xr[i] : 0.f;
+          kept += keep;
+        }
+      } else {
+        for (int64_t i = 0; i < d; i++) {
+          int keep = keys[i] > cut || (keys[i] == cut && ties-- > 0);
+          yr[i] = keep ? xr[i] : 0.f;
+          kept += keep;
+        }
+      }
     }
     dropped += d - kept;
   }
   return dropped;
+}
+
+/* A mask a strategy computed, applied to a batch x (batch x tokens x d, fp32) in one pass: at
+ * active positions (active[b * tokens + t], or all when NULL) entry i of row (b, t) is kept when
+ * keep[b * keep_b + t * keep_t + i] (strides in entries: 0 broadcasts a mask over a dim), else
+ * zeroed; inactive rows are copied. Returns the entries dropped at active positions. */
+int64_t apply_keep(const float *x, float *y, int64_t batch, int64_t tokens, int64_t d,
+                   const uint8_t *keep, int64_t keep_b, int64_t keep_t, const uint8_t *active,
+                   int64_t threads) {
+  int64_t dropped = 0, rows = batch * tokens;
+#pragma omp parallel for schedule(static) reduction(+ : dropped) num_threads(threads) \
+    if (rows * d > PARALLEL_WORK)
+  for (int64_t r = 0; r < rows; r++) {
+    const float *xr = x + r * d;
+    float *yr = y + r * d;
+    if (active && !active[r]) {
+      memcpy(yr, xr, sizeof(float) * d);
+      continue;
+    }
+    const uint8_t *m = keep + (r / tokens) * keep_b + (r % tokens) * keep_t;
+    int64_t kept = 0;
+    for (int64_t i = 0; i < d; i++) {
+      yr[i] = m[i] ? xr[i] : 0.f;
+      kept += m[i];
+    }
+    dropped += d - kept;
+  }
+  return dropped;
+}
+
+/* Exactly k entries of every row kept at random (Knuth's selection sampling: entry i is kept
+ * with probability (k - kept so far) / (d - i)), rows drawn independently from `seed`
+ * (splitmix64 per row, xorshift within it): the random strategy's mask in one pass. */
+static inline uint64_t splitmix64(uint64_t z) {
+  z += 0x9E3779B97F4A7C15ull;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+void random_keep(uint8_t *mask, int64_t rows, int64_t d, int64_t k, uint64_t seed,
+                 int64_t threads) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (rows * d > PARALLEL_WORK)
+  for (int64_t r = 0; r < rows; r++) {
+    uint64_t state = splitmix64(seed ^ splitmix64((uint64_t)r)) | 1;
+    int64_t need = k;
+    uint8_t *m = mask + r * d;
+    for (int64_t i = 0; i < d; i++) {
+      state ^= state << 13;
+      state ^= state >> 7;
+      state ^= state << 17;
+      /* keep with probability need / (d - i), from the top 53 bits */
+      double u = (double)(state >> 11) * (1.0 / 9007199254740992.0);
+      int keep = u * (double)(d - i) < (double)need;
+      m[i] = (uint8_t)keep;
+      need -= keep;
+    }
+  }
 }
 
 DOT(dot_f32, float, row_dot_f32)
@@ -247,7 +341,7 @@ AXPY_MASKED(axpy_masked_f32, float, axpy_list_f32)
 AXPY_MASKED(axpy_masked_bf16, uint16_t, axpy_list_bf16)
 
 /* select entries of x by the rule, then out = W x over them (W^T rows); scratch as above:
- * work (rows floats), list (rows int64), acc ((threads + 1) * stride floats) */
+ * work (2 * rows + 2048 floats), list (rows int64), acc ((threads + 1) * stride floats) */
 #define AXPY_RULE(NAME, T, LIST_FN)                                                      \
   int64_t NAME(const T *Wt, int64_t cols, int64_t rows, const float *x, const float *scale, \
                const float *thresholds, float threshold, int64_t k, float *out, float *work, \
@@ -261,13 +355,13 @@ AXPY_RULE(axpy_rule_bf16, uint16_t, axpy_list_bf16)
 
 /* The gated MLP with the activation site sparse: act = silu(gate) (gate: d_ff values already
  * computed), kept = the rule on act, up = rows kept of W_up . x, z = act * up on kept,
- * out = W_down z reading the kept rows of W_down^T. scratch: act/work (2 * d_ff floats),
+ * out = W_down z reading the kept rows of W_down^T. scratch: work (3 * d_ff + 2048 floats),
  * list (d_ff int64), upv (d_ff floats), acc as above. */
 #define GATED_RULE(NAME, T, DOT_FN, LIST_FN)                                             \
   int64_t NAME(const T *W_up, const T *Wt_down, int64_t d, int64_t d_ff, const float *gate, \
                const float *x, const float *scale, const float *thresholds, float threshold, \
                int64_t k, float *out, float *work, int64_t *list, float *upv, float *acc) { \
-    float *act = work + d_ff;                                                            \
+    float *act = work + 2 * d_ff + 2048; /* after select_entries' scratch */            \
     for (int64_t i = 0; i < d_ff; i++) act[i] = gate[i] / (1.0f + expf(-gate[i]));       \
     int64_t kept = select_entries(act, d_ff, scale, thresholds, threshold, k, work, list); \
     DOT_FN(W_up, d, list, kept, x, upv);                                                 \
@@ -377,7 +471,8 @@ typedef struct {
   const float *norm, *cos, *sin; /* norm (d); cos/sin (max_tokens, head_dim) */
   const LayerSpec *layer;
   /* scratch, fp32: h, n (d); qkv (d_q + 2 d_kv); attn (d_q); gate_up (2 d_ff); z (d_ff);
-   * out (max(d, 2 d_ff)); scores (threads * max_tokens); work (4 d_ff); upv (d_ff);
+   * out (max(d, 2 d_ff)); scores (threads * max_tokens); work (4 max(d, d_ff) + 2048);
+   * upv (d_ff);
    * acc ((threads + 1) * stride); list (max(d, d_ff) int64) */
   float *h, *n, *qkv, *attn, *gu, *z, *out, *scores, *work, *upv, *acc;
   int64_t *list;
