@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sparsities", nargs="+", type=float, default=[0.0, 0.3, 0.5, 0.7, 0.9])
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--steps", type=int, default=32, help="decode steps per timed window")
-    parser.add_argument("--rounds", type=int, default=7, help="dense/sparse window pairs")
+    parser.add_argument("--rounds", type=int, default=9, help="dense/sparse window pairs")
     parser.add_argument("--burn-in", type=int, default=8)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", type=Path, help="also write the rows here")

@@ -1,4 +1,9 @@
-"""Figures of a comparison: accuracy/sparsity trade-off curves and the speed Pareto plot."""
+"""Figures of a comparison: accuracy/sparsity trade-off curves and the speed Pareto plots.
+
+Whether a metric is better high or low comes from the results themselves (lm-eval's
+``higher_is_better`` of each task, and the fidelity metrics' own), passed in as ``directions``
+({"task/metric": higher is better}); a metric they do not name is taken as higher-is-better.
+"""
 
 from __future__ import annotations
 
@@ -11,12 +16,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-LOWER_IS_BETTER = ("perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte", "kl")
+Directions = dict[str, bool]
 
 
-def _direction(metric: str) -> str:
-    name = metric.split("/")[-1]
-    return "lower is better" if name in LOWER_IS_BETTER else "higher is better"
+def _direction(metric: str, directions: Directions) -> str:
+    return "higher is better" if directions.get(metric, True) else "lower is better"
 
 
 def _log_scale(metric: str) -> bool:
@@ -24,9 +28,7 @@ def _log_scale(metric: str) -> bool:
     return metric.split("/")[-1] in ("perplexity", "word_perplexity", "byte_perplexity", "kl")
 
 
-def _frontier(
-    points: list[tuple[float, float]], lower_is_better: bool
-) -> list[tuple[float, float]]:
+def frontier(points: list[tuple[float, float]], lower_is_better: bool) -> list[tuple[float, float]]:
     """Non-dominated (speed, quality) points, fastest first: nothing is faster and better."""
     best: list[tuple[float, float]] = []
     for speed, value in sorted(points, key=lambda p: (-p[0], p[1] if lower_is_better else -p[1])):
@@ -63,7 +65,9 @@ def save_png(fig, path: Path) -> None:
     write_bytes_atomic(Path(path), buffer.getvalue())
 
 
-def tradeoff(table: list[dict[str, Any]], metrics: list[str], path: Path) -> None:
+def tradeoff(
+    table: list[dict[str, Any]], metrics: list[str], path: Path, directions: Directions
+) -> None:
     """One panel per metric: metric against achieved sparsity, a line per strategy label."""
     panels = max(1, len(metrics))
     fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.2), squeeze=False)
@@ -79,7 +83,7 @@ def tradeoff(table: list[dict[str, Any]], metrics: list[str], path: Path) -> Non
         if start:
             ax.axhline(dense, color="black", ls="--", lw=1, label="dense")
         ax.set_xlabel("achieved sparsity")
-        ax.set_ylabel(f"{metric} ({_direction(metric)})")
+        ax.set_ylabel(f"{metric} ({_direction(metric, directions)})")
         if log_scale:
             ax.set_yscale("log")
         ax.set_title(metric)
@@ -92,35 +96,50 @@ def tradeoff(table: list[dict[str, Any]], metrics: list[str], path: Path) -> Non
     save_png(fig, path)
 
 
-def pareto(table: list[dict[str, Any]], metrics: list[str], path: Path) -> None:
-    """The first metric against measured decode tokens/s: a line per strategy through its
-    sparsities (each marked with its target), dense as a star, the Pareto frontier dashed."""
+def pareto(
+    table: list[dict[str, Any]],
+    metrics: list[str],
+    path: Path,
+    directions: Directions,
+    speeds: tuple[tuple[str, str], ...],
+) -> None:
+    """The first metric against each speed column in ``speeds`` ((column, axis label): the
+    measured speedup of kernel-mode points, the bytes-bound ideal of every point): a line per
+    strategy through its sparsities (each marked with its target), dense as a star, each
+    panel's Pareto frontier dashed."""
     metric = metrics[0] if metrics else None
-    fig, ax = plt.subplots(figsize=(6.4, 4.6))
-    rows = [r for r in _ok(table, metric) if r.get("decode_tokens_per_s")] if metric else []
+    fig, axes = plt.subplots(1, len(speeds), figsize=(6.2 * len(speeds), 4.6), squeeze=False)
+    for ax, (speed, label) in zip(axes[0], speeds, strict=True):
+        _pareto_panel(ax, table, metric, speed, directions)
+        ax.set_xlabel(label)
+    fig.suptitle("Pareto: quality against decode speed")
+    fig.tight_layout()
+    save_png(fig, path)
+
+
+def _pareto_panel(ax, table, metric: str | None, speed: str, directions: Directions) -> None:
+    rows = [r for r in _ok(table, metric) if r.get(speed)] if metric else []
     for label in sorted({r["label"] for r in rows}):
         mine = sorted(
             (r for r in rows if r["label"] == label), key=lambda r: r.get("sparsity") or 0
         )
-        speeds, values = [r["decode_tokens_per_s"] for r in mine], [r[metric] for r in mine]
+        speeds, values = [r[speed] for r in mine], [r[metric] for r in mine]
         if label == "dense":
             ax.scatter(speeds, values, label=label, marker="*", s=140, color="black", zorder=3)
             continue
         ax.plot(speeds, values, marker="o", ms=4, lw=1, label=label)
         for r in mine:
-            ax.annotate(f"{r['sparsity']:g}", (r["decode_tokens_per_s"], r[metric]), fontsize=6)
+            ax.annotate(f"{r['sparsity']:g}", (r[speed], r[metric]), fontsize=6)
     if rows:
-        lower = _direction(metric) == "lower is better"
-        front = _frontier([(r["decode_tokens_per_s"], r[metric]) for r in rows], lower)
+        lower = not directions.get(metric, True)
+        front = frontier([(r[speed], r[metric]) for r in rows], lower)
         ax.step(
             *zip(*front, strict=True), where="post", color="grey", ls="--", lw=1, label="frontier"
         )
         if _log_scale(metric) and all(r[metric] > 0 for r in rows):
             ax.set_yscale("log")
         ax.legend(fontsize=7, loc="best")
-    ax.set_xlabel("decode tokens/s (batch 1)")
-    ax.set_ylabel(f"{metric} ({_direction(metric)})" if metric else "")
-    ax.set_title("Pareto: quality against decode speed")
+    else:
+        ax.text(0.5, 0.5, f"no point has {speed}", ha="center", va="center", transform=ax.transAxes)
+    ax.set_ylabel(f"{metric} ({_direction(metric, directions)})" if metric else "")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    save_png(fig, path)

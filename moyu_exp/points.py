@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import logging
 import os
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from moyu_exp import cache
+from moyu_exp import cache, results
 from moyu_exp.results import SCHEMA
 
 IGNORED_KEYS = ("logger", "name", "resume")
@@ -48,8 +47,8 @@ def load(key: str) -> dict[str, Any] | None:
     """The stored payload of a finished point, or None (also when the file is unreadable)."""
     path = cache.root() / "points" / f"{key}.json"
     try:
-        payload = json.loads(path.read_text())
-    except (OSError, ValueError):
+        payload = results.read(path)
+    except (OSError, ValueError):  # missing, truncated or of another schema: recompute
         return None
     return payload if payload.get("status") == "ok" else None
 

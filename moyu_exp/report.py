@@ -3,8 +3,10 @@
 Collects every ``results.json`` under the given folders (any mix of runs and sweeps), keeps one
 row per point (the newest; ``ok`` before ``failed``), writes ``summary.csv``, ``tradeoff.png``
 (each headline metric against achieved sparsity, one line per strategy, dense as a reference
-line) and ``pareto.png`` (the first headline metric against decode tokens/s), and prints the
-table. The same code aggregates a sweep when it ends (:mod:`moyu_exp.sweep`).
+line) and ``pareto.png`` (the first headline metric against the measured paired speedup of
+kernel-mode points and against the bytes-bound ideal speedup of every point, each with its
+frontier), and prints the table. The same code aggregates a sweep when it ends
+(:mod:`moyu_exp.sweep`).
 """
 
 from __future__ import annotations
@@ -12,16 +14,32 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import math
 import sys
 from pathlib import Path
 from typing import Any
 
+from moyu_exp import results
+
 # The metric that heads each task's column, in order of preference.
 HEADLINE = ("acc", "word_perplexity", "perplexity", "kl")
 FIXED = ["label", "strategy", "sparsity", "achieved_sparsity"]
-TAIL = ["decode_tokens_per_s", "prefill_ms", "status", "error", "model", "run_dir", "point_key"]
+SPEED = [
+    "speedup",
+    "speedup_iqr",
+    "ideal_speedup",
+    "efficiency",
+    "weight_bytes_per_token",
+    "decode_tokens_per_s",
+    "dense_tokens_per_s",
+    "prefill_ms",
+]
+TAIL = [*SPEED, "status", "error", "model", "run_dir", "point_key"]
+# The speed axes of pareto.png: (column, axis label).
+SPEED_AXES = (
+    ("speedup", "measured decode speedup over dense (paired, kernel mode)"),
+    ("ideal_speedup", "bytes-bound ideal speedup (weights a kernel skips)"),
+)
 
 
 def collect(dirs: list[Path]) -> list[dict[str, Any]]:
@@ -30,9 +48,10 @@ def collect(dirs: list[Path]) -> list[dict[str, Any]]:
     for folder in dirs:
         for path in sorted(Path(folder).rglob("results.json")):
             try:
-                payload = json.loads(path.read_text())
-            except (OSError, ValueError):
-                continue  # a foreign or damaged file; ours are written atomically
+                payload = results.read(path)
+            except (OSError, ValueError) as err:  # a foreign, damaged or older file
+                print(f"moyu_exp.report: skipping {path}: {err}", file=sys.stderr)
+                continue
             payload.setdefault("run_dir", str(path.parent))
             key = payload.get("point_key") or str(path.parent)
             if key not in best or _rank(payload) >= _rank(best[key]):
@@ -59,8 +78,8 @@ def rows(payloads: list[dict[str, Any]]) -> list[dict[str, Any]]:
             for metric, value in sorted(metrics.items()):
                 row[f"{task}/{metric}"] = value
         bench = payload.get("bench") or {}
-        row["decode_tokens_per_s"] = bench.get("decode_tokens_per_s")
-        row["prefill_ms"] = bench.get("prefill_ms")
+        for key in SPEED:  # the point's own ideal (from its evaluation) unless only bench has it
+            row[key] = payload.get(key) if payload.get(key) is not None else bench.get(key)
         row["status"] = payload.get("status")
         row["error"] = payload.get("error")
         row["model"] = (payload.get("config") or {}).get("model", {}).get("name")
@@ -124,6 +143,16 @@ def _short(value: Any) -> str:
     return str(value)
 
 
+def directions(payloads: list[dict[str, Any]]) -> dict[str, bool]:
+    """{"task/metric": higher is better}, as lm-eval (and the fidelity metrics) declare it."""
+    out: dict[str, bool] = {}
+    for payload in payloads:
+        for task, detail in (payload.get("eval_details") or {}).items():
+            for metric, higher in (detail.get("higher_is_better") or {}).items():
+                out[f"{task}/{metric}"] = bool(higher)
+    return out
+
+
 def headline_metrics(table: list[dict[str, Any]]) -> list[str]:
     """``task/metric`` columns to plot: each task's first metric in :data:`HEADLINE`."""
     tasks = sorted({c.split("/")[0] for r in table for c in r if "/" in c})
@@ -156,8 +185,9 @@ def _csv(value: Any) -> Any:
 def format_table(table: list[dict[str, Any]]) -> str:
     """A fixed-width text table of the headline columns."""
     metrics = headline_metrics(table)
-    cols = ["label", "sparsity", "achieved_sparsity", *metrics, "decode_tokens_per_s", "status"]
-    heads = ["strategy", "target", "achieved", *metrics, "tok/s", "status"]
+    cols = ["label", "sparsity", "achieved_sparsity", *metrics, "speedup", "ideal_speedup"]
+    cols += ["decode_tokens_per_s", "status"]
+    heads = ["strategy", "target", "achieved", *metrics, "speedup", "ideal", "tok/s", "status"]
     cells = [[_fmt(r.get(c)) for c in cols] for r in table]
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(heads)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(heads, widths, strict=True))]
@@ -179,23 +209,26 @@ def _fmt(value: Any) -> str:
 OUTPUTS = ("summary.csv", "tradeoff.png", "pareto.png")
 
 
-def summarize(dirs: list[Path], out: Path) -> list[dict[str, Any]]:
-    """Write summary.csv, tradeoff.png and pareto.png for ``dirs`` into ``out``; return rows.
-    When the summary is unchanged and the figures exist, nothing is redrawn."""
+def summarize(dirs: list[Path], out: Path) -> tuple[list[dict[str, Any]], dict[str, bool]]:
+    """Write summary.csv, tradeoff.png and pareto.png for ``dirs`` into ``out``; return the rows
+    and the metrics' directions. When the summary is unchanged and the figures exist, nothing is
+    redrawn."""
     from moyu_exp.cache import write_bytes_atomic
 
-    table = rows(collect(dirs))
+    payloads = collect(dirs)
+    table = rows(payloads)
+    better = directions(payloads)
     summary = csv_bytes(table)
     current = out / "summary.csv"
     if all((out / name).is_file() for name in OUTPUTS) and current.read_bytes() == summary:
-        return table
+        return table, better
     from moyu_exp import plots
 
     metrics = headline_metrics(table)
-    plots.tradeoff(table, metrics, out / "tradeoff.png")
-    plots.pareto(table, metrics[:1], out / "pareto.png")
+    plots.tradeoff(table, metrics, out / "tradeoff.png", better)
+    plots.pareto(table, metrics[:1], out / "pareto.png", better, SPEED_AXES)
     write_bytes_atomic(current, summary)
-    return table
+    return table, better
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -210,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"moyu_exp.report: error: not a folder: {', '.join(missing)}", file=sys.stderr)
         return 2
     out = args.out or args.dirs[0]
-    table = summarize(args.dirs, out)
+    table, _ = summarize(args.dirs, out)
     if not table:
         print(f"moyu_exp.report: error: no results.json under {', '.join(map(str, args.dirs))}")
         return 2

@@ -14,7 +14,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from moyu_exp.plots import LOWER_IS_BETTER
+from moyu_exp.report import directions
 
 
 def metric_value(payload: dict[str, Any], metric: str) -> float:
@@ -23,10 +23,10 @@ def metric_value(payload: dict[str, Any], metric: str) -> float:
     return float("nan") if value is None else float(value)
 
 
-def within_budget(value: float, reference: float, metric: str, budget: float) -> bool:
+def within_budget(value: float, reference: float, higher_is_better: bool, budget: float) -> bool:
     if math.isnan(value) or math.isnan(reference):
         return False
-    loss = value - reference if metric.split("/")[-1] in LOWER_IS_BETTER else reference - value
+    loss = reference - value if higher_is_better else value - reference
     return loss <= budget
 
 
@@ -46,7 +46,8 @@ def objective(cfg: DictConfig, payload: dict[str, Any], run_dir: Path) -> float:
     reference = runner.run(reference_cfg, run_dir / "dense_reference")
     metric = cfg.search.metric
     achieved = float(payload["achieved_sparsity"])
+    higher = directions([payload]).get(metric, True)  # lm-eval's higher_is_better
     ok = within_budget(
-        metric_value(payload, metric), metric_value(reference, metric), metric, cfg.search.budget
+        metric_value(payload, metric), metric_value(reference, metric), higher, cfg.search.budget
     )
     return achieved if ok else achieved - 1.0

@@ -25,7 +25,7 @@ FAILED: list[str] = []  # failed points of the multirun that just ended in this 
 class AggregateCallback(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
-        table = report.summarize([sweep_dir], sweep_dir)
+        table, directions = report.summarize([sweep_dir], sweep_dir)
         failed = [
             f"{r['label']} s={r['sparsity']}: {r['error']}" for r in table if r["status"] != "ok"
         ]
@@ -35,13 +35,18 @@ class AggregateCallback(Callback):
         log.info("wrote %s/summary.csv, tradeoff.png, pareto.png", sweep_dir)
         logger = config.get("logger")
         if logger is not None and logger.name != "none" and str(logger.mode) != "disabled":
-            log_aggregate(table, logger, sweep_dir)
+            log_aggregate(table, directions, logger, sweep_dir)
 
 
-def log_aggregate(table: list[dict[str, Any]], logger: DictConfig, sweep_dir: Path) -> None:
-    """One W&B run for the whole sweep, in the group of its point runs."""
+def log_aggregate(
+    table: list[dict[str, Any]], directions: dict[str, bool], logger: DictConfig, sweep_dir: Path
+) -> None:
+    """One W&B run for the whole sweep, in the group of its point runs: the summary table,
+    trade-off lines, quality against measured and ideal speedup with their frontiers, the
+    figures."""
     import wandb
 
+    from moyu_exp.plots import frontier
     from moyu_exp.tracking import wandb_mode
 
     group = logger.group or sweep_dir.name
@@ -78,9 +83,20 @@ def log_aggregate(table: list[dict[str, Any]], logger: DictConfig, sweep_dir: Pa
                     title=f"{metric} vs achieved sparsity",
                     xname="achieved sparsity",
                 )
-        if metrics:
-            logged["pareto"] = wandb.plot.scatter(
-                data, "decode_tokens_per_s", metrics[0], title=f"{metrics[0]} vs decode tokens/s"
+        for speed, _ in report.SPEED_AXES if metrics else ():
+            metric = metrics[0]
+            points = [
+                (r[speed], r[metric]) for r in ok if r.get(speed) and r.get(metric) is not None
+            ]
+            if not points:
+                continue
+            logged[f"pareto/{speed}"] = wandb.plot.scatter(
+                data, speed, metric, title=f"{metric} vs {speed}"
+            )
+            lower = not directions.get(metric, True)
+            front = wandb.Table(columns=[speed, metric], data=frontier(points, lower))
+            logged[f"frontier/{speed}"] = wandb.plot.line(
+                front, speed, metric, title=f"Pareto frontier: {metric} vs {speed}"
             )
         for image in ("tradeoff.png", "pareto.png"):
             if (sweep_dir / image).is_file():

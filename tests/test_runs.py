@@ -44,6 +44,31 @@ def test_results_json_schema(tmp_path) -> None:
     assert bench["peak_memory_mb"] > 0
     assert set(saved["env"]["packages"]) >= {"torch", "transformers", "lm_eval"}
     assert not list(tmp_path.glob(".*.tmp"))
+    # the deterministic speed axis, from the sets kept during the evaluation
+    phase = saved["sparsity_detail"]["eval"]
+    assert saved["ideal_speedup"] == phase["ideal_speedup"] > 1
+    assert saved["weight_bytes_per_token"] < phase["dense_weight_bytes_per_token"]
+    assert set(saved["sparsity_detail"]) == {"eval", "bench"}
+    # directions as lm-eval declares them
+    assert saved["eval_details"]["embedded"]["higher_is_better"]["word_perplexity"] is False
+    assert saved["eval_details"]["fidelity"]["higher_is_better"] == {
+        "kl": False,
+        "top1_agreement": True,
+    }
+    assert results.read(tmp_path / "results.json") == saved
+
+
+def test_results_are_checked_against_their_schema_when_written_and_read(tmp_path) -> None:
+    payload = results.build(status="ok", config={}, bench={"speedup": "fast"})
+    with pytest.raises(results.InvalidResults, match=r"results\.bench\.speedup should be float"):
+        results.write(tmp_path, payload)
+    assert not (tmp_path / "results.json").exists()
+    good = results.build(status="ok", config={}, timings={"eval_s": 1.0})
+    results.write(tmp_path, good)
+    broken = {**json.loads((tmp_path / "results.json").read_text()), "timings": {"eval_s": "1"}}
+    (tmp_path / "results.json").write_text(json.dumps(broken))
+    with pytest.raises(results.InvalidResults, match=r"results\.timings\.eval_s should be float"):
+        results.read(tmp_path / "results.json")
 
 
 def test_eval_and_bench_can_be_turned_off(tmp_path) -> None:

@@ -157,11 +157,22 @@ def test_the_sweep_is_logged_to_wandb_as_one_group_and_an_aggregate_run(tmp_path
     assert {group for group, _, _ in runs.values()} == {"logged"}
     kinds = [r.WhichOneof("record_type") for r in records(runs["logged-summary"][2])]
     assert "history" in kinds and kinds[-1] == "exit"
+    logged = {
+        item.key or item.nested_key[0]
+        for r in records(runs["logged-summary"][2])
+        if r.WhichOneof("record_type") == "history"
+        for item in r.history.item
+    }
+    # quality against the bytes-bound ideal speedup of every point, with its frontier
+    assert {"pareto/ideal_speedup_table", "frontier/ideal_speedup_table"} <= logged, logged
 
 
 def test_report_compares_runs_across_sweeps(tmp_path) -> None:
-    for name, strategies in (("a", "dense,topk"), ("b", "cats")):
-        moyu(*SMALL, f"strategy={strategies}", "sparsity=0.5", f"hydra.sweep.dir={tmp_path / name}")
+    for name, extra in (
+        ("a", ["strategy=dense,topk"]),
+        ("b", ["strategy=cats", "bench.mode=kernel"]),
+    ):
+        moyu(*SMALL, *extra, "sparsity=0.5", f"hydra.sweep.dir={tmp_path / name}")
     out = run_module(
         str(tmp_path / "a"),
         str(tmp_path / "b"),
@@ -171,8 +182,14 @@ def test_report_compares_runs_across_sweeps(tmp_path) -> None:
     )
     assert out.returncode == 0, out.stderr
     assert [line.split()[0] for line in out.stdout.splitlines()[2:5]] == ["cats", "dense", "topk"]
-    assert len(summary(tmp_path / "both")) == 3
+    rows = {r["label"]: r for r in summary(tmp_path / "both")}
+    assert len(rows) == 3
     assert (tmp_path / "both" / "tradeoff.png").is_file()
+    # every point has its bytes-bound ideal; only the kernel-mode point a measured speedup
+    assert float(rows["cats"]["ideal_speedup"]) > 1 and float(rows["topk"]["ideal_speedup"]) > 1
+    assert float(rows["dense"]["ideal_speedup"]) == 1
+    assert float(rows["cats"]["speedup"]) > 0 and rows["topk"]["speedup"] == ""
+    assert (tmp_path / "both" / "pareto.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_report_rejects_a_missing_folder(tmp_path) -> None:
@@ -214,17 +231,17 @@ def test_parallel_jobs_spread_over_gpus(monkeypatch) -> None:
 
 
 def test_pareto_frontier_keeps_only_points_nothing_beats() -> None:
-    from moyu_exp.plots import _frontier
+    from moyu_exp.plots import frontier
 
     points = [(60.0, 50.0), (80.0, 55.0), (90.0, 70.0), (100.0, 300.0), (110.0, 200.0)]
     # (90, 70) is kept: nothing faster is better; (100, 300) is beaten by the faster (110, 200)
-    assert _frontier(points, lower_is_better=True) == [
+    assert frontier(points, lower_is_better=True) == [
         (110.0, 200.0),
         (90.0, 70.0),
         (80.0, 55.0),
         (60.0, 50.0),
     ]
-    assert _frontier([(1.0, 0.5), (2.0, 0.6)], lower_is_better=False) == [(2.0, 0.6)]
+    assert frontier([(1.0, 0.5), (2.0, 0.6)], lower_is_better=False) == [(2.0, 0.6)]
 
 
 def test_editing_the_package_code_changes_every_point_key(tmp_path, monkeypatch) -> None:
