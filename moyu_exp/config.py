@@ -105,7 +105,15 @@ class EmbeddedTextConfig(DatasetConfig):
 class PydocTextConfig(DatasetConfig):
     _target_: str = "moyu_exp.datasets.pydoc_topics"
     name: str = "pydoc"
-    max_documents: int = 64
+    max_documents: int | None = None
+
+
+@dataclass
+class DefaultTextConfig(DatasetConfig):
+    """The default calibration source: embedded prose, then CPython's documentation."""
+
+    _target_: str = "moyu_exp.datasets.calibration_text"
+    name: str = "default"
 
 
 @dataclass
@@ -152,10 +160,11 @@ class BenchConfig:
 
 @dataclass
 class CalibrationConfig:
-    """How much of ``dataset`` calibrates thresholds, and in rows of how many tokens."""
+    """How much of ``dataset`` calibrates a strategy, in rows of how many tokens (capped by the
+    model's context); fewer tokens than asked for is a warning naming the source."""
 
     tokens: int = 16384
-    seq_len: int = 256
+    seq_len: int = 2048
 
 
 @dataclass
@@ -235,6 +244,7 @@ def register_configs() -> None:
             "tiny_llama": TinyLlamaConfig,
         },
         "dataset": {
+            "default": DefaultTextConfig,
             "embedded": EmbeddedTextConfig,
             "pydoc": PydocTextConfig,
             "wikitext2": WikitextConfig,

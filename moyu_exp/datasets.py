@@ -1,8 +1,18 @@
-"""Named text sources (the ``dataset`` config group): calibration text now, probe inputs later.
+"""Named text sources (the ``dataset`` config group): calibration text, and probe inputs.
 
-Each loader returns a list of documents (strings). ``embedded`` is this project's own English
-prose, shipped in ``moyu_exp/data/`` and identical on every machine: its ``calibration`` split
-calibrates thresholds, its ``evaluation`` split is the text of ``eval=embedded``.
+Each loader returns a list of documents (strings).
+
+- ``embedded``: this project's own English prose, shipped in ``moyu_exp/data/`` and identical on
+  every machine: its ``calibration`` split (~1.8K SmolLM2 tokens), and its ``evaluation`` split,
+  the text of ``eval=embedded`` (never used for calibration).
+- ``pydoc``: CPython's own documentation, present wherever Python is: the language reference
+  topics of ``pydoc_data``, then the docstrings of a fixed list of standard-library modules
+  (~1M characters, ~220K SmolLM2 tokens; its exact text follows the Python version, and the
+  calibration cache is keyed by the text itself).
+- ``default`` (the default calibration source): the embedded calibration prose first, then the
+  CPython documentation, so that ``calibration.tokens`` (16,384) is really reached, disjoint from
+  the evaluation text.
+- ``wikitext2``: WikiText-2 test documents from a local ``data_dir``.
 """
 
 from __future__ import annotations
@@ -26,11 +36,60 @@ def embedded(name: str = "embedded", split: str = "calibration") -> list[str]:
     return [doc.strip() for doc in text.split("\n---\n") if doc.strip()]
 
 
-def pydoc_topics(name: str = "pydoc", max_documents: int = 64) -> list[str]:
-    """CPython's own documentation topics (technical text; varies with the Python version)."""
+# Standard-library modules whose docstrings extend the pydoc topics (no GUI, no side effects).
+STDLIB_MODULES = (
+    "builtins", "collections", "itertools", "functools", "os", "re", "json", "pathlib",
+    "datetime", "string", "textwrap", "typing", "dataclasses", "statistics", "decimal",
+    "fractions", "random", "math", "argparse", "logging", "subprocess", "threading", "asyncio",
+    "unittest", "email", "http.client", "urllib.request", "xml.etree.ElementTree", "csv",
+    "sqlite3", "zipfile", "tarfile", "shutil", "tempfile", "io", "contextlib", "enum", "heapq",
+    "bisect", "array", "struct", "codecs", "calendar", "time", "socket", "hashlib", "hmac",
+    "secrets", "uuid", "pickle", "copy", "pprint", "difflib", "inspect", "ast", "dis",
+    "tokenize", "importlib", "pkgutil", "traceback", "warnings", "weakref", "gc", "abc",
+    "numbers", "operator", "queue", "sched", "selectors", "signal", "locale", "gettext",
+    "base64", "binascii", "html", "html.parser", "mimetypes", "smtplib", "imaplib", "wave",
+    "colorsys", "cmd", "shlex", "configparser", "fileinput", "glob", "fnmatch", "filecmp",
+    "stat", "platform", "sysconfig", "zipapp", "doctest", "pdb", "timeit", "trace", "pstats",
+)  # fmt: skip
+
+
+def pydoc_topics(name: str = "pydoc", max_documents: int | None = None) -> list[str]:
+    """CPython's own documentation: the pydoc topics, then one document per standard-library
+    module (its docstring and its public members'), the first ``max_documents`` of them."""
     from pydoc_data.topics import topics
 
-    return [topics[key].strip() for key in sorted(topics)][:max_documents]
+    documents = [topics[key].strip() for key in sorted(topics)]
+    for module_name in STDLIB_MODULES:
+        if max_documents is not None and len(documents) >= max_documents:
+            break
+        text = _module_docs(module_name)
+        if text:
+            documents.append(text)
+    return documents[:max_documents]
+
+
+def _module_docs(module_name: str) -> str:
+    import importlib
+    import inspect
+
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        return ""
+    docs = [inspect.getdoc(module) or ""]
+    for member_name, member in sorted(vars(module).items()):
+        if member_name.startswith("_") or getattr(member, "__module__", None) != module.__name__:
+            continue
+        doc = inspect.getdoc(member)
+        if doc:
+            docs.append(f"{member_name}: {doc}")
+    return "\n\n".join(d for d in docs if d).strip()
+
+
+def calibration_text(name: str = "default") -> list[str]:
+    """The default calibration source: the embedded calibration prose, then CPython's
+    documentation (documents are taken in order until the token budget is met)."""
+    return embedded(split="calibration") + pydoc_topics()
 
 
 def wikitext2(name: str = "wikitext2", data_dir: str | None = None, max_documents: int = 16):

@@ -129,7 +129,7 @@ class SparsityMeter:
             skipped = self.skipped_per_token()
             sparse_bytes = self.cost.element_bytes * (self.cost.dense_elements - skipped)
             out.update(
-                model_sparsity=skipped / self.cost.block_weights if self.measured else None,
+                model_sparsity=skipped / self.cost.block_weights,
                 weight_bytes_per_token=sparse_bytes,
                 dense_weight_bytes_per_token=self.cost.dense_bytes,
                 lm_head_bytes_per_token=self.cost.element_bytes * self.cost.head_weights,

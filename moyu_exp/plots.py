@@ -82,7 +82,7 @@ def tradeoff(
             ax.plot(*zip(*(start + points), strict=True), marker="o", ms=4, label=label)
         if start:
             ax.axhline(dense, color="black", ls="--", lw=1, label="dense")
-        ax.set_xlabel("achieved sparsity")
+        ax.set_xlabel("model-level sparsity (share of block weights skipped per token)")
         ax.set_ylabel(f"{metric} ({_direction(metric, directions)})")
         if log_scale:
             ax.set_yscale("log")

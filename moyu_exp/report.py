@@ -23,7 +23,7 @@ from moyu_exp import results
 
 # The metric that heads each task's column, in order of preference.
 HEADLINE = ("acc", "word_perplexity", "perplexity", "kl")
-FIXED = ["label", "strategy", "sparsity", "achieved_sparsity"]
+FIXED = ["label", "strategy", "sparsity", "achieved_sparsity", "site_sparsity"]
 SPEED = [
     "speedup",
     "speedup_iqr",
@@ -73,6 +73,7 @@ def rows(payloads: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "strategy": payload.get("strategy"),
             "sparsity": payload.get("sparsity"),
             "achieved_sparsity": payload.get("achieved_sparsity"),
+            "site_sparsity": payload.get("site_sparsity"),
         }
         for task, metrics in sorted((payload.get("eval") or {}).items()):
             for metric, value in sorted(metrics.items()):
@@ -185,9 +186,10 @@ def _csv(value: Any) -> Any:
 def format_table(table: list[dict[str, Any]]) -> str:
     """A fixed-width text table of the headline columns."""
     metrics = headline_metrics(table)
-    cols = ["label", "sparsity", "achieved_sparsity", *metrics, "speedup", "ideal_speedup"]
-    cols += ["decode_tokens_per_s", "status"]
-    heads = ["strategy", "target", "achieved", *metrics, "speedup", "ideal", "tok/s", "status"]
+    cols = ["label", "sparsity", "site_sparsity", "achieved_sparsity", *metrics, "speedup"]
+    cols += ["ideal_speedup", "decode_tokens_per_s", "status"]
+    heads = ["strategy", "target", "site", "model", *metrics, "speedup", "ideal", "tok/s"]
+    heads += ["status"]
     cells = [[_fmt(r.get(c)) for c in cols] for r in table]
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(heads)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(heads, widths, strict=True))]

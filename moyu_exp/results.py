@@ -40,7 +40,7 @@ class PhaseSparsity(TypedDict):
     dense_positions: int
     by_site: dict[str, float]
     by_layer: dict[str, float]
-    model_sparsity: NotRequired[float | None]
+    model_sparsity: NotRequired[float]
     weight_bytes_per_token: NotRequired[float]
     dense_weight_bytes_per_token: NotRequired[int]
     lm_head_bytes_per_token: NotRequired[int]
@@ -78,6 +78,7 @@ class TaskDetails(TypedDict, total=False):
     n_samples: dict[str, int] | None
     version: Any
     higher_is_better: dict[str, bool]
+    sparse_scored_fraction: float | None  # scored positions that ran sparse (the protocol)
 
 
 class Probe(TypedDict):
@@ -95,7 +96,8 @@ class Results(TypedDict, total=False):
     error: str | None
     strategy: str | None
     sparsity: float | None
-    achieved_sparsity: float | None
+    achieved_sparsity: float | None  # model-level (share of block linear weights skipped)
+    site_sparsity: float | None  # at the strategy's own sites
     weight_bytes_per_token: float | None
     ideal_speedup: float | None
     sparsity_detail: dict[str, PhaseSparsity]
@@ -180,6 +182,8 @@ def _check(value: Any, kind: Any, path: str) -> None:
     accepted = (int, float) if kind is float else (kind,)
     if not isinstance(value, accepted) or (isinstance(value, bool) and kind is not bool):
         raise InvalidResults(f"{path} should be {kind.__name__}, not {type(value).__name__}")
+
+
 FILENAME = "results.json"
 PACKAGES = ("moyu_exp", "torch", "transformers", "lm_eval", "hydra-core", "wandb", "datasets")
 

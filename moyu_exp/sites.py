@@ -26,6 +26,26 @@ SITES: dict[str, str] = {
     "mlp_intermediate": "act(gate_proj(x)) * up_proj(x), the input of down_proj",
     "attn_input": "input of q_proj, k_proj and v_proj (after input_layernorm)",
     "o_proj_input": "input of o_proj (the attention heads' output)",
+    # one linear's own input, for methods that mask a shared input per projection
+    "q_input": "input of q_proj alone",
+    "k_input": "input of k_proj alone",
+    "v_input": "input of v_proj alone",
+    "gate_input": "input of gate_proj alone",
+    "up_input": "input of up_proj alone",
+    # observed only (no strategy sparsifies it): what a look-ahead predictor reads
+    "block_input": "the decoder block's input hidden state, before the attention",
+}
+# Sites a strategy may sparsify (block_input is observed only).
+SPARSE_SITES = tuple(site for site in SITES if site != "block_input")
+# Sites inside the attention half of a block (the rest are in the MLP half).
+ATTENTION_SITES = ("attn_input", "o_proj_input", "q_input", "k_input", "v_input")
+# Per-projection sites and the linear each one feeds.
+PROJECTION_SITES = {
+    "q_input": ("self_attn", "q_proj"),
+    "k_input": ("self_attn", "k_proj"),
+    "v_input": ("self_attn", "v_proj"),
+    "gate_input": ("mlp", "gate_proj"),
+    "up_input": ("mlp", "up_proj"),
 }
 
 
@@ -67,6 +87,10 @@ class GatedMLPAdapter:
     def readers(self, layer: torch.nn.Module, site: str) -> list[torch.nn.Linear]:
         """The linear layers whose input (or, for gate_act, whose rows) this site gates."""
         attn, mlp = layer.self_attn, layer.mlp
+        if site in PROJECTION_SITES:
+            return [self._projection(layer, site)]
+        if site == "block_input":
+            return []
         return {
             "mlp_input": [mlp.gate_proj, mlp.up_proj],
             "gate_act": [mlp.up_proj, mlp.down_proj],
@@ -74,6 +98,16 @@ class GatedMLPAdapter:
             "attn_input": [attn.q_proj, attn.k_proj, attn.v_proj],
             "o_proj_input": [attn.o_proj],
         }[site]
+
+    def attention_residual(self, layer: torch.nn.Module, x: torch.Tensor, kwargs: dict):
+        """The first half of a block: ``x`` plus its attention branch (``kwargs``: what the
+        block itself was called with, e.g. captured by a pre-hook)."""
+        out = layer.self_attn(hidden_states=layer.input_layernorm(x), **kwargs)
+        return x + (out[0] if isinstance(out, tuple) else out)
+
+    def mlp_residual(self, layer: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
+        """The second half of a block: ``h`` plus its MLP branch (position-wise)."""
+        return h + layer.mlp(layer.post_attention_layernorm(h))
 
     def mlp_up(self, layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         """up_proj(x) of a block's MLP, for a given MLP input ``x``."""
@@ -132,9 +166,18 @@ class GatedMLPAdapter:
             },
         )
 
+    @staticmethod
+    def _projection(layer: torch.nn.Module, site: str) -> torch.nn.Linear:
+        part, name = PROJECTION_SITES[site]
+        return getattr(getattr(layer, part), name)
+
     def hook(self, layer: torch.nn.Module, site: str, fn: SiteFn) -> Any:
         """Route the site's tensor through ``fn``; remove the returned handle to restore."""
         attn, mlp = layer.self_attn, layer.mlp
+        if site in PROJECTION_SITES:
+            return self._projection(layer, site).register_forward_pre_hook(_first_arg(fn))
+        if site == "block_input":
+            return layer.register_forward_pre_hook(_hidden_states(fn), with_kwargs=True)
         if site == "mlp_input":
             return mlp.register_forward_pre_hook(_first_arg(fn))
         if site == "gate_act":
@@ -144,14 +187,7 @@ class GatedMLPAdapter:
         if site == "o_proj_input":
             return attn.o_proj.register_forward_pre_hook(_first_arg(fn))
         if site == "attn_input":
-
-            def attn_pre(_m, args, kwargs):
-                if "hidden_states" in kwargs:
-                    kwargs["hidden_states"] = fn(kwargs["hidden_states"])
-                    return args, kwargs
-                return (fn(args[0]), *args[1:]), kwargs
-
-            return attn.register_forward_pre_hook(attn_pre, with_kwargs=True)
+            return attn.register_forward_pre_hook(_hidden_states(fn), with_kwargs=True)
         raise ConfigError(f"unknown site '{site}': accepted sites are {', '.join(SITES)}")
 
 
@@ -178,6 +214,18 @@ def hooked(
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _hidden_states(fn: SiteFn):
+    """A pre-hook (with kwargs) routing ``hidden_states`` (a keyword or the first argument)."""
+
+    def hook(_module, args, kwargs):
+        if "hidden_states" in kwargs:
+            kwargs["hidden_states"] = fn(kwargs["hidden_states"])
+            return args, kwargs
+        return (fn(args[0]), *args[1:]), kwargs
+
+    return hook
 
 
 def _first_arg(fn: SiteFn):

@@ -80,8 +80,8 @@ def log_aggregate(
                     xs=xs,
                     ys=ys,
                     keys=keys,
-                    title=f"{metric} vs achieved sparsity",
-                    xname="achieved sparsity",
+                    title=f"{metric} vs model-level sparsity",
+                    xname="model-level sparsity",
                 )
         for speed, _ in report.SPEED_AXES if metrics else ():
             metric = metrics[0]

@@ -43,7 +43,13 @@ class WandbTracker(Tracker):
 def summary_metrics(payload: dict[str, Any]) -> dict[str, Any]:
     """Flat ``section/task/metric`` numbers of a results payload."""
     flat: dict[str, Any] = {"status": payload.get("status")}
-    for key in ("sparsity", "achieved_sparsity"):
+    for key in (
+        "sparsity",
+        "achieved_sparsity",
+        "site_sparsity",
+        "ideal_speedup",
+        "weight_bytes_per_token",
+    ):
         if payload.get(key) is not None:
             flat[key] = payload[key]
     for task, metrics in (payload.get("eval") or {}).items():

@@ -80,13 +80,30 @@ def _session_cache(factory) -> Path:
     return _CACHE[0]
 
 
+# Test-sized calibration (tiny models; a key given in the test's overrides wins).
+TEST_CALIBRATION = {
+    "calibration.tokens": "4096",
+    "calibration.seq_len": "512",
+    "strategy.train_tokens": "2048",
+}
+
+
 def attach(name: str, loaded, *overrides: str):
     """The strategy ``name`` (its config with ``overrides``), calibrated on ``loaded`` when it
-    needs it, as an Attachment to enter: ``with attach("topk", tiny) as live:``."""
+    needs it, as an Attachment to enter: ``with attach("topk", tiny) as live:``. On tiny models
+    calibration is test-sized (TEST_CALIBRATION)."""
     from moyu_exp import calibration
     from moyu_exp.config import build
 
-    cfg = compose_config(f"strategy={name}", *overrides)  # calibration reads dataset keys only
+    given = {o.split("=", 1)[0] for o in overrides}
+    sized = [
+        f"{key}={value}"
+        for key, value in TEST_CALIBRATION.items()
+        if key not in given
+        and loaded.info.get("name") == "tiny_llama"
+        and (key != "strategy.train_tokens" or name == "predictor")
+    ]
+    cfg = compose_config(f"strategy={name}", *sized, *overrides)  # only dataset keys are read
     strategy = build(cfg.strategy)
     state, _ = calibration.prepare(strategy, loaded, cfg)
     return strategy.attach(loaded.model, state)

@@ -19,7 +19,7 @@ def test_single_run_writes_results(tmp_path) -> None:
     (results,) = tmp_path.glob("outputs/runs/*_topk_s0.7/results.json")
     payload = json.loads(results.read_text())
     assert payload["status"] == "ok"
-    assert abs(payload["achieved_sparsity"] - 0.7) <= 0.01
+    assert abs(payload["site_sparsity"] - 0.7) <= 0.01
 
 
 def test_multirun_runs_every_point_and_loads_the_model_once(tmp_path) -> None:

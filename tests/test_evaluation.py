@@ -88,13 +88,13 @@ def test_clean_metrics_drops_the_none_filter() -> None:
 def test_moyulm_finds_each_rows_real_length(tiny) -> None:
     live = build(compose_config(*TINY, "strategy=topk").strategy).attach(tiny.model)
     lm = MoyuLM(tiny, live, batch_size=4, prompt_fraction=0.5)
-    lm._prompts = {(5, 6, 7): 2, (5, 6, 0, 9, 9): 4, (8,): 1}
+    lm._rows = {(5, 6, 7): (2, 2, "a"), (5, 6, 0, 9, 9): (4, 1, "b"), (8,): (1, 1, "a")}
     lm._lengths = [5, 3, 1]
-    assert lm._row_segment([5, 6, 7, 0, 0]) == (3, 2)
-    assert lm._row_segment([5, 6, 0, 9, 9]) == (5, 4)
-    assert lm._row_segment([8, 0, 0, 0, 0]) == (1, 1)
-    assert lm._row_segment([1, 2, 3]) == (3, 3)  # unknown rows count in full
+    assert lm._row_segment([5, 6, 7, 0, 0]) == (3, 2, 2, "a")
+    assert lm._row_segment([5, 6, 0, 9, 9]) == (5, 4, 1, "b")
+    assert lm._row_segment([8, 0, 0, 0, 0]) == (1, 1, 1, "a")
+    assert lm._row_segment([1, 2, 3]) == (3, 3, 0, None)  # unknown rows count in full
     with live:
-        lm._prompts, lm._lengths = {(5, 6, 7): 2, (8,): 1}, [3, 1]
+        lm._rows, lm._lengths = {(5, 6, 7): (2, 1, "a"), (8,): (1, 1, "a")}, [3, 1]
         lm._model_call(torch.tensor([[5, 6, 7], [8, 0, 0]]))
     assert live.meter.entries == 4 * tiny.model.config.intermediate_size * 2

@@ -240,8 +240,9 @@ def test_interrupting_a_run_leaves_no_half_written_results(tmp_path) -> None:
 
 
 def test_results_that_cannot_be_written_keep_the_earlier_ones(tmp_path, monkeypatch) -> None:
-    earlier = {"schema": 1, "status": "ok", "note": "earlier"}
+    earlier = results.build(status="ok", config={}, timings={"note": 1.0})
     results.write(tmp_path, earlier)
+    earlier = json.loads((tmp_path / "results.json").read_text())
 
     def disk_full(*_args, **_kwargs):
         raise OSError(28, "No space left on device")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from moyu_exp import runner
-from moyu_exp.config import ConfigError
+from moyu_exp.config import ConfigError, build
 from moyu_exp.decode import ModelStepper, greedy
 from moyu_exp.kernels import native
 from moyu_exp.kernels.decoder import LeanDecoder
@@ -20,7 +20,26 @@ from moyu_exp.sites import adapter_for
 from moyu_exp.strategies import STRATEGIES, keep_count
 from tests.conftest import TINY, attach, compose_config
 
-KERNEL_STRATEGIES = sorted(n for n, cls in STRATEGIES.items() if cls.kernel_support)
+# strategies with a kernel path, by their default config, plus variants of other paths
+KERNEL_STRATEGIES = [
+    *sorted(
+        n for n in STRATEGIES if build(compose_config(f"strategy={n}").strategy).kernel_support
+    ),
+    "chess+",
+    "wina-plain",
+]
+VARIANTS = {
+    "chess+": ("chess", ["strategy.sites=[gate_act,q_input,o_proj_input]"]),
+    "wina-plain": (  # the one-mask-per-input variant without the transform
+        "wina",
+        [
+            "strategy.transform=false",
+            "strategy.sites=[attn_input,o_proj_input,mlp_input,mlp_intermediate]",
+            "strategy.allocation=uniform",
+            "strategy.prefill=sparse",
+        ],
+    ),
+}
 STEPS = 8
 
 
@@ -31,7 +50,8 @@ def prompt(tiny) -> torch.Tensor:
 
 
 def ready(name: str, tiny, sparsity: float = 0.5, *overrides: str):
-    return attach(name, tiny, f"sparsity={sparsity}", *overrides)
+    name, extra = VARIANTS.get(name, (name, []))
+    return attach(name, tiny, f"sparsity={sparsity}", *extra, *overrides)
 
 
 def simulated(tiny, live) -> torch.Tensor:
@@ -141,7 +161,7 @@ def test_sequence_level_methods_decode_with_a_compact_mlp(tiny) -> None:
 
 
 def test_a_strategy_without_a_kernel_path_is_refused(tiny) -> None:
-    live = ready("predictor", tiny, 0.5, "strategy.epochs=1", "calibration.tokens=256")
+    live = ready("predictor", tiny, 0.5, "strategy.max_epochs=1", "strategy.train_tokens=512")
     with live, pytest.raises(ConfigError, match="no kernel path"):
         LeanDecoder(tiny.model, live)
 

@@ -40,9 +40,9 @@ QUICK = {
     ],
     "predictor_shift": [
         "probe.tokens=256",
-        "probe.epochs=3",
+        "probe.max_epochs=3",
         "probe.rank=16",
-        "calibration.tokens=1024",
+        "probe.train_tokens=1024",
     ],
 }
 
@@ -177,9 +177,9 @@ def test_predictor_strategy_keeps_exactly_k(tiny) -> None:
         "predictor",
         tiny,
         "sparsity=0.5",
-        "strategy.epochs=2",
+        "strategy.max_epochs=2",
         "strategy.rank=8",
-        "calibration.tokens=512",
+        "strategy.train_tokens=512",
     )
     ids = torch.tensor([[ord(c) for c in "The lighthouse keeper rose before dawn to trim."]])
     with live, torch.inference_mode():
@@ -194,14 +194,19 @@ def test_predictor_strategy_keeps_exactly_k(tiny) -> None:
 
 
 def test_predictor_training_learns_a_learnable_target() -> None:
-    """Labels that a low-rank linear score can express are learned (the code trains)."""
+    """Labels that a low-rank linear score can express are learned (the code trains), and the
+    epoch kept is the one with the best validation recall."""
+    import numpy as np
+
     from moyu_exp.strategies.base import topk_mask
-    from moyu_exp.strategies.predictor import scores, train
+    from moyu_exp.strategies.predictor import Predictor, scores, train
 
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(2048, 24, generator=generator)
     truth = x @ torch.randn(24, 4, generator=generator) @ torch.randn(4, 40, generator=generator)
-    labels = topk_mask(truth, 20)
-    w1, w2 = train(x[:1536], labels[:1536], rank=8, epochs=30, lr=1e-2, batch_size=256, seed=0)
-    predicted = topk_mask(scores(x[1536:], w1, w2), 20)
-    assert common.recall(predicted, labels[1536:]).mean() > 0.85  # chance: 0.5
+    labels = np.packbits(topk_mask(truth, 20).numpy(), axis=-1)
+    cfg = Predictor(sparsity=0.5, rank=8, max_epochs=30, lr=1e-2, batch_size=256)
+    trained = train(x.to(torch.bfloat16), labels, cfg)
+    predicted = topk_mask(scores(x[1843:], trained.w1, trained.w2), 20)
+    assert common.recall(predicted, topk_mask(truth[1843:], 20)).mean() > 0.85  # chance: 0.5
+    assert trained.recall > 0.85 and 1 <= trained.epochs <= 30

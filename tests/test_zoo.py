@@ -29,7 +29,9 @@ def recorded(model, layer: int, site_module: str = "down_proj"):
 @pytest.mark.parametrize("name", ["topk", "random", "static", "wina"])
 @pytest.mark.parametrize("sparsity", [0.3, 0.5, 0.9])
 def test_topk_family_keeps_exactly_k_per_token(name, sparsity, tiny, tiny_batch) -> None:
-    live = attach(name, tiny, f"sparsity={sparsity}", "strategy.sites=[mlp_intermediate]")
+    every_position = ["strategy.sites=[mlp_intermediate]", "strategy.prefill=sparse"]
+    uniform = ["strategy.allocation=uniform"] if name == "wina" else []
+    live = attach(name, tiny, f"sparsity={sparsity}", *every_position, *uniform)
     with live, torch.inference_mode():
         seen, handle = recorded(tiny.model, 0)
         tiny.model(tiny_batch)
@@ -56,7 +58,8 @@ def test_static_set_is_input_independent_and_follows_weight_norms(tiny) -> None:
     mlp = tiny.model.model.layers[1].mlp
     score = mlp.gate_proj.weight.norm(dim=1) * mlp.up_proj.weight.norm(dim=1)
     expected = set(score.topk(keep_count(0.75, D_FF)).indices.tolist())
-    with attach("static", tiny, "sparsity=0.75"), torch.inference_mode():
+    live = attach("static", tiny, "sparsity=0.75", "strategy.prefill=sparse")
+    with live, torch.inference_mode():
         seen, handle = recorded(tiny.model, 1)
         tiny.model(torch.tensor([[1, 2, 3, 4]]))
         tiny.model(torch.tensor([[200, 100, 50]]))
@@ -67,6 +70,12 @@ def test_static_set_is_input_independent_and_follows_weight_norms(tiny) -> None:
 
 
 SPARSITIES = (0.0, 0.2, 0.4, 0.6, 0.8, 0.95)
+
+
+def progressive(name: str) -> list[str]:
+    """Thresholds calibrated in order, the target on every site (TEAL: no greedy path)."""
+    uniform = ["strategy.allocation=uniform"] if name.startswith("teal") else []
+    return ["strategy.threshold_mode=progressive", *uniform]
 
 
 def thresholds_over_sparsity(name: str, model, *overrides: str) -> torch.Tensor:
@@ -87,8 +96,8 @@ def thresholds_over_sparsity(name: str, model, *overrides: str) -> torch.Tensor:
     ("name", "overrides"),
     [
         ("cats", ["strategy.threshold_mode=dense"]),
-        ("teal", ["strategy.threshold_mode=dense"]),
-        ("chess", ["strategy.threshold_mode=dense", "strategy.sites=[gate_act,attn_input]"]),
+        ("teal", ["strategy.threshold_mode=dense", "strategy.allocation=uniform"]),
+        ("chess", ["strategy.threshold_mode=dense", "strategy.sites=[gate_act,q_input]"]),
         ("tda", []),
     ],
 )
@@ -101,18 +110,19 @@ def test_thresholds_grow_with_sparsity(name, overrides, tiny) -> None:
 @pytest.mark.parametrize("name", ["cats", "teal", "chess"])
 def test_progressive_thresholds_grow_where_nothing_runs_before_them(name, tiny) -> None:
     """In order, the first site calibrated sees the dense model whatever the sparsity."""
-    table = thresholds_over_sparsity(name, tiny)
+    table = thresholds_over_sparsity(name, tiny, *progressive(name))
     assert torch.all(table[0] == 0)
     assert torch.all(table[1:, 0] > table[:-1, 0])
 
 
 @pytest.mark.parametrize("name", ["cats", "teal", "chess"])
 def test_achieved_sparsity_grows_with_the_target(name, tiny, tiny_batch) -> None:
+    """Under each method's own defaults (TEAL: its greedy path, searched up to 0.9)."""
     achieved = []
-    for sparsity in SPARSITIES:
+    for sparsity in [s for s in SPARSITIES if name != "teal" or s <= 0.9]:
         with attach(name, tiny, f"sparsity={sparsity}") as live, torch.inference_mode():
             tiny.model(tiny_batch)
-        achieved.append(live.meter.site_sparsity)
+        achieved.append(live.meter.summary()["model_sparsity"])
     assert achieved[0] == 0 and achieved == sorted(achieved)
 
 
@@ -125,8 +135,9 @@ def test_quantile_threshold_interpolates_the_table() -> None:
 
 
 @pytest.mark.parametrize("name", ["cats", "teal", "chess", "chess+"])
-def test_calibrated_thresholds_hit_the_target_on_the_calibration_text(name, tiny) -> None:
-    plus = ["strategy.sites=[gate_act,attn_input,o_proj_input]"] if name == "chess+" else []
+def test_progressive_thresholds_hit_the_target_on_the_calibration_text(name, tiny) -> None:
+    plus = ["strategy.sites=[gate_act,q_input,o_proj_input]"] if name == "chess+" else []
+    plus += ["strategy.prefill=sparse", *progressive(name)]
     cfg = compose_config(*TINY, f"strategy={name.rstrip('+')}", "sparsity=0.6", *plus)
     batches = calibration.token_batches(tiny.tokenizer, build(cfg.dataset), 16384, 256)
     with attach(name.rstrip("+"), tiny, "sparsity=0.6", *plus) as live, torch.inference_mode():
@@ -140,8 +151,9 @@ def calibrate_with(model, *overrides: str) -> dict:
 
 
 def test_calibration_is_cached_by_what_determines_it(tiny) -> None:
-    first = calibrate_with(tiny, "strategy=cats", "sparsity=0.3")
-    again = calibrate_with(tiny, "strategy=cats", "sparsity=0.3")
+    progressive = "strategy.threshold_mode=progressive"  # thresholds then follow the sparsity
+    first = calibrate_with(tiny, "strategy=cats", "sparsity=0.3", progressive)
+    again = calibrate_with(tiny, "strategy=cats", "sparsity=0.3", progressive)
     assert (again["key"], again["cache"]) == (first["key"], "hit")
     for change in (
         "sparsity=0.4",
@@ -149,7 +161,8 @@ def test_calibration_is_cached_by_what_determines_it(tiny) -> None:
         "dataset=pydoc",
         "strategy.layers=[1]",
     ):
-        assert calibrate_with(tiny, "strategy=cats", "sparsity=0.3", change)["key"] != first["key"]
+        changed = calibrate_with(tiny, "strategy=cats", "sparsity=0.3", progressive, change)
+        assert changed["key"] != first["key"]
 
 
 def test_dense_mode_calibrates_once_for_every_sparsity(tiny) -> None:
@@ -166,7 +179,7 @@ def test_greedy_path_is_computed_once_for_every_sparsity(tiny, tmp_path, monkeyp
     calls = []
     original = teal.greedy_paths
     monkeypatch.setattr(teal, "greedy_paths", lambda *a: calls.append(1) or original(*a))
-    greedy = ["strategy=teal", "strategy.allocation=greedy"]
+    greedy = ["strategy=teal", "strategy.allocation=greedy", "strategy.threshold_mode=progressive"]
     first = calibrate_with(tiny, *greedy, "sparsity=0.3")
     second = calibrate_with(tiny, *greedy, "sparsity=0.5")
     assert len(calls) == 1 and first["key"] != second["key"]  # new thresholds, one path
@@ -229,7 +242,9 @@ def test_sequence_level_selects_from_the_context_only(tiny) -> None:
     from_everything = set(griffin_keep(z, slice(None), k)[0].tolist())
     assert from_context != from_everything  # the case discriminates
 
-    with attach("griffin", tiny, "sparsity=0.5") as live, torch.inference_mode():
+    # under a prompt-dense protocol (GRIFFIN's own, last_token, only sparsifies the last position)
+    live = attach("griffin", tiny, "sparsity=0.5", "strategy.prefill=dense")
+    with live, torch.inference_mode():
         seen, handle = recorded(tiny.model, 1)
         with live.segments(torch.tensor([ids.shape[1]]), torch.tensor([context])):
             tiny.model(ids)
@@ -293,7 +308,7 @@ def test_lm_eval_bridge_declares_context_lengths(tiny) -> None:
 def test_lm_eval_rolling_windows_use_the_prompt_fraction(tiny) -> None:
     live = attach("griffin", tiny, "sparsity=0.5")
     lm = MoyuLM(tiny, live, batch_size=4, prompt_fraction=0.5)
-    lm._rolling = True
+    lm._rolling_task = "embedded"
     captured = []
     original = live.segments
     live.segments = lambda v, p=None: captured.append(p.tolist()) or original(v, p)

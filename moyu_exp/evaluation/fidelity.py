@@ -32,7 +32,7 @@ def measure(
     """Mean KL and top-1 agreement over every position of every window of ``documents``; the
     first ``prompt_fraction`` of a window is its prompt (as in the rolling-perplexity task)."""
     model, tokenizer = loaded.model, loaded.tokenizer
-    kl_sum, agree, positions = 0.0, 0, 0
+    kl_sum, agree, positions, sparse = 0.0, 0, 0, 0
     for doc in tqdm(documents, desc="fidelity", leave=False):
         ids = [prefix_token(tokenizer), *tokenizer(doc, add_special_tokens=False).input_ids]
         for start in range(0, len(ids) - 1, window):
@@ -42,9 +42,16 @@ def measure(
             with live.segments(*roles):
                 with live.paused():
                     dense = model(chunk).logits.float().log_softmax(-1)
-                sparse = model(chunk).logits.float().log_softmax(-1)
-            kl = (dense.exp() * (dense - sparse)).sum(-1)
+                logits = model(chunk).logits.float().log_softmax(-1)
+            kl = (dense.exp() * (dense - logits)).sum(-1)
             kl_sum += float(kl.sum())
-            agree += int((dense.argmax(-1) == sparse.argmax(-1)).sum())
+            agree += int((dense.argmax(-1) == logits.argmax(-1)).sum())
             positions += kl.numel()
-    return {"kl": kl_sum / positions, "top1_agreement": agree / positions, "tokens": positions}
+            where = live.last_positions if live.sites else None
+            sparse += 0 if where is None else int(where.sparse)
+    return {
+        "kl": kl_sum / positions,
+        "top1_agreement": agree / positions,
+        "tokens": positions,
+        "sparse_fraction": sparse / positions,  # positions that ran sparse (the protocol)
+    }

@@ -30,7 +30,9 @@ class MoyuLM(HFLM):
     context + continuation; before each forward the strategy learns each row's real length and
     where its context ends, so padding is never counted and a sequence-level method selects from
     the context only. Rolling-perplexity windows have a one-token context; for them the first
-    ``prompt_fraction`` of the window plays the prompt.
+    ``prompt_fraction`` of the window plays the prompt. After each forward it counts, per task,
+    how many of the positions whose logits are scored (those that predict continuation tokens)
+    ran sparse under the strategy's protocol (``scored``: task -> [sparse, total]).
     """
 
     def __init__(
@@ -39,46 +41,91 @@ class MoyuLM(HFLM):
         super().__init__(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=batch_size)
         self._live = live
         self._prompt_fraction = prompt_fraction
-        self._rolling = False
-        self._prompts: dict[tuple[int, ...], int] = {}
+        self._rolling_task: str | None = None
+        self._task_of: dict[Any, str] = {}
+        self._rows: dict[tuple[int, ...], tuple[int, int, str | None]] = {}
         self._lengths: list[int] = []
+        self.scored: dict[str, list[int]] = {}
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        self._task_of = {req.args: req.task_name for req in requests}
+        try:
+            return super().loglikelihood(requests, disable_tqdm)
+        finally:
+            self._task_of = {}
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
-        self._rolling = True
-        try:
-            return super().loglikelihood_rolling(requests, disable_tqdm)
-        finally:
-            self._rolling = False
+        """Each task's documents in turn (so that every window is attributed to its task)."""
+        out: list[Any] = [None] * len(requests)
+        for task in dict.fromkeys(req.task_name for req in requests):
+            indices = [i for i, req in enumerate(requests) if req.task_name == task]
+            self._rolling_task = task
+            try:
+                results = super().loglikelihood_rolling(
+                    [requests[i] for i in indices], disable_tqdm
+                )
+            finally:
+                self._rolling_task = None
+            for i, value in zip(indices, results, strict=True):
+                out[i] = value
+        return out
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
-        prompts: dict[tuple[int, ...], int] = {}
-        for _, context, continuation in requests:
+        rows: dict[tuple[int, ...], tuple[int, int, str | None]] = {}
+        for key, context, continuation in requests:
             # The same input HFLM builds: (context + continuation), left-truncated, last dropped.
             inp = tuple((context + continuation)[-(self.max_length + 1) :][:-1])
-            if self._rolling:
+            if self._rolling_task is not None:
                 prompt = window_prompt(len(inp), self._prompt_fraction)
+                task = self._rolling_task
             else:
                 prompt = max(0, len(inp) - len(continuation) + 1)
-            prompts[inp] = min(prompt, prompts.get(inp, prompt))
-        self._prompts, self._lengths = prompts, sorted({len(t) for t in prompts}, reverse=True)
+                task = self._task_of.get(key)
+            scored = min(len(continuation), len(inp))
+            if inp not in rows or prompt < rows[inp][0]:
+                rows[inp] = (prompt, scored, task)
+        self._rows, self._lengths = rows, sorted({len(t) for t in rows}, reverse=True)
         try:
             return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
         finally:
-            self._prompts, self._lengths = {}, []
+            self._rows, self._lengths = {}, []
 
-    def _row_segment(self, row: list[int]) -> tuple[int, int]:
-        """(real tokens, prompt tokens) of a batch row: the longest known input it starts with,
-        followed only by padding. Rows from elsewhere count in full, all prompt."""
+    def _row_segment(self, row: list[int]) -> tuple[int, int, int, str | None]:
+        """(real tokens, prompt tokens, scored positions at its end, task) of a batch row: the
+        longest known input it starts with, followed only by padding. Rows from elsewhere count
+        in full, all prompt, none scored."""
         for length in self._lengths:
             known = tuple(row[:length]) if length <= len(row) else None
-            if known in self._prompts and not any(row[length:]):
-                return length, self._prompts[known]
-        return len(row), len(row)
+            if known in self._rows and not any(row[length:]):
+                return (length, *self._rows[known])
+        return len(row), len(row), 0, None
 
     def _model_call(self, inps: torch.Tensor, attn_mask=None, labels=None) -> torch.Tensor:
-        valid, prompt = zip(*(self._row_segment(r) for r in inps.tolist()), strict=True)
-        with self._live.segments(torch.tensor(valid), torch.tensor(prompt)):
-            return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
+        segments = [self._row_segment(r) for r in inps.tolist()]
+        valid = torch.tensor([s[0] for s in segments])
+        prompt = torch.tensor([s[1] for s in segments])
+        with self._live.segments(valid, prompt):
+            out = super()._model_call(inps, attn_mask=attn_mask, labels=labels)
+        self._count_scored(segments)
+        return out
+
+    def _count_scored(self, segments: list[tuple[int, int, int, str | None]]) -> None:
+        where = self._live.last_positions if self._live.sites else None
+        active = None if where is None or where.active is None else where.active.cpu()
+        for row, (length, _, scored, task) in enumerate(segments):
+            if task is None or not scored:
+                continue
+            counts = self.scored.setdefault(task, [0, 0])
+            if where is not None:
+                counts[0] += (
+                    scored if active is None else int(active[row, length - scored : length].sum())
+                )
+            counts[1] += scored
+
+
+def sparse_fraction(counts: list[int] | None) -> float | None:
+    """Sparse / total of [sparse, total] counts (None when nothing was counted)."""
+    return counts[0] / counts[1] if counts and counts[1] else None
 
 
 def clean_metrics(result: dict[str, Any]) -> dict[str, float]:
@@ -133,6 +180,7 @@ def evaluate(
             "n_samples": out.get("n-samples", {}).get(task),
             "version": out["versions"].get(task),
             "higher_is_better": out.get("higher_is_better", {}).get(task, {}),
+            "sparse_scored_fraction": sparse_fraction(lm.scored.get(task)),
         }
         for task in out["results"]
     }

@@ -30,6 +30,8 @@ torch = lazy_import("torch")
 
 SUPPORTED = ("llama", "mistral", "qwen2")
 INPUT_SITES = {"attn_input": "qkv", "o_proj_input": "o", "mlp_input": "gate_up"}
+QKV_SITES = ("q_input", "k_input", "v_input")  # one projection's own input (CHESS+, WINA)
+UNSUPPORTED_SITES = ("gate_input", "up_input")
 
 
 @dataclass
@@ -112,6 +114,12 @@ class LeanDecoder:
             raise ConfigError(
                 f"strategy '{live.name}' has no kernel path: use bench.mode=simulated"
             )
+        unsupported = sorted(set(live.sites if live else ()) & set(UNSUPPORTED_SITES))
+        if unsupported:
+            raise ConfigError(
+                f"bench.mode=kernel has no path for the sites {', '.join(unsupported)}: "
+                "use bench.mode=simulated"
+            )
         self.model, self.live, self.meter = model, live, meter
         self.w = weights if weights is not None else DecoderWeights(model, max_tokens)
         w = self.w
@@ -145,6 +153,9 @@ class LeanDecoder:
         if self.k.name != "native" or not self.fuse:
             return
         self.flush()
+        if any(layer.sites & set(QKV_SITES) for layer in self.layers):
+            self.fused = None  # per-projection masks run through the Python step
+            return
         rules = {}
         for i, layer in enumerate(self.layers):
             for site in layer.sites:
@@ -177,6 +188,11 @@ class LeanDecoder:
         self._fused_kept.zero_()
         self._fused_steps = 0
 
+    def _qkv_rows(self) -> tuple[slice, slice, slice]:
+        w = self.w
+        d_q, d_kv = w.heads * w.head_dim, w.kv_heads * w.head_dim
+        return slice(0, d_q), slice(d_q, d_q + d_kv), slice(d_q + d_kv, d_q + 2 * d_kv)
+
     def _site_dim(self, site: str) -> int:
         return {
             "attn_input": self.d,
@@ -191,6 +207,9 @@ class LeanDecoder:
     # ---------------------------------------------------------------------------- layout
     def _layer(self, w: LayerWeights, sites) -> Layer:
         layer = Layer(w=w, sites=set(sites))
+        for site, rows in zip(QKV_SITES, self._qkv_rows(), strict=True):
+            if site in layer.sites:
+                layer.t[site] = w.qkv[rows].t().contiguous()
         for site, name in INPUT_SITES.items():
             if site in layer.sites:
                 weight = getattr(w, name)
@@ -254,7 +273,7 @@ class LeanDecoder:
         h = w.embed[token].to(k.dtype)
         for i, layer in enumerate(self.layers):
             n = k.norm(h, layer.w.ln1, w.eps)
-            qkv = self._linear(i, layer, "attn_input", n)
+            qkv = self._qkv(i, layer, n)
             attn = k.attend(
                 qkv,
                 self.keys[i],
@@ -274,18 +293,35 @@ class LeanDecoder:
         self.pos += 1
         return logits
 
-    def _linear(self, i: int, layer: Layer, site: str, x: torch.Tensor) -> torch.Tensor:
-        """The projection reading ``x``; input-sparse when the strategy sparsifies this site."""
-        weight = getattr(layer.w, INPUT_SITES[site])
-        if site not in layer.sites:
-            return self.k.linear(weight, x)
+    def _qkv(self, i: int, layer: Layer, n: torch.Tensor) -> torch.Tensor:
+        """q, k and v of the step: one input-sparse product when the shared input is a site,
+        one per projection when some projection has its own site."""
+        if not layer.sites & set(QKV_SITES):
+            return self._linear(i, layer, "attn_input", n)
+        parts = []
+        for site, rows in zip(QKV_SITES, self._qkv_rows(), strict=True):
+            if site in layer.sites:
+                parts.append(self._sparse_input(i, layer, site, n))
+            else:
+                parts.append(self.k.linear(layer.w.qkv[rows], n))
+        return torch.cat(parts)
+
+    def _sparse_input(self, i: int, layer: Layer, site: str, x: torch.Tensor) -> torch.Tensor:
+        """The product reading ``x`` through the rows of W^T its kept entries select."""
+        weight_t = layer.t["down" if site == "mlp_intermediate" else site]
         rule = self.live.kernel_rule(site, i)
         if rule is not None:
-            out, kept = self.k.sparse_in_rule(layer.t[site], rule, x)
+            out, kept = self.k.sparse_in_rule(weight_t, rule, x)
         else:
-            out, kept = self.k.sparse_in(layer.t[site], self.live.kept(site, i, x), x)
+            out, kept = self.k.sparse_in(weight_t, self.live.kept(site, i, x), x)
         self._count(site, i, x.numel() - kept)
         return out
+
+    def _linear(self, i: int, layer: Layer, site: str, x: torch.Tensor) -> torch.Tensor:
+        """The projection reading ``x``; input-sparse when the strategy sparsifies this site."""
+        if site not in layer.sites:
+            return self.k.linear(getattr(layer.w, INPUT_SITES[site]), x)
+        return self._sparse_input(i, layer, site, x)
 
     def _mlp(self, i: int, layer: Layer, n: torch.Tensor) -> torch.Tensor:
         """The MLP output."""
@@ -315,10 +351,4 @@ class LeanDecoder:
         z = k.silu_mul(self._linear(i, layer, "mlp_input", n))
         if "mlp_intermediate" not in layer.sites:
             return k.linear(w.down, z)
-        rule = self.live.kernel_rule("mlp_intermediate", i)
-        if rule is not None:
-            out, kept = k.sparse_in_rule(layer.t["down"], rule, z)
-        else:
-            out, kept = k.sparse_in(layer.t["down"], self.live.kept("mlp_intermediate", i, z), z)
-        self._count("mlp_intermediate", i, d_ff - kept)
-        return out
+        return self._sparse_input(i, layer, "mlp_intermediate", z)

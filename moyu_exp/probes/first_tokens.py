@@ -55,7 +55,8 @@ class FirstTokens(Probe):
             documents = datasets.embedded(split="evaluation")[: self.eval_documents]
             rows = []
             for m in [*ms, None]:
-                strategy = Griffin(sparsity=self.sparsity, prompt_limit=m)
+                # the prompt-selected set applied to the later half of each window
+                strategy = Griffin(sparsity=self.sparsity, prompt_limit=m, prefill="dense")
                 with strategy.attach(loaded.model) as live:
                     rows.append(fidelity.measure(loaded, live, documents, cfg.eval.prompt_fraction))
             numbers["kl"] = [r["kl"] for r in rows[:-1]]

@@ -1,9 +1,11 @@
 """History-related uncertainty for learned predictors: trained on one source, do they transfer?
 
-A DejaVu-style predictor per layer (the ``predictor`` strategy) is trained on the calibration
-text (source A, the project's prose by default). Its predictions are scored against the true
-top-k sets on held-out text of the same source (A: the evaluation prose) and of another source
-(B: CPython's documentation): precision and recall of the neurons it calls active (score > 0)
+A DejaVu predictor per layer (the ``predictor`` strategy: look-ahead input, class-balanced
+BCE, early stopping on validation recall) is trained on ``train_tokens`` of the calibration
+source (A: by default the project's calibration prose, then CPython's documentation). Its
+predictions are scored against the true top-k sets on held-out text of the same source (A: the
+tokens right after those it trained on) and of another source (B: the project's evaluation
+prose, never calibrated on): precision and recall of the neurons it calls active (logit > 0)
 and recall@k of its top-k.
 """
 
@@ -16,7 +18,7 @@ from moyu_exp.lazy import lazy_import
 from moyu_exp.probes import common, figures
 from moyu_exp.probes.base import Probe, ProbeOutput, register
 from moyu_exp.strategies.base import topk_mask
-from moyu_exp.strategies.predictor import Predictor, scores
+from moyu_exp.strategies.predictor import INPUT, Predictor, scores
 
 torch = lazy_import("torch")
 
@@ -25,23 +27,40 @@ torch = lazy_import("torch")
 @dataclass(eq=False)
 class PredictorShift(Probe):
     name: str = "predictor_shift"
-    tokens: int = 1024
+    tokens: int = 1024  # held-out tokens of each source scored
     rank: int = 128
-    epochs: int = 40
+    train_tokens: int = 102_400
+    max_epochs: int = 30
 
     question = "Does a predictor trained on one text predict the active neurons of another?"
 
     def run(self, loaded, cfg) -> ProbeOutput:
-        predictor = Predictor(sparsity=self.sparsity, rank=self.rank, epochs=self.epochs)
+        predictor = Predictor(
+            sparsity=self.sparsity,
+            rank=self.rank,
+            train_tokens=self.train_tokens,
+            max_epochs=self.max_epochs,
+        )
         from moyu_exp import calibration
+        from moyu_exp.config import build
 
         state, meta = calibration.prepare(predictor, loaded, cfg)
         layers = predictor.layer_ids(loaded.model)
+        source = calibration.token_stream(loaded.tokenizer, build(cfg.dataset))
+        used = meta["tokens_used"]
         evaluation = {
-            "A_heldout": _eval_prose(loaded.tokenizer, self.tokens),
-            "B_other_source": common.docs_ids(loaded.tokenizer, self.tokens),
+            "A_heldout": torch.tensor([source[used : used + self.tokens]]),
+            "B_other_source": _eval_prose(loaded.tokenizer, self.tokens),
         }
-        numbers: dict = {"trained_on": meta["dataset"], "train_tokens": meta["tokens"]}
+        numbers: dict = {
+            "trained_on": meta["dataset"],
+            "calibration_tokens": used,
+            "A_heldout_tokens": int(evaluation["A_heldout"].numel()),
+            "validation_recall": {
+                "per_layer": [float(state[f"recall.{i}"][0]) for i in layers],
+                "epochs": [int(state[f"recall.{i}"][1]) for i in layers],
+            },
+        }
         for name, ids in evaluation.items():
             metrics = self.score(loaded, state, layers, ids)
             numbers[name] = {
@@ -62,12 +81,12 @@ class PredictorShift(Probe):
 
         def tap(site: str, layer: int, x: torch.Tensor) -> None:
             rows = x[0].float().cpu()
-            if site == "mlp_input":
+            if site == INPUT:
                 inputs[layer] = rows
             else:
                 truth[layer] = common.topk_sets(rows, self.sparsity)
 
-        keys = [(s, i) for i in layers for s in ("mlp_input", "mlp_intermediate")]
+        keys = [(s, i) for i in layers for s in (INPUT, "mlp_intermediate")]
         observe(loaded.model, [ids.to(loaded.device)], keys, tap, desc="predictor eval")
         out = {"precision": [], "recall": [], "recall_at_k": []}
         for layer in layers:

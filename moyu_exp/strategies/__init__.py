@@ -14,13 +14,15 @@ from moyu_exp.strategies import (  # noqa: F401  (registration side effects)
     topk,
     wina,
 )
-from moyu_exp.strategies.attachment import Attachment, TokenRoles
+from moyu_exp.strategies.attachment import Attachment
 from moyu_exp.strategies.base import STRATEGIES, KernelRule, Strategy, keep_count, register
+from moyu_exp.strategies.protocol import Positions, TokenRoles
 
 __all__ = [
     "STRATEGIES",
     "Attachment",
     "KernelRule",
+    "Positions",
     "Strategy",
     "TokenRoles",
     "keep_count",

@@ -11,20 +11,21 @@ hook, so the model is restored bit-exactly, also after an exception.
 Every forward pass has *token roles*: which positions are real tokens (not padding) and which
 belong to the prompt. Roles come from the lm-eval bridge (:meth:`Attachment.segments`), else
 from the attention mask and the KV cache: a forward on an empty cache is a prefill, all prompt;
-a forward on a filled cache is a decode step. With ``prefill=dense`` prompt positions stay dense.
+a forward on a filled cache is a decode step. The strategy's protocol (``prefill``, see
+:mod:`moyu_exp.strategies.protocol`) turns the roles into the positions that run sparse.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from moyu_exp.lazy import lazy_import
 from moyu_exp.masking import apply_mask, apply_rule
 from moyu_exp.meter import SparsityMeter
 from moyu_exp.sites import adapter_for, hooked
+from moyu_exp.strategies.protocol import Positions, TokenRoles
 
 if TYPE_CHECKING:
     from moyu_exp.strategies.base import Strategy
@@ -32,34 +33,17 @@ if TYPE_CHECKING:
 torch = lazy_import("torch")
 
 
-@dataclass
-class TokenRoles:
-    """Per position of the current forward: real token or padding, prompt or not."""
+class RotationCache:
+    """x R for the sites that read one tensor in one basis (q, k and v), computed once."""
 
-    valid: torch.Tensor | None = None  # (batch, tokens) bool; None: every position is real
-    prompt: torch.Tensor | None = None  # (batch, tokens) bool; None: no prompt position
+    def __init__(self):
+        self._last: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def matches(self, x: torch.Tensor) -> bool:
-        ref = self.valid if self.valid is not None else self.prompt
-        return ref is None or tuple(ref.shape) == tuple(x.shape[:2])
-
-    def active(self, dense_prompt: bool) -> torch.Tensor | None:
-        """Positions the strategy sparsifies; None means all of them."""
-        if dense_prompt and self.prompt is not None:
-            valid = self.valid if self.valid is not None else torch.ones_like(self.prompt)
-            return valid & ~self.prompt
-        return self.valid
-
-
-class _Forward:
-    """The roles of one forward and what follows from them under a prefill policy."""
-
-    def __init__(self, roles: TokenRoles, dense_prompt: bool, shape: tuple[int, int]):
-        self.roles = roles
-        self.active = roles.active(dense_prompt)
-        total = roles.valid.sum() if roles.valid is not None else shape[0] * shape[1]
-        self.sparse = self.active.sum() if self.active is not None else total
-        self.dense = total - self.sparse
+    def get(self, x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+        last = self._last.get(id(basis))
+        if last is None or last[0] is not x:
+            last = self._last[id(basis)] = (x, x @ basis.to(x.dtype))
+        return last[1]
 
 
 class Attachment:
@@ -79,9 +63,12 @@ class Attachment:
         self.rules: dict[tuple[str, int], Any] = {}
         self.calibration = calibration
         self._segments: tuple[torch.Tensor, torch.Tensor | None] | None = None
-        self._forward: _Forward | None = None
+        self._forward: Positions | None = None
         self._enabled = True
         self._stack: ExitStack | None = None
+        self._patches: list[tuple[Any, str, Any, Any]] = []  # object, name, new, original
+        self.bases: dict[tuple[str, int], torch.Tensor] = {}
+        self._rotated = RotationCache()
 
     # -------------------------------------------------------------------- the strategy
     @property
@@ -106,10 +93,11 @@ class Attachment:
         rule = self.kernel_rule(site, layer)
         if rule is not None:
             return rule.mask(x)
-        keep = self.strategy.keep(self.state, site, layer, x.view(1, 1, -1), TokenRoles())
+        row = x.view(1, 1, -1)
+        keep = self.strategy.keep(self.state, site, layer, row, self._positions(TokenRoles(), row))
         if keep is None:
             return torch.ones_like(x, dtype=torch.bool)
-        return keep.expand(1, 1, x.numel()).reshape(-1)
+        return keep.expand(row.shape).reshape(-1)
 
     def decode_neurons(self, layer: int) -> torch.Tensor | None:
         return self.strategy.decode_neurons(self.state, layer)
@@ -131,10 +119,22 @@ class Attachment:
             for layer in layers
             if (rule := strategy.kernel_rule(self.state, site, layer)) is not None
         }
+        self.bases = {
+            (site, layer): basis
+            for site in strategy.sites
+            for layer in layers
+            if (basis := strategy.basis(self.state, site, layer)) is not None
+        }
         fns = [((s, i), self._site_fn(s, i)) for s in strategy.sites for i in layers]
         fns += strategy.taps(self.state, self.model, self.adapter, layers)
         stack = ExitStack()
         stack.enter_context(hooked(self.model, fns, self._begin if strategy.sites else None))
+        self._patches = [
+            (obj, name, value, getattr(obj, name))
+            for obj, name, value in strategy.patches(self.state, self.model, self.adapter, layers)
+        ]
+        stack.callback(self._patch, False)
+        self._patch(True)
         self._stack = stack
         return self
 
@@ -157,12 +157,21 @@ class Attachment:
 
     @contextmanager
     def paused(self) -> Iterator[None]:
-        """Run the model dense inside this block (for a dense reference); nothing is counted."""
+        """Run the model dense inside this block (for a dense reference, with the original
+        weights); nothing is counted."""
         previous, self._enabled = self._enabled, False
+        self._patch(False)
         try:
             yield
         finally:
             self._enabled = previous
+            self._patch(previous and self._stack is not None)
+
+    def _patch(self, on: bool) -> None:
+        """Put the strategy's patched attributes in (``on``) or the originals back."""
+        for obj, name, value, original in self._patches:
+            setattr(obj, name, value if on else original)
+        self._rotated = RotationCache()
 
     @contextmanager
     def segments(
@@ -186,6 +195,7 @@ class Attachment:
         fresh = cache is None or cache.get_seq_length() == 0
         self.roles = self._roles(batch, tokens, ids.device, kwargs.get("attention_mask"), fresh)
         self._forward = None
+        self._rotated = RotationCache()
         self.strategy.begin_forward(self.state, fresh)
         return None
 
@@ -197,24 +207,32 @@ class Attachment:
             prompt = None
             if prompt_lengths is not None:
                 prompt = valid & (positions < prompt_lengths.to(device)[:, None])
-            return TokenRoles(valid, prompt)
+            return TokenRoles(valid, prompt, declared=True, fresh=fresh)
         valid = None
         if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1] >= tokens:
             valid = mask[:, -tokens:].to(device=device, dtype=torch.bool)
         if not fresh:
             return TokenRoles(valid, None)
         prompt = valid if valid is not None else torch.ones(batch, tokens, device=device).bool()
-        return TokenRoles(valid, prompt)
+        return TokenRoles(valid, prompt, fresh=True)
 
-    def _current(self, x: torch.Tensor) -> _Forward:
-        """The roles that apply to ``x`` (computed once per forward)."""
-        dense_prompt = self.strategy.prefill == "dense"
+    def _positions(self, roles: TokenRoles, x: torch.Tensor) -> Positions:
+        strategy = self.strategy
+        return Positions(roles, strategy.prefill, strategy.prefill_fraction, x)
+
+    @property
+    def last_positions(self) -> Positions | None:
+        """The positions of the last forward (which ran sparse), for the lm-eval bridge."""
+        return self._forward
+
+    def _current(self, x: torch.Tensor) -> Positions:
+        """The positions of the forward ``x`` belongs to (computed once per forward)."""
         forward = self._forward
         if forward is None or forward.roles is not self.roles:
-            forward = self._forward = _Forward(self.roles, dense_prompt, tuple(x.shape[:2]))
+            forward = self._forward = self._positions(self.roles, x)
         if self.roles.matches(x):
             return forward
-        return _Forward(TokenRoles(), dense_prompt, tuple(x.shape[:2]))
+        return self._positions(TokenRoles(), x)
 
     def _site_fn(self, site: str, layer: int):
         key = (site, layer)
@@ -223,13 +241,29 @@ class Attachment:
             if not self._enabled:
                 return x
             forward = self._current(x)
+            basis = self.bases.get(key)
+            if basis is not None:
+                x = self._rotated.get(x, basis)
             rule = self.rules.get(key)
             if rule is not None:
                 y, dropped = apply_rule(x, rule, forward.active)
             else:
-                keep = self.strategy.keep(self.state, site, layer, x, forward.roles)
+                keep = self.strategy.keep(self.state, site, layer, x, forward)
                 y, dropped = (x, 0) if keep is None else apply_mask(x, keep, forward.active)
             self.meter.add(site, layer, dropped, forward.sparse, forward.dense)
             return y
 
         return fn
+
+
+@contextmanager
+def patched(patches: list[tuple[Any, str, Any]]) -> Iterator[None]:
+    """Replace attributes (object, name, value) inside the block; the originals come back."""
+    originals = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
+    try:
+        for obj, name, value in patches:
+            setattr(obj, name, value)
+        yield
+    finally:
+        for obj, name, original in originals:
+            setattr(obj, name, original)

@@ -8,7 +8,7 @@ pure decisions; it holds no per-run state:
   one model (thresholds, weight norms, fixed sets) into a fresh ``state`` namespace;
 - ``kernel_rule(state, site, layer)`` states the kept set as data (:class:`KernelRule`) when it
   can, so simulated and kernel mode apply the same rule natively; otherwise
-  ``keep(state, site, layer, x, roles)`` returns the bool mask of kept entries;
+  ``keep(state, site, layer, x, where)`` returns the bool mask of kept entries;
 - ``decode_neurons(state, layer)``: a decode-time MLP neuron set known in advance (sequence-level
   methods after their prompt, a static set), which kernel mode gathers into a compact MLP.
 
@@ -28,16 +28,17 @@ from moyu_exp.errors import ConfigError
 from moyu_exp.lazy import lazy_import
 from moyu_exp.masking import KernelRule, topk_mask
 from moyu_exp.registry import registrar
-from moyu_exp.sites import SITES, adapter_for, check_sites, resolve_layers
+from moyu_exp.sites import SPARSE_SITES, adapter_for, check_sites, resolve_layers
+from moyu_exp.strategies.protocol import PROTOCOLS, SELECTING
 
 if TYPE_CHECKING:
-    from moyu_exp.strategies.attachment import Attachment, TokenRoles
+    from moyu_exp.strategies.attachment import Attachment
+    from moyu_exp.strategies.protocol import Positions
 
 torch = lazy_import("torch")
 
 STRATEGIES: dict[str, type[Strategy]] = {}
 register = registrar(STRATEGIES, "strategy")  # class decorator: ``strategy=<name>``
-PREFILL_POLICIES = ("sparse", "dense")
 
 __all__ = ["STRATEGIES", "KernelRule", "Strategy", "keep_count", "register", "topk_mask"]
 
@@ -55,9 +56,10 @@ class Strategy:
     sparsity: float = 0.0
     layers: Any = "all"  # "all", a list of layer indices, or a slice string such as "1:-1"
     sites: list[str] = field(default_factory=list)
-    prefill: str = "sparse"  # "dense": prompt positions (prefill, lm-eval contexts) stay dense
+    prefill: str = "sparse"  # the evaluation protocol: which positions run sparse (protocol.py)
+    prefill_fraction: float = 0.5  # the sparse share of a forward under prefill=last_fraction
 
-    allowed_sites: ClassVar[tuple[str, ...]] = tuple(SITES)
+    allowed_sites: ClassVar[tuple[str, ...]] = SPARSE_SITES
     needs_calibration: ClassVar[bool] = False
     calibration_version: ClassVar[int] = 1  # bump when a method's statistic changes
     sequence_level: ClassVar[bool] = False
@@ -67,14 +69,19 @@ class Strategy:
     def __post_init__(self) -> None:
         check_sites(list(self.sites), self.allowed_sites, self.name)
         check_sparsity(self.sparsity)
-        if self.prefill not in PREFILL_POLICIES:
+        if self.prefill not in PROTOCOLS:
             raise ConfigError(
-                f"strategy.prefill='{self.prefill}' is unknown: accepted values are sparse, dense"
+                f"strategy.prefill='{self.prefill}' is unknown: accepted values are "
+                f"{', '.join(PROTOCOLS)}"
             )
-        if self.sequence_level and self.prefill != "dense":
+        if self.sequence_level and self.prefill not in SELECTING:
             raise ConfigError(
-                f"strategy '{self.name}' selects from the prompt, which it runs dense: "
-                "strategy.prefill must be dense"
+                f"strategy '{self.name}' selects from positions that run dense: strategy.prefill "
+                f"must be one of {', '.join(SELECTING)}"
+            )
+        if not 0.0 < self.prefill_fraction <= 1.0:
+            raise ConfigError(
+                f"strategy.prefill_fraction={self.prefill_fraction} must be in (0, 1]"
             )
 
     @classmethod
@@ -95,6 +102,11 @@ class Strategy:
             "sites": list(self.sites),
             "layers": self.layers,
         }
+
+    def calibration_tokens(self, requested: int) -> int:
+        """How many calibration tokens to gather (``calibration.tokens``, or more if the method
+        needs them, e.g. to train a predictor)."""
+        return requested
 
     def calibrate(self, model: torch.nn.Module, batches: list[torch.Tensor], cached) -> dict:
         """Statistics from calibration token batches, as plain tensors (cached by the caller).
@@ -118,10 +130,11 @@ class Strategy:
         return None
 
     def keep(
-        self, state: SimpleNamespace, site: str, layer: int, x: torch.Tensor, roles: TokenRoles
+        self, state: SimpleNamespace, site: str, layer: int, x: torch.Tensor, where: Positions
     ) -> torch.Tensor | None:
         """Bool mask (broadcastable to ``x``, (batch, tokens, dim)) of the entries kept; None
-        keeps every entry. Only asked when :meth:`kernel_rule` gives no rule."""
+        keeps every entry. Only asked when :meth:`kernel_rule` gives no rule; ``where`` says
+        which positions run sparse and which a sequence-level method selects from."""
         raise NotImplementedError(f"strategy '{self.name}' states no rule and no mask")
 
     def decode_neurons(self, state: SimpleNamespace, layer: int) -> torch.Tensor | None:
@@ -135,6 +148,19 @@ class Strategy:
         """Functions on other sites that the decisions read from (e.g. a predictor's input),
         hooked with the sites' own; they observe and return their tensor unchanged."""
         return []
+
+    def patches(
+        self, state: SimpleNamespace, model: torch.nn.Module, adapter: Any, layers: list[int]
+    ) -> list[tuple[Any, str, Any]]:
+        """Attributes to replace while attached, as (object, name, value): e.g. weights with a
+        rotation folded in (WINA's transform). The originals come back on exit and while the
+        attachment is paused, so the model is restored bit-exactly."""
+        return []
+
+    def basis(self, state: SimpleNamespace, site: str, layer: int) -> torch.Tensor | None:
+        """A rotation R (dim, dim) the site's input is expressed in before the rule applies
+        (x -> x R, then masked): its readers' weights are patched to match. None: as is."""
+        return None
 
     def begin_forward(self, state: SimpleNamespace, fresh: bool) -> None:
         """Called before every model forward (``fresh``: the KV cache was empty)."""

@@ -6,6 +6,9 @@ averaged over calibration tokens, CETT = ||W_down (z * 1[small])|| / ||W_down z|
 ``target`` (0.2 in "Dynamic Activation Pitfalls", Ma et al. 2024, and ProSparse). The sparsity is
 therefore an outcome, reported, not a setting: ``sparsity`` only switches the method on (0 keeps
 the model dense); ``strategy.target`` is the knob.
+
+Departures: eps is solved by bisection on the first ``max_tokens`` calibration tokens of each
+layer (no public reference implementation fixes this); every position runs sparse.
 """
 
 from __future__ import annotations

@@ -2,9 +2,12 @@
 
 Calibration measures mean|up_j| per channel and the per-layer s-quantile tau of the importance
 |SiLU(gate)_j| * mean|up_j|; a channel is kept when its importance reaches tau, i.e. channel j's
-threshold on |SiLU(gate)_j| is tau / mean|up_j| (He et al., EMNLP 2024). Adding ``attn_input``
-and ``o_proj_input`` to ``sites`` gives CHESS+ (per-layer magnitude thresholds there; unlike
-CHESS's code, which sparsifies only q's input, the shared attention input feeds q, k and v here).
+threshold on |SiLU(gate)_j| is tau / mean|up_j| (He et al., EMNLP 2024;
+junhuihe-hjh/CHESS). ``sites=[gate_act,q_input,o_proj_input]`` gives CHESS+ as its code runs it:
+per-layer magnitude thresholds on q_proj's input alone (k and v read the dense input) and on
+o_proj's input. Every position runs sparse, and the thresholds are the dense model's, as in the
+code. Departure: a threshold is the quantile over every calibration token pooled; CHESS's script
+averages the quantiles of its calibration samples.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ class Chess(ThresholdStrategy):
     name: str = "chess"
     sites: list[str] = field(default_factory=lambda: [GATE])
 
-    allowed_sites = (GATE, "attn_input", "o_proj_input")
+    allowed_sites = (GATE, "q_input", "o_proj_input", "attn_input")
     calibration_version = 2  # 1 stored mean|up| as up_mean.<layer>
 
     def calibration_scales(self, model, layers: list[int]) -> tuple[list, dict]:

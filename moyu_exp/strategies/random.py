@@ -30,6 +30,6 @@ class Random(Strategy):
         device = next(model.parameters()).device
         return SimpleNamespace(generator=torch.Generator(device=device).manual_seed(self.seed))
 
-    def keep(self, state, site, layer, x, roles) -> torch.Tensor | None:
+    def keep(self, state, site, layer, x, where) -> torch.Tensor | None:
         k = keep_count(self.sparsity, x.shape[-1])
         return None if k >= x.shape[-1] else random_keep(x.shape, k, state.generator)

@@ -44,10 +44,10 @@ class SequenceLevel(Strategy):
         if fresh:  # a new sequence: the old selection must not leak into it
             state.frozen = {}
 
-    def keep(self, state, site, layer, x, roles) -> torch.Tensor | None:
+    def keep(self, state, site, layer, x, where) -> torch.Tensor | None:
         if self.sparsity == 0.0:
             return None
-        prompt = roles.prompt
+        prompt = where.select
         if prompt is not None and self.prompt_limit is not None:
             prompt = prompt & (prompt.cumsum(dim=1) <= self.prompt_limit)
         if prompt is not None and bool(prompt.any()):

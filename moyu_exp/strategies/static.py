@@ -2,7 +2,9 @@
 
 Neuron j of a layer scores ||W_gate[j]|| * ||W_up[j]||; the k = round((1 - s) * d_ff) best are
 kept for every token (Dong et al., 2024, the "magnitude" selection). The set is known before any
-token, so kernel mode gathers it into a compact MLP.
+token, so kernel mode gathers it into a compact MLP. It runs under GRIFFIN's protocol, as
+GRIFFIN ran it (``prefill=last_token``: only the last position of an lm-eval row, and every
+decode step). Departure: k is rounded where GRIFFIN's code truncates.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ torch = lazy_import("torch")
 class Static(Strategy):
     name: str = "static"
     sites: list[str] = field(default_factory=lambda: ["mlp_intermediate"])
+    prefill: str = "last_token"  # as GRIFFIN ran its magnitude baseline (see protocol.py)
 
     allowed_sites = ("mlp_intermediate",)
     compact_mlp = True
@@ -37,6 +40,6 @@ class Static(Strategy):
     def decode_neurons(self, state, layer: int) -> torch.Tensor | None:
         return state.keep[layer]
 
-    def keep(self, state, site, layer, x, roles) -> torch.Tensor | None:
+    def keep(self, state, site, layer, x, where) -> torch.Tensor | None:
         keep = state.keep[layer]
         return None if bool(keep.all()) else keep.to(x.device)

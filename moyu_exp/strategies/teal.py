@@ -1,15 +1,28 @@
 """TEAL: magnitude thresholds on the input of every linear layer (Liu et al., ICLR 2025).
 
 Sites: the attention input (shared by q, k, v), the o_proj input, the MLP input (shared by gate
-and up) and the down_proj input. ``allocation=uniform`` puts the target sparsity on every site.
-``allocation=greedy`` follows TEAL's greedy per-block search: starting dense, repeatedly raise
-the sparsity of the site whose step adds the least block-output error (mean L2 over the last
-quarter of the calibration tokens), steps sized so that each skips the same number of weights;
-the path is recorded once (on the dense block inputs) and the target picks the point closest to
-it in model-wide, weight-weighted sparsity. Unlike TEAL's code, which may give q, k and v (and
-gate and up) different levels, one level per shared input is used here: one mask per input,
-which is what one kernel per input can exploit. Thresholds are then calibrated in order (see
-:mod:`moyu_exp.strategies.threshold`).
+and up) and the down_proj input. An entry whose |x| is below its site's threshold is dropped.
+
+As published (FasterDecoding/TEAL), by default:
+
+- thresholds come from the dense model's activations on the calibration rows
+  (``threshold_mode=dense``), as the quantile of |x| at the site's level (``thresholds=quantile``)
+  or, with ``thresholds=histogram``, as TEAL's ``Distribution.icdf(0.5 + s/2)`` over a 10,000-bin
+  histogram of the signed values (1% tails in the outer bins);
+- levels come from TEAL's block-wise greedy search (``allocation=greedy``, see
+  :mod:`moyu_exp.strategies.greedy`): on the calibration rows (16,384 tokens in rows of 2,048 by
+  default; TEAL used 10 x 2,048), under the last-half protocol, with TEAL's error (norm over
+  positions of the block-output difference on the last quarter, then the mean over channels);
+  ``allocation=uniform`` puts the target on every site;
+- evaluation runs under TEAL's ``apply_prefill`` protocol (``prefill=last_half``): in any
+  multi-token forward only the last half of each row's positions runs sparse.
+
+Departures: TEAL's code gives q, k and v (and gate and up) separate levels; here one level, and
+so one mask, serves each shared input (what one input-sparse kernel per input can use), and
+greedy steps are sized by the weights each shared input gates. The greedy path is computed once
+(for every sparsity up to ``greedy_max``) and cached; a target picks the closest row, as
+TEAL's lookup does. ``threshold_mode=progressive`` (calibrating in execution order, which meets
+the target sparsity) is an option, not TEAL's protocol.
 """
 
 from __future__ import annotations
@@ -17,17 +30,26 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from moyu_exp.activations import ValueSample, capture_block_inputs, observe, threshold_at
+from moyu_exp.activations import (
+    ValueSample,
+    capture_block_inputs,
+    observe,
+    quantile_table,
+    threshold_at,
+)
 from moyu_exp.errors import ConfigError
 from moyu_exp.lazy import lazy_import
-from moyu_exp.sites import adapter_for, hooked
+from moyu_exp.sites import adapter_for
 from moyu_exp.strategies.base import register
+from moyu_exp.strategies.greedy import BlockSearch, greedy_path
 from moyu_exp.strategies.threshold import ThresholdStrategy
 
 torch = lazy_import("torch")
 
 TEAL_SITES = ("attn_input", "o_proj_input", "mlp_input", "mlp_intermediate")
 ALLOCATIONS = ("uniform", "greedy")
+THRESHOLD_SOURCES = ("quantile", "histogram")
+HISTOGRAM_BINS = 10_000  # TEAL's Distribution: bins between the 1% and 99% quantiles, plus two
 
 
 @register("teal")
@@ -35,18 +57,31 @@ ALLOCATIONS = ("uniform", "greedy")
 class Teal(ThresholdStrategy):
     name: str = "teal"
     sites: list[str] = field(default_factory=lambda: list(TEAL_SITES))
-    allocation: str = "uniform"
-    greedy_step: float = 0.05  # level step of the site gating the fewest weights, as in TEAL
-    greedy_tokens: int = 256
+    prefill: str = "last_half"  # TEAL's apply_prefill
+    threshold_mode: str = "dense"  # TEAL's thresholds: the dense model's statistics
+    thresholds: str = "quantile"  # or histogram: TEAL's icdf(0.5 + s/2) of signed values
+    allocation: str = "greedy"
+    greedy_step: float = 0.05  # level step of a hidden x hidden projection (TEAL: q_proj)
     greedy_max: float = 0.9
 
     allowed_sites = TEAL_SITES
+    calibration_version = 3  # 2: greedy on 256 tokens, mean L2 over tokens
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.allocation not in ALLOCATIONS:
             raise ConfigError(
                 f"strategy.allocation='{self.allocation}' is unknown: accepted are uniform, greedy"
+            )
+        if self.thresholds not in THRESHOLD_SOURCES:
+            raise ConfigError(
+                f"strategy.thresholds='{self.thresholds}' is unknown: accepted are "
+                f"{', '.join(THRESHOLD_SOURCES)}"
+            )
+        if self.thresholds == "histogram" and self.in_order:
+            raise ConfigError(
+                "strategy.thresholds=histogram reads the dense model's histograms: "
+                "it needs strategy.threshold_mode=dense"
             )
         if self.allocation == "greedy" and self.sparsity > self.greedy_max:
             raise ConfigError(
@@ -59,23 +94,32 @@ class Teal(ThresholdStrategy):
             "sites": list(self.sites),
             "layers": self.layers,
             "step": self.greedy_step,
-            "tokens": self.greedy_tokens,
             "max": self.greedy_max,
+            "thresholds": self.thresholds,
         }
 
     def calibration_key(self) -> dict[str, Any]:
-        key = super().calibration_key() | {"allocation": self.allocation}
+        key = super().calibration_key() | {
+            "allocation": self.allocation,
+            "thresholds": self.thresholds,
+        }
         return key | ({"greedy": self.greedy_params()} if self.allocation == "greedy" else {})
 
     def calibrate_first(self, model, batches, cached) -> dict[str, torch.Tensor]:
-        """The greedy paths (computed once for every sparsity, then cached)."""
-        if self.allocation != "greedy":
-            return {}
+        """TEAL's histograms (when asked for) and the greedy paths, both of the dense model and
+        the same for every sparsity (cached once)."""
         layers = self.layer_ids(model)
-        paths = cached(
-            "greedy", self.greedy_params(), lambda: greedy_paths(model, batches, self, layers)
-        )
-        return dict(paths)
+        state: dict[str, torch.Tensor] = {}
+        if not self.in_order or self.allocation == "greedy":
+            params = {"sites": list(self.sites), "layers": self.layers, "kind": self.thresholds}
+            state |= cached(
+                "dense-stats", params, lambda: dense_statistics(model, batches, self, layers)
+            )
+        if self.allocation == "greedy":
+            state |= cached(
+                "greedy", self.greedy_params(), lambda: greedy_paths(model, batches, self, state)
+            )
+        return state
 
     def site_levels(self, calibration: dict, layer: int) -> dict[str, float]:
         if self.allocation == "uniform" or self.sparsity == 0.0:
@@ -84,98 +128,91 @@ class Teal(ThresholdStrategy):
         row = path[(path[:, 0] - self.sparsity).abs().argmin()]
         return {site: float(level) for site, level in zip(self.sites, row[1:], strict=True)}
 
+    def threshold(self, calibration: dict, site: str, layer: int, level: float) -> float:
+        if self.in_order:
+            return super().threshold(calibration, site, layer, level)
+        return self.dense_threshold(calibration, site, layer, level)
+
+    def dense_threshold(self, stats: dict, site: str, layer: int, level: float) -> float:
+        """The threshold at ``level`` from the dense model's statistics (what the greedy search
+        and dense-mode thresholds use): the quantile of |x|, or TEAL's histogram icdf."""
+        if self.thresholds == "histogram":
+            return histogram_threshold(stats[f"hist.{site}.{layer}"], level)
+        return threshold_at(stats[f"table.{site}.{layer}"], level)
+
+
+# ------------------------------------------------------------------ dense statistics
+def dense_statistics(model, batches, teal: Teal, layers: list[int]) -> dict[str, torch.Tensor]:
+    """Per (site, layer) of the dense model on every calibration row: the quantile table of |x|
+    (``table.<site>.<layer>``, what dense-mode thresholds read) or TEAL's histogram of x
+    (``hist.<site>.<layer>``)."""
+    sample = ValueSample(calls=len(batches))
+    keys = [(site, layer) for site in teal.sites for layer in layers]
+    observe(model, batches, keys, lambda s, i, x: sample.add((s, i), x))
+    stats = {}
+    for site, layer in keys:
+        values = torch.cat(sample.values[(site, layer)])
+        stats[f"table.{site}.{layer}"] = quantile_table(values.abs())
+        if teal.thresholds == "histogram":
+            stats[f"hist.{site}.{layer}"] = teal_histogram(values)
+    return stats
+
+
+def teal_histogram(values: torch.Tensor) -> torch.Tensor:
+    """TEAL's ``ActivationModule.find_histogram``: 10,000 bins, the inner ones evenly between
+    the 1% and 99% quantiles, the outer ones reaching the extremes. Rows: bin centres, counts."""
+    ordered = values.float().sort().values
+    n = len(ordered)
+    tail = int(0.01 * n)
+    low, high = ordered[tail], ordered[-max(tail, 1)]
+    inner = torch.linspace(float(low), float(high), HISTOGRAM_BINS - 1)
+    edges = torch.cat([ordered[:1], inner, ordered[-1:]])
+    counts = torch.histogram(ordered, bins=edges).hist
+    return torch.stack([(edges[:-1] + edges[1:]) / 2, counts])
+
+
+def histogram_threshold(histogram: torch.Tensor, sparsity: float) -> float:
+    """TEAL's ``set_threshold``: ``Distribution.icdf(0.5 + s / 2)`` (linear between the bin
+    centres' cumulative counts; assumes a zero-mean symmetric distribution); 0 at s = 0."""
+    if sparsity <= 0.0:
+        return 0.0
+    centres, counts = histogram[0], histogram[1]
+    cumulative = counts.cumsum(0)
+    target = (0.5 + sparsity / 2) * cumulative[-1]
+    i = int(torch.searchsorted(cumulative, target))
+    if i == 0:
+        return float(centres[0])
+    if i >= len(centres):
+        return float(centres[-1])
+    fraction = (target - cumulative[i - 1]) / (cumulative[i] - cumulative[i - 1])
+    return float(centres[i - 1] + fraction * (centres[i] - centres[i - 1]))
+
 
 # ------------------------------------------------------------------------ greedy allocation
-def greedy_paths(model, batches, teal: Teal, layers: list[int]) -> dict[str, torch.Tensor]:
-    """Per layer, the greedy path as rows [model-wide sparsity, level of each site]."""
+def greedy_paths(model, batches, teal: Teal, stats: dict) -> dict[str, torch.Tensor]:
+    """Per layer, TEAL's greedy path as rows [weighted sparsity, level of each site]."""
     with torch.inference_mode():
-        return _greedy_paths(model, batches, teal, layers)
+        adapter = adapter_for(model)
+        blocks = adapter.layers(model)
+        layers = teal.layer_ids(model)
+        sites = list(teal.sites)
+        ids = torch.cat(batches, dim=0)
+        inputs = capture_block_inputs(model, layers, ids)
+        paths = {}
+        for layer in layers:
+            block = blocks[layer]
+            gated = {
+                s: adapter.weights_per_entry(block, s, tuple(sites)) * adapter.dim(model, s)
+                for s in sites
+            }
 
+            def sparsify(site: str, level: float, x: torch.Tensor, layer=layer) -> torch.Tensor:
+                threshold = teal.dense_threshold(stats, site, layer, level)
+                return x.masked_fill(x.abs() < threshold, 0.0)
 
-def _greedy_paths(model, batches, teal: Teal, layers: list[int]) -> dict[str, torch.Tensor]:
-    adapter = adapter_for(model)
-    blocks = adapter.layers(model)
-    sites = list(teal.sites)
-    ids = torch.cat(batches, dim=1)[:, : teal.greedy_tokens]
-    tables = dense_tables(model, [ids], sites, layers)
-    inputs = capture_block_inputs(model, layers, ids)
-    paths = {}
-    for layer in layers:
-        block = blocks[layer]
-        gated = {s: adapter.weights_per_entry(block, s) * adapter.dim(model, s) for s in sites}
-        total, smallest = sum(gated.values()), min(gated.values())
-        steps = {s: teal.greedy_step * smallest / gated[s] for s in sites}
-        levels = dict.fromkeys(sites, 0.0)
-        rows = [[0.0] + [0.0] * len(sites)]
-        search = CandidateSearch(model, layer, sites, inputs[layer])
-        with search:
-            reference = search.outputs([dict.fromkeys(sites, 0.0)])[0]
-            while rows[-1][0] < teal.greedy_max:
-                options = [s for s in sites if levels[s] + steps[s] <= 0.99]
-                if not options:
-                    break
-                trials = [{**levels, s: levels[s] + steps[s]} for s in options]
-                thresholds = [
-                    {s: threshold_at(tables[(s, layer)], lv) for s, lv in trial.items()}
-                    for trial in trials
-                ]
-                errors = [_error(out, reference) for out in search.outputs(thresholds)]
-                best = options[min(range(len(options)), key=errors.__getitem__)]
-                levels[best] += steps[best]
-                wide = sum(levels[s] * gated[s] for s in sites) / total
-                rows.append([wide] + [levels[s] for s in sites])
-        paths[f"greedy.{layer}"] = torch.tensor(rows)
-    return paths
-
-
-def dense_tables(model, batches, sites, layers) -> dict[tuple[str, int], torch.Tensor]:
-    sample = ValueSample(calls=len(batches))
-    keys = [(site, layer) for site in sites for layer in layers]
-    observe(model, batches, keys, lambda s, layer, x: sample.add((s, layer), x.abs()))
-    return {key: sample.table(key) for key in keys}
-
-
-class CandidateSearch:
-    """Evaluates several threshold settings of one block at once, as rows of one batch."""
-
-    def __init__(self, model, layer: int, sites: list[str], captured):
-        self.model, self.layer, self.sites = model, layer, sites
-        self.block = adapter_for(model).layers(model)[layer]
-        args, kwargs = captured
-        kwargs = dict(kwargs)
-        if "hidden_states" in kwargs:
-            self.hidden, self.args = kwargs.pop("hidden_states"), args
-        else:
-            self.hidden, self.args = args[0], args[1:]
-        self.kwargs = kwargs
-        self.thresholds: dict[str, torch.Tensor] = {}
-
-    def __enter__(self) -> CandidateSearch:
-        fns = [((site, self.layer), self._fn(site)) for site in self.sites]
-        self._hooks = hooked(self.model, fns)
-        self._hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._hooks.__exit__(*exc)
-
-    def _fn(self, site: str):
-        def fn(x: torch.Tensor) -> torch.Tensor:
-            threshold = self.thresholds[site].to(x.device, x.dtype)[:, None, None]
-            return x.masked_fill(x.abs() < threshold, 0.0)
-
-        return fn
-
-    def outputs(self, settings: list[dict[str, float]]) -> list[torch.Tensor]:
-        n = len(settings)
-        self.thresholds = {s: torch.tensor([t[s] for t in settings]) for s in self.sites}
-        hidden = self.hidden.expand(n, *self.hidden.shape[1:])
-        out = self.block(hidden, *self.args, **self.kwargs)
-        out = out[0] if isinstance(out, tuple) else out
-        return list(out.unbind(0))
-
-
-def _error(output: torch.Tensor, reference: torch.Tensor, last_fraction: float = 0.25) -> float:
-    """Mean L2 distance of the block outputs over the last quarter of the positions (TEAL)."""
-    start = int(output.shape[0] * (1 - last_fraction))
-    return float((output[start:] - reference[start:]).float().norm(dim=-1).mean())
+            search = BlockSearch(model, layer, sites, inputs.pop(layer), sparsify)
+            unit = model.config.hidden_size**2  # TEAL's weight 1: a q_proj
+            paths[f"greedy.{layer}"] = greedy_path(
+                search, sites, gated, teal.greedy_step, teal.greedy_max, unit
+            )
+        return paths

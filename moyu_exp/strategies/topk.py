@@ -1,4 +1,9 @@
-"""Top-k: per token, keep the k = round((1 - s) * d) largest-magnitude entries of a site."""
+"""Top-k: per token, keep the k = round((1 - s) * d) largest-magnitude entries of a site.
+
+An oracle reference, not a published method: it needs the whole site vector (for the MLP
+intermediate, the full gate and up products) before it can choose, so a kernel skips only the
+readers of the site (down_proj). Every position runs sparse.
+"""
 
 from __future__ import annotations
 

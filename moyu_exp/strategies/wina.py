@@ -1,44 +1,246 @@
-"""WINA: per token, keep the top-k of |x_i| * ||W[:, i]||_2 at the input of every linear layer.
+"""WINA: per token, keep the top-k of |x_i| * ||W[:, i]||_2 at the inputs of the linears
+(Chen et al., Microsoft, 2025; microsoft/wina).
 
-The score weighs an input entry by the column norm of the weight that reads it (Microsoft,
-2025). Where one input feeds several linears (q, k, v; gate, up) the column norm is taken over
-their stacked weights, so one mask serves the shared input.
+As published, by default:
+
+- ``transform=true``: WINA's tensor transform. Each block's RMSNorm gains are folded into the
+  linears that read them, and the attention input (the MLP input) is rotated by the right
+  singular vectors of that block's k_proj (gate_proj), so that W_k (W_gate) becomes
+  column-orthogonal, the condition of WINA's optimality argument. Here the rotation R is folded
+  into q, k, v (gate, up) as W R and the site expresses its unit-norm input as x R before the
+  mask (the attachment patches the weights and restores them on exit), so the attached model
+  computes the same function as the original up to rounding; at sparsity 0 nothing is patched
+  and it is bit-exact. WINA also rotates the residual stream between blocks; that changes no
+  product a mask acts on (the norms are rotation-invariant), so it is left out.
+- per-projection masks: q, k, v, o, gate, up and down each get their own top-k (sites
+  ``q_input``, ``k_input``, ``v_input``, ``o_proj_input``, ``gate_input``, ``up_input``,
+  ``mlp_intermediate``); k_proj and gate_proj score an entry by |x_i| times the column norm of
+  their (transformed) weight, the others by |x_i| alone, as in microsoft/wina;
+- ``allocation=greedy``: levels per layer and projection from TEAL's greedy block search, which
+  WINA reuses (:mod:`moyu_exp.strategies.greedy`, with WINA's top-k at each level, in the
+  transformed block);
+- ``prefill=last_fraction`` with ``prefill_fraction=0.99``: WINA's code keeps the first 1% of
+  every multi-token forward's positions dense.
+
+``transform=false`` runs without the transform, and
+``sites=[attn_input,o_proj_input,mlp_input,mlp_intermediate] transform=false
+allocation=uniform prefill=sparse`` is this project's earlier variant (one mask per shared input,
+scored with the column norms of the stacked weights that read it). Departures: k = round((1 - s)
+d) where WINA's code truncates; the rotated variant has no kernel path (kernel mode would apply
+the rotations in every step); the untransformed variants have one.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from types import SimpleNamespace
+from typing import Any
 
+from moyu_exp.activations import capture_block_inputs
+from moyu_exp.errors import ConfigError
 from moyu_exp.lazy import lazy_import
-from moyu_exp.strategies.base import KernelRule, Strategy, register, topk_rule
-from moyu_exp.strategies.teal import TEAL_SITES
+from moyu_exp.masking import KernelRule, apply_rule
+from moyu_exp.sites import adapter_for
+from moyu_exp.strategies.attachment import patched
+from moyu_exp.strategies.base import Strategy, register, topk_rule
+from moyu_exp.strategies.greedy import BlockSearch, greedy_path
 
 torch = lazy_import("torch")
+
+PROJECTION_SITES = (
+    "q_input",
+    "k_input",
+    "v_input",
+    "o_proj_input",
+    "gate_input",
+    "up_input",
+    "mlp_intermediate",
+)
+WEIGHTED = ("k_input", "gate_input", "attn_input", "mlp_input")  # scored with column norms
+# A block's two rotated inputs: the norm before them, the sites that read it, the anchor weight.
+ROTATED = {
+    "attn": ("input_layernorm", ("q_input", "k_input", "v_input"), "k_input"),
+    "mlp": ("post_attention_layernorm", ("gate_input", "up_input"), "gate_input"),
+}
+ALLOCATIONS = ("uniform", "greedy")
 
 
 @register("wina")
 @dataclass(eq=False)
 class Wina(Strategy):
     name: str = "wina"
-    sites: list[str] = field(default_factory=lambda: list(TEAL_SITES))
+    sites: list[str] = field(default_factory=lambda: list(PROJECTION_SITES))
+    prefill: str = "last_fraction"
+    prefill_fraction: float = 0.99  # WINA's code: the first 1% of the positions stay dense
+    transform: bool = True
+    allocation: str = "greedy"
+    greedy_step: float = 0.05
+    greedy_max: float = 0.9
 
-    allowed_sites = TEAL_SITES
+    allowed_sites = (*PROJECTION_SITES, "attn_input", "mlp_input")
+    calibration_version = 2
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.allocation not in ALLOCATIONS:
+            raise ConfigError(
+                f"strategy.allocation='{self.allocation}' is unknown: accepted are uniform, greedy"
+            )
+        shared = sorted({"attn_input", "mlp_input"} & set(self.sites))
+        if self.transform and shared:
+            raise ConfigError(
+                f"strategy.transform=true masks each projection: sites {shared} need "
+                "strategy.transform=false"
+            )
+        if self.allocation == "greedy" and self.sparsity > self.greedy_max:
+            raise ConfigError(
+                f"sparsity={self.sparsity} is beyond the greedy path "
+                f"(strategy.greedy_max={self.greedy_max}): raise greedy_max or use uniform"
+            )
+
+    @property
+    def transformed(self) -> bool:
+        """The transform is applied (never at sparsity 0, where it would change only rounding)."""
+        return self.transform and self.sparsity > 0.0
+
+    @property
+    def kernel_support(self) -> bool:  # type: ignore[override]
+        return not self.transformed
+
+    @property
+    def needs_calibration(self) -> bool:  # type: ignore[override]
+        return self.allocation == "greedy" and self.sparsity > 0.0
+
+    def calibration_key(self) -> dict[str, Any]:
+        return super().calibration_key() | {
+            "transform": self.transform,
+            "prefill_fraction": self.prefill_fraction,
+            "greedy": [self.greedy_step, self.greedy_max],
+        }
+
+    # ------------------------------------------------------------------ calibration
+    def calibrate(self, model, batches, cached) -> dict[str, torch.Tensor]:
+        """The greedy paths (one per layer, serving every sparsity up to greedy_max)."""
+        return greedy_paths(model, batches, self)
+
+    def site_levels(self, calibration: dict | None, layer: int) -> dict[str, float]:
+        if self.allocation == "uniform" or calibration is None:
+            return dict.fromkeys(self.sites, self.sparsity)
+        path = calibration[f"greedy.{layer}"]
+        row = path[(path[:, 0] - self.sparsity).abs().argmin()]
+        return {site: float(level) for site, level in zip(self.sites, row[1:], strict=True)}
+
+    # -------------------------------------------------------------------- decisions
     def prepare(self, model, adapter, layers, calibration) -> SimpleNamespace:
         blocks = adapter.layers(model)
-        norms = {
-            (site, layer): column_norms(adapter.readers(blocks[layer], site))
-            for site in self.sites
-            for layer in layers
-        }
-        return SimpleNamespace(norms=norms)
+        state = SimpleNamespace(rules={}, rotations={}, weights={}, norms={})
+        for layer in layers:
+            block = blocks[layer]
+            if self.transform:
+                transform_block(state, adapter, block, layer, self.sites)
+            for site, level in self.site_levels(calibration, layer).items():
+                scale = None
+                if site in WEIGHTED:
+                    weight = state.weights.get((site, layer))
+                    if weight is None:
+                        scale = column_norms(adapter.readers(block, site))
+                    else:
+                        scale = weight.float().norm(dim=0)
+                state.rules[(site, layer)] = topk_rule(level, adapter.dim(model, site), scale)
+        return state
 
     def kernel_rule(self, state, site: str, layer: int) -> KernelRule:
-        norms = state.norms[(site, layer)]
-        return topk_rule(self.sparsity, norms.numel(), scale=norms)
+        return state.rules[(site, layer)]
+
+    def basis(self, state, site: str, layer: int) -> torch.Tensor | None:
+        part = rotated_part(site)
+        return state.rotations.get((part, layer)) if self.transformed and part else None
+
+    def patches(self, state, model, adapter, layers) -> list[tuple[Any, str, Any]]:
+        """The transform: unit norm gains, and q/k/v, gate/up with the gains and R folded in."""
+        if not self.transformed:
+            return []
+        blocks = adapter.layers(model)
+        out: list[tuple[Any, str, Any]] = [
+            (norm, "weight", torch.nn.Parameter(torch.ones_like(norm.weight), False))
+            for norm in state.norms.values()
+        ]
+        for (site, layer), weight in state.weights.items():
+            linear = adapter.readers(blocks[layer], site)[0]
+            out.append((linear, "weight", torch.nn.Parameter(weight, requires_grad=False)))
+        return out
+
+
+def rotated_part(site: str) -> str | None:
+    """The block input ("attn", "mlp") a site reads in the rotated basis, if any."""
+    return next((part for part, (_, sites, _) in ROTATED.items() if site in sites), None)
+
+
+def transform_block(state, adapter, block, layer: int, sites) -> None:
+    """WINA's rotation of one block's attention and MLP inputs: R from the SVD of the anchor
+    weight (gain folded in, float64), the folded weights W diag(g) R of the sites' readers."""
+    for part, (norm_name, part_sites, anchor) in ROTATED.items():
+        norm = getattr(block, norm_name)
+        gain = norm.weight.double()
+        anchor_linear = adapter.readers(block, anchor)[0]
+        rotation = torch.linalg.svd(anchor_linear.weight.double() * gain, full_matrices=True).Vh.T
+        dtype = anchor_linear.weight.dtype
+        state.rotations[(part, layer)] = rotation.to(dtype)
+        state.norms[(part, layer)] = norm
+        for site in part_sites:
+            if site in sites:
+                weight = adapter.readers(block, site)[0].weight.double() * gain
+                state.weights[(site, layer)] = (weight @ rotation).to(dtype)
 
 
 def column_norms(linears) -> torch.Tensor:
     """||W[:, i]||_2 over the stacked weights of linears that share their input."""
     return torch.stack([lin.weight.float().square().sum(0) for lin in linears]).sum(0).sqrt()
+
+
+# ------------------------------------------------------------------------ greedy allocation
+def greedy_paths(model, batches, wina: Wina) -> dict[str, torch.Tensor]:
+    """Per layer, TEAL's greedy path with WINA's top-k (in the transformed block when
+    ``transform``): rows [weighted sparsity, level of each site]."""
+    adapter = adapter_for(model)
+    blocks = adapter.layers(model)
+    layers = wina.layer_ids(model)
+    sites = list(wina.sites)
+    uniform = Wina(
+        **{f.name: getattr(wina, f.name) for f in fields(wina) if f.init}
+        | {
+            "allocation": "uniform",
+            "sparsity": 0.5,
+        }
+    )
+    state = uniform.prepare(model, adapter, layers, None)
+    paths = {}
+    with torch.inference_mode():
+        inputs = capture_block_inputs(model, layers, torch.cat(batches, dim=0))
+        with patched(uniform.patches(state, model, adapter, layers)):
+            for layer in layers:
+                block = blocks[layer]
+                gated = {
+                    s: adapter.weights_per_entry(block, s, tuple(sites)) * adapter.dim(model, s)
+                    for s in sites
+                }
+                scales = {s: state.rules[(s, layer)].scale for s in sites}
+                bases = {s: b for s in sites if (b := uniform.basis(state, s, layer)) is not None}
+
+                def sparsify(site: str, level: float, x: torch.Tensor, scales=scales):
+                    return apply_rule(x, topk_rule(level, x.shape[-1], scales[site]), None)[0]
+
+                search = BlockSearch(
+                    model,
+                    layer,
+                    sites,
+                    inputs.pop(layer),
+                    sparsify,
+                    sparse_fraction=wina.prefill_fraction,
+                    bases=bases,
+                )
+                unit = model.config.hidden_size**2  # TEAL's weight 1: a q_proj
+                paths[f"greedy.{layer}"] = greedy_path(
+                    search, sites, gated, wina.greedy_step, wina.greedy_max, unit
+                )
+    return paths
