@@ -8,6 +8,8 @@ calibration is done (and cached) before the clock starts. The goal is sparse / d
 
     python benchmarks/eval_overhead.py --data-dir ../shared/data          # 300 items
     python benchmarks/eval_overhead.py --data-dir ../shared/data --strategies topk cats --limit 100
+    python benchmarks/eval_overhead.py --data-dir ../shared/data --strategies teal \
+        --set allocation=uniform
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
 from decode_speed import config
 
 STRATEGIES = ["topk", "random", "static", "cats", "teal", "chess", "wina", "cett", "griffin", "tda"]
@@ -33,8 +36,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--strategies", nargs="+", default=STRATEGIES)
     parser.add_argument("--sparsity", type=float, default=0.5)
     parser.add_argument("--repeats", type=int, default=1, help="dense/sparse pairs per strategy")
+    parser.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="strategy keys to change where a strategy has them, e.g. allocation=uniform",
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
+    changes = dict(item.split("=", 1) for item in args.set)
 
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
@@ -49,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg.eval.limit = args.limit
         cfg.eval.fidelity = False
         cfg.eval.data_dir = args.data_dir
+        for key, value in changes.items():
+            if key in cfg.strategy:
+                cfg.strategy[key] = yaml.safe_load(value)
         return cfg
 
     dense_cfg = cfg_for("dense")

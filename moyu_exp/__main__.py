@@ -18,7 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from moyu_exp import runner, sweep
+from moyu_exp import console, runner, sweep
 from moyu_exp.config import register_configs
 from moyu_exp.errors import is_config_mistake, is_known, one_line
 
@@ -46,6 +46,7 @@ def hydra_entry(cfg: DictConfig) -> str | float:
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
     run_dir = Path(hc.runtime.output_dir)
+    console.quiet(bool(cfg.get("verbose")))
     if multirun:
         cfg.model.device = sweep.job_device(cfg.model.device, hc.job.num, hc.launcher._target_)
         if cfg.threads is None and hc.launcher.get("n_jobs"):
@@ -57,6 +58,9 @@ def hydra_entry(cfg: DictConfig) -> str | float:
             _fail(err)  # exits here, before Hydra adds its own report of the failed job
         log.error("point failed (%s): %s", run_dir.name, f"{type(err).__name__}: {err}")
         payload = {"status": "failed"}
+    else:
+        if not multirun:  # a sweep ends with its comparison table instead
+            print(console.render(payload, run_dir), flush=True)
     if cfg.search.metric is not None:
         from moyu_exp.search import objective
 

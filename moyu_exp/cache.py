@@ -26,6 +26,24 @@ def root() -> Path:
     return Path(os.environ.get("MOYU_CACHE_DIR") or Path.home() / ".cache" / "moyu_exp")
 
 
+def check_writable() -> Path:
+    """The cache root, created if need be; a one-line EnvironmentFault when it cannot be
+    written (every run writes converted models, calibration or finished points there)."""
+    from moyu_exp.errors import EnvironmentFault
+
+    folder = root()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+            pass
+    except OSError as err:
+        raise EnvironmentFault(
+            f"cannot write the cache directory '{folder}' ({err.strerror or err}): set "
+            "MOYU_CACHE_DIR to a writable folder"
+        ) from None
+    return folder
+
+
 def content_key(*parts: Any) -> str:
     """A short stable hash of JSON-serialisable parts."""
     blob = json.dumps(parts, sort_keys=True, default=str).encode()

@@ -204,6 +204,7 @@ class Config:
     name: str | None = None  # experiment name: W&B group, run-dir label
     resume: bool = True  # reuse the stored result of a finished identical point
     threads: int | None = None  # torch CPU threads (None: torch's default; parallel jobs split)
+    verbose: bool = False  # let the libraries' INFO chatter through to the console
     data_dir: str | None = None
 
 
@@ -274,40 +275,123 @@ def build(cfg: DictConfig, **kwargs: Any) -> Any:
         raise
 
 
+@dataclass(frozen=True)
+class Range:
+    """The accepted values of a numeric key: ``low`` <(=) value <(=) ``high``."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        above = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return above and below
+
+    def describe(self, key: str) -> str:
+        parts = []
+        if self.low is not None:
+            parts.append(f"{self.low:g} {'<' if self.low_open else '<='} ")
+        parts.append(key)
+        if self.high is not None:
+            parts.append(f" {'<' if self.high_open else '<='} {self.high:g}")
+        return "".join(parts)
+
+
+AT_LEAST_0, AT_LEAST_1 = Range(0), Range(1)
+FRACTION = Range(0, 1, low_open=True, high_open=True)  # 0 < x < 1
+SPARSITY = Range(0, 1, high_open=True)  # 0 <= s < 1
+
+# The ranges of the top-level config (a strategy's or probe's own are its class's RANGES).
+RANGES: dict[str, Range] = {
+    "sparsity": SPARSITY,
+    "seed": AT_LEAST_0,
+    "threads": AT_LEAST_1,
+    "eval.limit": Range(0, low_open=True),
+    "eval.batch_size": AT_LEAST_1,
+    "eval.num_fewshot": AT_LEAST_0,
+    "eval.bootstrap_iters": AT_LEAST_0,
+    "eval.prompt_fraction": FRACTION,
+    "bench.prompt_tokens": AT_LEAST_1,
+    "bench.decode_tokens": AT_LEAST_1,
+    "bench.burn_in": AT_LEAST_0,
+    "bench.repeats": AT_LEAST_1,
+    "bench.rounds": AT_LEAST_1,
+    "calibration.tokens": Range(2),
+    "calibration.seq_len": Range(2),
+    "logger.init_timeout": Range(0, low_open=True),
+    "search.budget": AT_LEAST_0,
+    "model.hidden_size": AT_LEAST_1,
+    "model.intermediate_size": AT_LEAST_1,
+    "model.num_hidden_layers": AT_LEAST_1,
+    "model.num_attention_heads": AT_LEAST_1,
+    "model.num_key_value_heads": AT_LEAST_1,
+    "model.max_position_embeddings": AT_LEAST_1,
+    "model.initializer_range": Range(0, low_open=True),
+}
+
+
+def check_range(key: str, value: Any, accepted: Range) -> None:
+    """The one range rule: a one-line ConfigError naming the key, the value and what is
+    accepted (None passes: optional keys are checked by their type)."""
+    if value is not None and value not in accepted:
+        raise ConfigError(
+            f"{key}={value} is out of range: accepted values are {accepted.describe(key)}"
+        )
+
+
+def check_fields(obj: Any, prefix: str, ranges: dict[str, Range]) -> None:
+    """A strategy's or probe's numbers: each field in ``ranges`` against its range (list
+    entries alike); every other integer field (a count, a size) must be >= 1, a seed >= 0.
+    Integer lists outside ``ranges`` (layer indices) are the model's to check."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        accepted = ranges.get(f.name)
+        if accepted is None:
+            if not isinstance(value, int) or isinstance(value, bool):
+                continue
+            accepted = AT_LEAST_0 if f.name in ("seed", "starts") else AT_LEAST_1
+        for item in value if isinstance(value, list) else [value]:
+            check_range(f"{prefix}{f.name}", item, accepted)
+
+
+def check_ranges(prefix: str, values: Any, ranges: dict[str, Range]) -> None:
+    """Every key of ``ranges`` found in ``values`` (a config or a dataclass), checked."""
+    for key, accepted in ranges.items():
+        value = values
+        for part in key.split("."):
+            value = value.get(part) if hasattr(value, "get") else getattr(value, part, None)
+            if value is None:
+                break
+        check_range(f"{prefix}{key}", value, accepted)
+
+
 def check_sparsity(value: float, key: str = "sparsity") -> None:
     """The one sparsity rule: 0 <= s < 1 (s = 1 would drop every entry)."""
-    if not 0.0 <= value < 1.0:
-        raise ConfigError(f"{key}={value} is out of range: accepted values are 0 <= {key} < 1")
+    check_range(key, value, SPARSITY)
 
 
 def validate(cfg: DictConfig) -> None:
     """Range checks that types cannot express. Raises :class:`ConfigError` with one line."""
-    check_sparsity(cfg.sparsity)
+    check_ranges("", cfg, RANGES)
     if "sparsity" in cfg.strategy:
         check_sparsity(cfg.strategy.sparsity, "strategy.sparsity")
-    if cfg.get("probe") is not None:
-        check_sparsity(cfg.probe.sparsity, "probe.sparsity")
-        for key in ("hot_fraction", "always_on"):
-            if key in cfg.probe and not 0.0 < cfg.probe[key] <= 1.0:
-                raise ConfigError(f"probe.{key}={cfg.probe[key]} must be in (0, 1]")
-    if cfg.eval.limit is not None and cfg.eval.limit <= 0:
-        raise ConfigError(f"eval.limit={cfg.eval.limit} must be > 0 (or null for all items)")
-    if not 0.0 < cfg.eval.prompt_fraction < 1.0:
-        raise ConfigError(f"eval.prompt_fraction={cfg.eval.prompt_fraction} must be in (0, 1)")
-    if cfg.eval.batch_size < 1:
-        raise ConfigError(f"eval.batch_size={cfg.eval.batch_size} must be >= 1")
-    for key in ("tokens", "seq_len"):
-        if cfg.calibration[key] < 2:
-            raise ConfigError(f"calibration.{key}={cfg.calibration[key]} must be >= 2")
+    probing = cfg.get("probe") is not None
+    build(cfg.strategy)  # a plug-in checks its own fields (its RANGES) when built
+    if probing:
+        build(cfg.probe)
+    if not probing and not cfg.eval.tasks and cfg.eval.name != "none":
+        raise ConfigError(
+            f"eval.tasks=[] is empty for eval={cfg.eval.name}: name at least one task "
+            "(e.g. eval.tasks=[piqa]) or use eval=none"
+        )
+    if not probing and not (cfg.eval.tasks or cfg.eval.fidelity or cfg.bench.enabled):
+        raise ConfigError(
+            "this run would measure nothing: eval has no task and no fidelity and bench is "
+            "off; give eval.tasks, eval.fidelity=true or a bench (e.g. bench=default)"
+        )
     if cfg.search.metric is not None and cfg.search.metric.count("/") != 1:
         raise ConfigError(
             f"search.metric='{cfg.search.metric}' must be 'task/metric', e.g. piqa/acc"
         )
-    if cfg.threads is not None and cfg.threads < 1:
-        raise ConfigError(f"threads={cfg.threads} must be >= 1 (or null for torch's default)")
-    bench = cfg.bench
-    for key in ("prompt_tokens", "decode_tokens", "repeats", "rounds"):
-        if bench.enabled and bench[key] < 1:
-            raise ConfigError(f"bench.{key}={bench[key]} must be >= 1")
-    if bench.burn_in < 0:
-        raise ConfigError(f"bench.burn_in={bench.burn_in} must be >= 0")

@@ -10,6 +10,10 @@ class ConfigError(ValueError):
     """A user-facing configuration mistake; its message is one actionable line."""
 
 
+class InputError(ValueError):
+    """An input file (data, cache, checkpoint) that cannot be read; one line naming the file."""
+
+
 class NonFiniteLogits(RuntimeError):
     """A forward pass produced NaN or inf logits."""
 
@@ -18,17 +22,29 @@ class ResultsNotWritten(OSError):
     """results.json (or another output) could not be written."""
 
 
+class EnvironmentFault(RuntimeError):
+    """The machine cannot do what the run needs (a folder it cannot write, no compiler, no
+    network); the message says what to do."""
+
+
+KNOWN = (ConfigError, InputError, NonFiniteLogits, ResultsNotWritten, EnvironmentFault)
+# omegaconf's errors about the composed config itself (a value left ???, a wrong type)
+CONFIG_VALUE_ERRORS = ("MissingMandatoryValue", "ValidationError", "InterpolationResolutionError")
+
+
 def is_known(err: BaseException) -> bool:
     """Errors whose message is the whole story: bad input, numerical failure, out of memory."""
-    known = isinstance(err, ConfigError | NonFiniteLogits | ResultsNotWritten)
-    return known or type(err).__name__ == "OutOfMemoryError"
+    return isinstance(err, KNOWN) or type(err).__name__ == "OutOfMemoryError"
 
 
 def is_config_mistake(err: BaseException) -> bool:
-    """Hydra composition errors and our own config checks (exit code 2)."""
+    """Hydra composition errors, omegaconf's errors about config values, and our own config
+    checks (exit code 2)."""
     from hydra.errors import CompactHydraException
 
-    return isinstance(err, ConfigError | CompactHydraException)
+    return isinstance(err, ConfigError | CompactHydraException) or (
+        type(err).__name__ in CONFIG_VALUE_ERRORS and type(err).__module__.startswith("omegaconf")
+    )
 
 
 def one_line(err: BaseException) -> str:
@@ -36,6 +52,12 @@ def one_line(err: BaseException) -> str:
     from hydra.errors import MissingConfigException, OverrideParseException
 
     cause = err.__cause__
+    if type(err).__name__ == "MissingMandatoryValue":
+        key = getattr(err, "full_key", None) or "a key"
+        return f"{key} is missing (???): give it on the command line, e.g. {key}=..."
+    if type(err).__name__ in CONFIG_VALUE_ERRORS and type(err).__module__.startswith("omegaconf"):
+        key = getattr(err, "full_key", None)
+        return f"{key}: {_first(str(err))}" if key else _first(str(err))
     if isinstance(err, MissingConfigException) and err.missing_cfg_file and err.options:
         group, _, name = err.missing_cfg_file.rpartition("/")
         close = difflib.get_close_matches(name, list(err.options), n=1)

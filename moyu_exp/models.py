@@ -320,12 +320,13 @@ def build_tiny_llama(
             max_position_embeddings=max_position_embeddings,
             initializer_range=initializer_range,
         )
-    except (ValueError, TypeError) as err:
-        detail = " ".join(line.strip() for line in str(err).strip().splitlines())
+        with torch.random.fork_rng():
+            torch.manual_seed(init_seed)
+            model = LlamaForCausalLM(config)
+    except Exception as err:  # transformers' (and huggingface_hub's) shape validators
+        cause = getattr(err, "cause", None) or err.__cause__ or err
+        detail = " ".join(line.strip() for line in str(cause).strip().splitlines())
         raise ConfigError(f"model: {detail}") from None
-    with torch.random.fork_rng():
-        torch.manual_seed(init_seed)
-        model = LlamaForCausalLM(config)
     model = model.to(dtype=torch_dtype(dtype), device=resolve_device(device))
     info = {
         "source": f"random init (seed {init_seed})",

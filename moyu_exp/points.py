@@ -13,6 +13,7 @@ import functools
 import hashlib
 import logging
 import os
+import shutil
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from typing import Any
 from moyu_exp import cache, results
 from moyu_exp.results import SCHEMA
 
-IGNORED_KEYS = ("logger", "name", "resume")
+IGNORED_KEYS = ("logger", "name", "resume", "verbose")
 BUILT = (".pyc", ".so", ".o")  # build products next to the sources are not part of the key
 log = logging.getLogger(__name__)
 
@@ -53,14 +54,38 @@ def load(key: str) -> dict[str, Any] | None:
     return payload if payload.get("status") == "ok" else None
 
 
-def save(key: str, payload: dict[str, Any]) -> None:
-    """Store a finished point; a cache that cannot be written only costs the resume."""
+def artefacts(payload: dict[str, Any]) -> list[str]:
+    """Files of the run dir that results.json refers to (relative paths): probe figures."""
+    return list((payload.get("probe") or {}).get("figures") or [])
+
+
+def save(key: str, payload: dict[str, Any], run_dir: Path | None = None) -> None:
+    """Store a finished point, with the artefacts its results refer to (copied from
+    ``run_dir``); a cache that cannot be written only costs the resume."""
     if payload.get("status") != "ok":
         return
+    folder = cache.root() / "points"
     try:
-        cache.write_json_atomic(cache.root() / "points" / f"{key}.json", payload)
+        files = artefacts(payload)
+        if files and run_dir is not None:
+            with cache.atomic_dir(folder / f"{key}.files") as tmp:
+                for name in files:
+                    shutil.copy2(Path(run_dir) / name, tmp / name)
+        cache.write_json_atomic(folder / f"{key}.json", payload)
     except OSError as err:
         log.warning("could not store the finished point (%s): a rerun will recompute it", err)
+
+
+def restore(key: str, payload: dict[str, Any], run_dir: Path) -> bool:
+    """Copy a stored point's artefacts into a new run dir; False when one is missing (then the
+    point runs again rather than leave results.json pointing at nothing)."""
+    stored = cache.root() / "points" / f"{key}.files"
+    files = artefacts(payload)
+    if not all((stored / name).is_file() for name in files):
+        return False
+    for name in files:
+        shutil.copy2(stored / name, Path(run_dir) / name)
+    return True
 
 
 def _real(path: str | None) -> str | None:

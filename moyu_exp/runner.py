@@ -28,18 +28,20 @@ def run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[str, A
         validate(cfg)
         config = results.redact(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
         key = points.point_key(config)
-    if cfg.resume and (done := points.load(key)) is not None:
+    done = points.load(key) if cfg.resume else None
+    if done is not None and points.restore(key, done, run_dir):
         current = {"sparsity": config["sparsity"], "strategy": config["strategy"]["name"]}
         payload = {**done, **current, "config": config, "run_dir": str(run_dir)}
         payload["resumed_from"] = done.get("run_dir")
         results.write(run_dir, payload)
         return payload
 
-    from moyu_exp import evaluation, tracking
+    from moyu_exp import cache, evaluation, tracking
 
     probing = cfg.get("probe") is not None
-    if not probing:
-        with failures_recorded(cfg, run_dir):
+    with failures_recorded(cfg, run_dir):
+        cache.check_writable()
+        if not probing:
             evaluation.check(cfg.eval)
     subject = f"probe-{cfg.probe.name}" if probing else cfg.strategy.name
     name = f"{subject}-s{(cfg.probe.sparsity if probing else cfg.sparsity):g}"
@@ -64,7 +66,7 @@ def run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[str, A
         tracker.log_results(payload)
         for figure in (payload.get("probe") or {}).get("figures", []):
             tracker.log_image(figure, run_dir / figure)
-    points.save(key, payload)
+    points.save(key, payload, run_dir)
     return payload
 
 

@@ -48,12 +48,19 @@ def test_one_configuration_never_gets_anothers_scores(tiny, shared_data) -> None
         assert dense[task][perplexity] != sparse[task][perplexity]
 
 
+def load_docs(spec: dict, split: str):
+    """The split as lm-eval loads it: ``datasets.load_dataset(dataset_path, **dataset_kwargs)``."""
+    import datasets
+
+    return datasets.load_dataset(spec["dataset_path"], **spec["dataset_kwargs"])[split]
+
+
 def test_local_task_reuses_the_stock_prompt_logic(shared_data) -> None:
     spec = tasks.task_spec("piqa", str(shared_data))
     assert spec["task"] == "piqa"
     assert spec["doc_to_text"] == "Question: {{goal}}\nAnswer:"
     assert spec["validation_split"] == "validation" and spec["test_split"] is None
-    docs = spec["custom_dataset"]()["validation"]
+    docs = load_docs(spec, "validation")
     assert len(docs) == 1838 and set(docs.column_names) == {"goal", "sol1", "sol2", "label"}
 
 
@@ -61,7 +68,7 @@ def test_local_task_reuses_the_stock_prompt_logic(shared_data) -> None:
 def test_every_local_task_builds_and_loads(name, shared_data) -> None:
     spec = tasks.task_spec(name, str(shared_data))
     split = spec["test_split"] or spec["validation_split"]
-    assert len(spec["custom_dataset"]()[split]) > 0
+    assert spec["dataset_path"] == "json" and len(load_docs(spec, split)) > 0
 
 
 def test_without_data_dir_the_stock_task_name_is_used() -> None:
@@ -98,3 +105,16 @@ def test_moyulm_finds_each_rows_real_length(tiny) -> None:
         lm._rows, lm._lengths = {(5, 6, 7): (2, 1, "a"), (8,): (1, 1, "a")}, [3, 1]
         lm._model_call(torch.tensor([[5, 6, 7], [8, 0, 0]]))
     assert live.meter.entries == 4 * tiny.model.config.intermediate_size * 2
+
+
+def test_batches_fit_the_token_budget_longest_first() -> None:
+    from moyu_exp.errors import EnvironmentFault
+    from moyu_exp.evaluation.harness import budgeted_chunks
+
+    assert budgeted_chunks([5, 7, 3], batch_size=2, budget=14) == [[0, 1, 2]]  # lm-eval batches
+    chunks = budgeted_chunks([5, 9, 3, 8], batch_size=3, budget=18)
+    assert chunks == [[1, 3], [0, 2]]
+    assert all(len(c) * max([5, 9, 3, 8][i] for i in c) <= 18 for c in chunks)
+    assert sorted(i for c in chunks for i in c) == [0, 1, 2, 3]
+    with pytest.raises(EnvironmentFault, match="a 30-token input needs more memory"):
+        budgeted_chunks([30, 2], batch_size=2, budget=20)

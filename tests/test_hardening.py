@@ -76,6 +76,22 @@ BAD_INPUT = {
         ["model=hf", "model.path=/no/such/model"],
         "model.path='/no/such/model' could not be loaded",
     ),
+    "model path not given": (["model=hf"], "model.path is missing (???): give it on"),
+    "impossible model shape": (
+        ["model.num_attention_heads=5"],
+        "model: The hidden size (64) is not a multiple of the number of attention heads (5)",
+    ),
+    "no eval task": (["eval.tasks=[]"], "eval.tasks=[] is empty for eval=embedded"),
+    "nothing to measure": (["eval=none", "bench=none"], "this run would measure nothing"),
+    "zero bench rounds": (["bench.rounds=0"], "bench.rounds=0 is out of range: accepted values"),
+    "probe fraction zero": (
+        ["probe=hot_neurons", "probe.hot_fraction=0"],
+        "probe.hot_fraction=0.0 is out of range: accepted values are 0 < probe.hot_fraction <= 1",
+    ),
+    "strategy count zero": (
+        ["strategy=predictor", "strategy.rank=0"],
+        "strategy.rank=0 is out of range: accepted values are 1 <= strategy.rank",
+    ),
 }
 
 
@@ -85,6 +101,24 @@ def test_bad_input_is_one_line_and_leaves_no_ok_results(case: str, tmp_path) -> 
     out = cli(*overrides, cwd=tmp_path)
     assert_one_line_error(out, expected)
     assert no_ok_results(tmp_path)
+
+
+def test_an_unwritable_cache_dir_is_one_line(tmp_path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    out = cli(cwd=tmp_path, env={"MOYU_CACHE_DIR": str(blocker / "cache")})
+    assert_one_line_error(out, ("cannot write the cache directory", "set MOYU_CACHE_DIR"), code=1)
+
+
+def test_a_malformed_data_line_is_one_line(tmp_path) -> None:
+    data = tmp_path / "data"
+    (data / "piqa").mkdir(parents=True)
+    good = json.dumps({"goal": "g", "sol1": "a", "sol2": "b", "label": 0})
+    (data / "piqa" / "validation.jsonl").write_text(good + "\n{broken\n")
+    out = cli("eval=zeroshot", "eval.tasks=[piqa]", f"data_dir={data}", cwd=tmp_path)
+    assert_one_line_error(out, ("validation.jsonl, line 2: not valid JSON",), code=1)
+    (saved,) = [json.loads(p.read_text()) for p in tmp_path.rglob("results.json")]
+    assert saved["status"] == "failed" and "line 2: not valid JSON" in saved["error"]
 
 
 def test_a_hub_id_that_does_not_exist_with_the_hub_unreachable(tmp_path) -> None:
@@ -222,13 +256,18 @@ def test_interrupting_a_run_leaves_no_half_written_results(tmp_path) -> None:
         "logger=none",
         f"hydra.run.dir={run_dir}",
     ]
+    long_bench = ["bench.decode_tokens=2000"]  # seconds of timing after the evaluation
     proc = subprocess.Popen(
-        args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        [*args, *long_bench],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     deadline = time.monotonic() + 120
     while not (run_dir / ".hydra").exists() and time.monotonic() < deadline:
         time.sleep(0.1)
-    time.sleep(3)  # inside the evaluation
+    time.sleep(3)  # inside the evaluation or the timing
     proc.send_signal(signal.SIGINT)
     proc.wait(timeout=120)
     assert proc.returncode != 0
@@ -249,7 +288,7 @@ def test_results_that_cannot_be_written_keep_the_earlier_ones(tmp_path, monkeypa
 
     monkeypatch.setattr(cache.tempfile, "mkstemp", disk_full)
     with pytest.raises(ResultsNotWritten, match=r"cannot write .*No space left on device"):
-        runner.run(compose_config(*TINY, "eval=none", "bench=none"), tmp_path)
+        runner.run(compose_config(*TINY, "eval=none"), tmp_path)
     assert json.loads((tmp_path / "results.json").read_text()) == earlier
 
 

@@ -64,6 +64,36 @@ def test_probe_runs_and_writes_numbers_and_figures(name, tmp_path) -> None:
     assert "eval" not in saved and saved["strategy"] is None
 
 
+def test_a_probe_ends_with_its_headline_numbers_and_figures(tmp_path) -> None:
+    from moyu_exp import console
+
+    payload = runner.run(
+        compose_config(*TINY, "probe=lag_overlap", *QUICK["lag_overlap"]), tmp_path
+    )
+    text = console.render(payload, tmp_path)
+    assert text.startswith("moyu_exp: probe lag_overlap at sparsity 0.5 on tiny_llama: ok")
+    assert payload["probe"]["question"] in text
+    for figure in payload["probe"]["figures"]:
+        assert f"figure      {tmp_path / figure}" in text
+    assert str(tmp_path / "results.json") in text
+
+
+def test_a_resumed_probe_brings_its_figures_along(tmp_path) -> None:
+    from moyu_exp import cache
+
+    cfg = compose_config(*TINY, "probe=lag_overlap", *QUICK["lag_overlap"])
+    first = runner.run(cfg, tmp_path / "a")
+    second = runner.run(cfg, tmp_path / "b")
+    assert second["resumed_from"] and second["probe"] == first["probe"]
+    for figure in first["probe"]["figures"]:
+        assert (tmp_path / "b" / figure).read_bytes() == (tmp_path / "a" / figure).read_bytes()
+    for stored in (cache.root() / "points").glob("*.files/*"):
+        stored.unlink()  # artefacts lost: the point runs again rather than point at nothing
+    third = runner.run(cfg, tmp_path / "c")
+    assert "resumed_from" not in third
+    assert all((tmp_path / "c" / figure).is_file() for figure in third["probe"]["figures"])
+
+
 def test_probe_numbers_and_figures_reach_wandb(tmp_path) -> None:
     from tests.wandb_records import records, summary
 

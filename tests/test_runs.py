@@ -7,6 +7,7 @@ import json
 import pytest
 
 from moyu_exp import models, results, runner
+from moyu_exp.errors import ConfigError
 from tests import wandb_records
 from tests.conftest import TINY, compose_config
 
@@ -73,10 +74,15 @@ def test_results_are_checked_against_their_schema_when_written_and_read(tmp_path
         results.read(tmp_path / "results.json")
 
 
-def test_eval_and_bench_can_be_turned_off(tmp_path) -> None:
-    payload = runner.run(compose_config(*TINY, "eval=none", "bench=none"), tmp_path)
-    assert payload["eval"] == {} and payload["bench"] == {}
-    assert payload["achieved_sparsity"] is None  # nothing ran, nothing measured
+def test_eval_and_bench_can_be_turned_off_but_not_both(tmp_path) -> None:
+    payload = runner.run(compose_config(*TINY, "eval=none"), tmp_path / "a")
+    assert payload["eval"] == {} and payload["bench"]["decode_tokens_per_s"] > 0
+    payload = runner.run(compose_config(*TINY, "bench=none"), tmp_path / "b")
+    assert payload["bench"] == {} and payload["eval"]["embedded"]
+    with pytest.raises(ConfigError, match="this run would measure nothing"):
+        runner.run(compose_config(*TINY, "eval=none", "bench=none"), tmp_path / "c")
+    saved = json.loads((tmp_path / "c" / "results.json").read_text())
+    assert saved["status"] == "failed"
 
 
 def test_a_failing_run_writes_status_failed(tmp_path, monkeypatch) -> None:
@@ -117,8 +123,8 @@ def test_logger_none_writes_no_wandb_files(tmp_path) -> None:
 
 
 def test_the_model_is_loaded_once_per_process(tmp_path) -> None:
-    cfg = compose_config(*TINY, "eval=none", "bench=none")
+    cfg = compose_config(*TINY, "eval=none")
     first = models.load(cfg.model)
     runner.run(cfg, tmp_path / "a")
-    runner.run(compose_config(*TINY, "eval=none", "bench=none", "strategy=dense"), tmp_path / "b")
+    runner.run(compose_config(*TINY, "eval=none", "strategy=dense"), tmp_path / "b")
     assert models.load(cfg.model) is first

@@ -46,6 +46,10 @@ def test_quick_preset_aggregates_and_a_rerun_skips_every_point(tmp_path) -> None
     assert {"embedded/word_perplexity", "fidelity/kl", "decode_tokens_per_s"} <= set(rows[0])
     for image in ("tradeoff.png", "pareto.png"):
         assert (sweep_dir / image).read_bytes()[:4] == b"\x89PNG"
+    # the sweep ends with its comparison table and the paths of what it wrote
+    console = first.stdout + first.stderr
+    assert "sweep summary" in console and "griffin" in console
+    assert f"wrote {sweep_dir}/summary.csv, tradeoff.png, pareto.png" in console
 
     start = time.perf_counter()
     again = moyu("+sweep=quick", f"hydra.sweep.dir={sweep_dir}")

@@ -177,12 +177,35 @@ def test_greedy_path_is_computed_once_for_every_sparsity(tiny, tmp_path, monkeyp
 
     monkeypatch.setenv("MOYU_CACHE_DIR", str(tmp_path / "empty_cache"))
     calls = []
-    original = teal.greedy_paths
-    monkeypatch.setattr(teal, "greedy_paths", lambda *a: calls.append(1) or original(*a))
+    original = teal.greedy_path
+    monkeypatch.setattr(teal, "greedy_path", lambda *a: calls.append(1) or original(*a))
     greedy = ["strategy=teal", "strategy.allocation=greedy", "strategy.threshold_mode=progressive"]
     first = calibrate_with(tiny, *greedy, "sparsity=0.3")
     second = calibrate_with(tiny, *greedy, "sparsity=0.5")
-    assert len(calls) == 1 and first["key"] != second["key"]  # new thresholds, one path
+    assert len(calls) == 2 and first["key"] != second["key"]  # new thresholds, one path a layer
+
+
+def test_an_interrupted_greedy_search_resumes_at_its_first_unfinished_layer(
+    tiny, tmp_path, monkeypatch
+) -> None:
+    from moyu_exp.strategies import teal
+
+    monkeypatch.setenv("MOYU_CACHE_DIR", str(tmp_path / "empty_cache"))
+    original, calls = teal.greedy_path, []
+
+    def killed_in_layer_1(search, *args):
+        calls.append(search.layer)
+        if search.layer == 1 and calls.count(1) == 1:
+            raise KeyboardInterrupt
+        return original(search, *args)
+
+    monkeypatch.setattr(teal, "greedy_path", killed_in_layer_1)
+    greedy = ["strategy=teal", "strategy.allocation=greedy", "sparsity=0.5"]
+    with pytest.raises(KeyboardInterrupt):
+        calibrate_with(tiny, *greedy)
+    resumed = calibrate_with(tiny, *greedy)
+    assert calls == [0, 1, 1] and resumed["cache"] == "miss"  # layer 0 was not searched again
+    assert calibrate_with(tiny, *greedy)["cache"] == "hit"
 
 
 def test_teal_greedy_path_reaches_the_target_model_wide(tiny) -> None:

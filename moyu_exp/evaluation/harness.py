@@ -8,6 +8,7 @@ right-pads its batches), so padding is never counted in the achieved sparsity.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -72,9 +73,8 @@ class MoyuLM(HFLM):
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
         rows: dict[tuple[int, ...], tuple[int, int, str | None]] = {}
-        for key, context, continuation in requests:
-            # The same input HFLM builds: (context + continuation), left-truncated, last dropped.
-            inp = tuple((context + continuation)[-(self.max_length + 1) :][:-1])
+        inputs = rows_of(requests, self.max_length)
+        for (key, _, continuation), inp in zip(requests, inputs, strict=True):
             if self._rolling_task is not None:
                 prompt = window_prompt(len(inp), self._prompt_fraction)
                 task = self._rolling_task
@@ -86,7 +86,21 @@ class MoyuLM(HFLM):
                 rows[inp] = (prompt, scored, task)
         self._rows, self._lengths = rows, sorted({len(t) for t in rows}, reverse=True)
         try:
-            return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
+            lengths = [len(inp) for inp in inputs]
+            chunks = budgeted_chunks(lengths, self.batch_size, batch_token_budget(self._model))
+            if len(chunks) == 1:  # lm-eval's own batching
+                return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
+            out: list[Any] = [None] * len(requests)
+            previous = self.batch_size_per_gpu
+            try:
+                for chunk in chunks:  # long windows in smaller batches, alone if need be
+                    self.batch_size_per_gpu = len(chunk)
+                    results = super()._loglikelihood_tokens([requests[i] for i in chunk], True)
+                    for i, result in zip(chunk, results, strict=True):
+                        out[i] = result
+            finally:
+                self.batch_size_per_gpu = previous
+            return out
         finally:
             self._rows, self._lengths = {}, []
 
@@ -121,6 +135,62 @@ class MoyuLM(HFLM):
                     scored if active is None else int(active[row, length - scored : length].sum())
                 )
             counts[1] += scored
+
+
+def rows_of(requests, max_length: int) -> list[tuple[int, ...]]:
+    """The input each request becomes in HFLM: (context + continuation), left-truncated to
+    ``max_length + 1`` tokens, the last dropped."""
+    return [tuple((ctx + cont)[-(max_length + 1) :][:-1]) for _, ctx, cont in requests]
+
+
+def batch_token_budget(model, share: float = 0.5) -> int:
+    """How many tokens one forward may hold within ``share`` of the free memory, counting the
+    full-vocabulary logits and their log-softmax (fp32) and a margin for the rest."""
+    import torch
+
+    device = next(model.parameters()).device
+    vocab = model.get_output_embeddings().weight.shape[0]
+    per_token = 3 * 4 * vocab + 64 * model.config.hidden_size
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+    else:
+        free = available_memory()
+    return max(1, int(share * free / per_token))
+
+
+def available_memory() -> int:
+    """MemAvailable of /proc/meminfo in bytes (or 8 GiB where it cannot be read)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 8 << 30
+
+
+def budgeted_chunks(lengths: list[int], batch_size: int, budget: int) -> list[list[int]]:
+    """Request indices in batches: one batch of everything when lm-eval's own batches of
+    ``batch_size`` fit the token ``budget`` (then lm-eval batches them itself), else longest
+    first, as many per batch as the budget allows (one at least)."""
+    if not lengths or max(lengths) * min(batch_size, len(lengths)) <= budget:
+        return [list(range(len(lengths)))]
+    if max(lengths) > budget:
+        from moyu_exp.errors import EnvironmentFault
+
+        raise EnvironmentFault(
+            f"a {max(lengths)}-token input needs more memory for its logits than is free "
+            f"(room for {budget} tokens): shorten the task's inputs or free memory"
+        )
+    chunks: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        current = chunks[-1] if chunks else None
+        fits = current is not None and len(current) < batch_size
+        if fits and (len(current) + 1) * lengths[current[0]] <= budget:
+            current.append(i)
+        else:
+            chunks.append([i])
+    return chunks
 
 
 def sparse_fraction(counts: list[int] | None) -> float | None:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from moyu_exp import cache, datasets
-from moyu_exp.errors import ConfigError
+from moyu_exp.errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -71,40 +71,60 @@ def _task_manager(folders: tuple[str, ...] | None):
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The rows of a (gzipped) JSON-lines file; a malformed line is a one-line error naming the
+    file and the line."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    rows = []
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise InputError(f"{path}, line {number}: not valid JSON ({err.msg})") from None
+    except (OSError, EOFError, UnicodeDecodeError) as err:
+        raise InputError(f"{path} cannot be read: {err}") from None
+    return rows
 
 
-def rows_as_dataset(split: str, rows: list[dict[str, Any]], **_: Any):
-    """lm-eval ``custom_dataset`` hook: an in-memory DatasetDict with one split."""
-    import datasets as hf_datasets
-
-    return hf_datasets.DatasetDict({split: hf_datasets.Dataset.from_list(rows)})
-
-
-def jsonl_as_dataset(split: str, path: str, **_: Any):
-    return rows_as_dataset(split, read_jsonl(Path(path)))
+def json_split(split: str, path: Path) -> dict[str, Any]:
+    """The task keys that make lm-eval read one split from a JSON-lines file (as a plain
+    ``dataset_path: json`` task YAML does)."""
+    return {
+        "dataset_path": "json",
+        "dataset_name": None,
+        "dataset_kwargs": {"data_files": {split: str(path)}},
+        "training_split": None,
+        "validation_split": split if split == "validation" else None,
+        "test_split": split if split == "test" else None,
+        "fewshot_split": None,
+    }
 
 
 def embedded_task() -> dict[str, Any]:
-    """Rolling perplexity over the project's evaluation prose, like the stock ``wikitext`` task."""
+    """Rolling perplexity over the project's evaluation prose, like the stock ``wikitext`` task;
+    its documents are written once (by content) as a JSON-lines file in the cache."""
     documents = datasets.embedded(split="evaluation")
+    key = cache.content_key(documents)
+    path = cache.root() / "data" / f"embedded-{key}.jsonl"
+    if not path.is_file():
+        text = "".join(json.dumps({"text": doc}) + "\n" for doc in documents)
+        cache.write_bytes_atomic(path, text.encode())
+    lower = {"aggregation": "weighted_perplexity", "higher_is_better": False}
     return {
         "task": EMBEDDED_TASK,
-        "custom_dataset": functools.partial(
-            rows_as_dataset, "test", [{"text": doc} for doc in documents]
-        ),
+        **json_split("test", path),
         "output_type": "loglikelihood_rolling",
-        "test_split": "test",
         "doc_to_text": "",
         "doc_to_target": "{{text}}",
         "metric_list": [
-            {"metric": "word_perplexity"},
-            {"metric": "byte_perplexity"},
-            {"metric": "bits_per_byte"},
+            {"metric": "word_perplexity", **lower},
+            {"metric": "byte_perplexity", **lower},
+            {"metric": "bits_per_byte", "aggregation": "bits_per_byte", "higher_is_better": False},
         ],
-        "metadata": {"version": 1.0, "content": cache.content_key(documents)},
+        "metadata": {"version": 1.0},
     }
 
 
@@ -138,15 +158,9 @@ def local_task(name: str, data_dir: str) -> dict[str, Any]:
 
     relative, split = LOCAL_FILES[name]
     path = datasets.require_data_file(data_dir, relative, f"eval task {name}")
+    read_jsonl(path)  # a malformed line fails here, in one line, not deep inside datasets
     cfg = load_yaml(task_manager((name,)).task_index[name].yaml_path, resolve_func=True)
-    for key in ("tag", "group", "dataset_kwargs"):
+    for key in ("tag", "group"):
         cfg.pop(key, None)
-    cfg.update(
-        custom_dataset=functools.partial(jsonl_as_dataset, split, str(path)),
-        training_split=None,
-        validation_split=split if split == "validation" else None,
-        test_split=split if split == "test" else None,
-        fewshot_split=None,
-    )
-    cfg["metadata"] = {**(cfg.get("metadata") or {}), "local_file": str(path)}
+    cfg.update(json_split(split, path))
     return cfg

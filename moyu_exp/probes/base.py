@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from omegaconf import DictConfig
 
+from moyu_exp.config import SPARSITY, Range, check_fields
 from moyu_exp.registry import registrar
 
 if TYPE_CHECKING:
@@ -33,6 +34,11 @@ class Probe:
     sparsity: float = 0.5  # s in A_l(t) = top-k of |z_t|, k = round((1 - s) * d_ff)
 
     question: ClassVar[str] = ""
+    # numeric fields' accepted values (other integer fields: >= 1, a seed and offsets >= 0)
+    RANGES: ClassVar[dict[str, Range]] = {"sparsity": SPARSITY}
+
+    def __post_init__(self) -> None:
+        check_fields(self, "probe.", self.RANGES)
 
     def run(self, loaded: LoadedModel, cfg: DictConfig) -> ProbeOutput:
         raise NotImplementedError

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from itertools import combinations
+from typing import ClassVar
 
 from moyu_exp.activations import run_with_hooks
+from moyu_exp.config import Range
 from moyu_exp.lazy import lazy_import
 from moyu_exp.probes import common, figures
 from moyu_exp.probes.base import Probe, ProbeOutput, register
@@ -29,6 +31,12 @@ class HotNeurons(Probe):
     tokens: int = 2048
     hot_fraction: float = 0.1
     always_on: float = 0.95
+
+    RANGES: ClassVar[dict[str, Range]] = {
+        **Probe.RANGES,
+        "hot_fraction": Range(0, 1, low_open=True),
+        "always_on": Range(0, 1, low_open=True),
+    }
 
     question = "Do a few 'hot' neurons take most top-k slots across unrelated inputs?"
 

@@ -9,8 +9,10 @@ do not compound across layers).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from moyu_exp.activations import capture_block_inputs
+from moyu_exp.config import SPARSITY, Range
 from moyu_exp.lazy import lazy_import
 from moyu_exp.probes import common, figures
 from moyu_exp.probes.base import Probe, ProbeOutput, register
@@ -30,6 +32,7 @@ class Reconstruction(Probe):
         default_factory=lambda: ["topk", "random", "static", "cats", "teal", "chess", "wina"]
     )
 
+    RANGES: ClassVar[dict[str, Range]] = {**Probe.RANGES, "sparsities": SPARSITY}
     question = "Which methods keep each block's output closest to dense, as sparsity grows?"
 
     def run(self, loaded, cfg) -> ProbeOutput:

@@ -4,7 +4,9 @@ the s-quantile thresholds, for prefill (prompt) tokens and decode (generated) to
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
+from moyu_exp.config import SPARSITY, Range
 from moyu_exp.lazy import lazy_import
 from moyu_exp.probes import common, figures
 from moyu_exp.probes.base import Probe, ProbeOutput, register
@@ -25,6 +27,12 @@ class SparsityProfile(Probe):
     tau_max: float = 1e2
     tau_points: int = 61
 
+    RANGES: ClassVar[dict[str, Range]] = {
+        **Probe.RANGES,
+        "levels": SPARSITY,
+        "tau_min": Range(0, low_open=True),
+        "tau_max": Range(0, low_open=True),
+    }
     question = "What fraction of each site's entries is already near zero, per layer and phase?"
 
     def run(self, loaded, cfg) -> ProbeOutput:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from moyu_exp.config import check_sparsity
+from moyu_exp.config import SPARSITY, Range, check_fields
 from moyu_exp.errors import ConfigError
 from moyu_exp.lazy import lazy_import
 from moyu_exp.masking import KernelRule, topk_mask
@@ -65,10 +65,15 @@ class Strategy:
     sequence_level: ClassVar[bool] = False
     compact_mlp: ClassVar[bool] = False  # decode-time neuron set known before each step
     kernel_support: ClassVar[bool] = True  # bench.mode=kernel can run it (see moyu_exp.kernels)
+    # numeric fields' accepted values (other integer fields: >= 1, a seed >= 0)
+    RANGES: ClassVar[dict[str, Range]] = {
+        "sparsity": SPARSITY,
+        "prefill_fraction": Range(0, 1, low_open=True),
+    }
 
     def __post_init__(self) -> None:
         check_sites(list(self.sites), self.allowed_sites, self.name)
-        check_sparsity(self.sparsity)
+        check_fields(self, "strategy.", self.RANGES)
         if self.prefill not in PROTOCOLS:
             raise ConfigError(
                 f"strategy.prefill='{self.prefill}' is unknown: accepted values are "
@@ -78,10 +83,6 @@ class Strategy:
             raise ConfigError(
                 f"strategy '{self.name}' selects from positions that run dense: strategy.prefill "
                 f"must be one of {', '.join(SELECTING)}"
-            )
-        if not 0.0 < self.prefill_fraction <= 1.0:
-            raise ConfigError(
-                f"strategy.prefill_fraction={self.prefill_fraction} must be in (0, 1]"
             )
 
     @classmethod

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, ClassVar
 
 from moyu_exp.activations import observe
-from moyu_exp.errors import ConfigError
+from moyu_exp.config import FRACTION, Range
 from moyu_exp.lazy import lazy_import
 from moyu_exp.sites import adapter_for
 from moyu_exp.strategies.base import KernelRule, Strategy, register
@@ -36,17 +36,13 @@ class Cett(Strategy):
     target: float = 0.2
     max_tokens: int = 1024  # calibration tokens per layer used to solve for eps
 
+    RANGES: ClassVar[dict[str, Range]] = {**Strategy.RANGES, "target": FRACTION}
     allowed_sites = (SITE,)
     needs_calibration = True
 
     @classmethod
     def key_sparsity(cls, sparsity: float) -> float | str:
         return 0.0 if sparsity == 0 else "on"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not 0.0 < self.target < 1.0:
-            raise ConfigError(f"strategy.target={self.target} must be in (0, 1)")
 
     def calibration_key(self) -> dict[str, Any]:
         return super().calibration_key() | {"target": self.target, "max_tokens": self.max_tokens}

@@ -22,9 +22,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, ClassVar
+
+from tqdm.auto import tqdm
 
 from moyu_exp.activations import observe
+from moyu_exp.config import FRACTION, Range
 from moyu_exp.lazy import lazy_import
 from moyu_exp.strategies.base import Strategy, keep_count, register, topk_mask
 
@@ -48,6 +51,11 @@ class Predictor(Strategy):
     batch_size: int = 1024
     seed: int = 0
 
+    RANGES: ClassVar[dict[str, Range]] = {
+        **Strategy.RANGES,
+        "validation_fraction": FRACTION,
+        "lr": Range(0, low_open=True),
+    }
     allowed_sites = (SITE,)
     needs_calibration = True
     calibration_version = 2  # 1: MLP input, plain BCE, fixed epochs
@@ -73,7 +81,7 @@ class Predictor(Strategy):
         layers = self.layer_ids(model)
         features, labels = training_pairs(model, batches, layers, self.sparsity)
         state = {}
-        for layer in layers:
+        for layer in tqdm(layers, desc="predictor training (layers)", leave=False):
             result = train(features[layer], labels[layer], self)
             state[f"w1.{layer}"], state[f"w2.{layer}"] = result.w1, result.w2
             state[f"recall.{layer}"] = torch.tensor([result.recall, result.epochs])

@@ -28,7 +28,9 @@ the target sparsity) is an option, not TEAL's protocol.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
+
+from tqdm.auto import tqdm
 
 from moyu_exp.activations import (
     ValueSample,
@@ -37,10 +39,11 @@ from moyu_exp.activations import (
     quantile_table,
     threshold_at,
 )
+from moyu_exp.config import FRACTION, Range
 from moyu_exp.errors import ConfigError
 from moyu_exp.lazy import lazy_import
 from moyu_exp.sites import adapter_for
-from moyu_exp.strategies.base import register
+from moyu_exp.strategies.base import Strategy, register
 from moyu_exp.strategies.greedy import BlockSearch, greedy_path
 from moyu_exp.strategies.threshold import ThresholdStrategy
 
@@ -64,6 +67,11 @@ class Teal(ThresholdStrategy):
     greedy_step: float = 0.05  # level step of a hidden x hidden projection (TEAL: q_proj)
     greedy_max: float = 0.9
 
+    RANGES: ClassVar[dict[str, Range]] = {
+        **Strategy.RANGES,
+        "greedy_step": FRACTION,
+        "greedy_max": FRACTION,
+    }
     allowed_sites = TEAL_SITES
     calibration_version = 3  # 2: greedy on 256 tokens, mean L2 over tokens
 
@@ -116,9 +124,7 @@ class Teal(ThresholdStrategy):
                 "dense-stats", params, lambda: dense_statistics(model, batches, self, layers)
             )
         if self.allocation == "greedy":
-            state |= cached(
-                "greedy", self.greedy_params(), lambda: greedy_paths(model, batches, self, state)
-            )
+            state |= greedy_paths(model, batches, self, state, cached)
         return state
 
     def site_levels(self, calibration: dict, layer: int) -> dict[str, float]:
@@ -189,30 +195,38 @@ def histogram_threshold(histogram: torch.Tensor, sparsity: float) -> float:
 
 
 # ------------------------------------------------------------------------ greedy allocation
-def greedy_paths(model, batches, teal: Teal, stats: dict) -> dict[str, torch.Tensor]:
-    """Per layer, TEAL's greedy path as rows [weighted sparsity, level of each site]."""
+def greedy_paths(model, batches, teal: Teal, stats: dict, cached) -> dict[str, torch.Tensor]:
+    """Per layer, TEAL's greedy path as rows [weighted sparsity, level of each site]. Each
+    layer's path is cached as soon as it is found, so an interrupted search (hours on a CPU)
+    resumes at the first layer it had not finished."""
+    params = teal.greedy_params()
+    layers = teal.layer_ids(model)
+    paths: dict[str, torch.Tensor] = {}
+    inputs: dict[int, tuple] | None = None
     with torch.inference_mode():
         adapter = adapter_for(model)
         blocks = adapter.layers(model)
-        layers = teal.layer_ids(model)
         sites = list(teal.sites)
-        ids = torch.cat(batches, dim=0)
-        inputs = capture_block_inputs(model, layers, ids)
-        paths = {}
-        for layer in layers:
-            block = blocks[layer]
-            gated = {
-                s: adapter.weights_per_entry(block, s, tuple(sites)) * adapter.dim(model, s)
-                for s in sites
-            }
+        for layer in tqdm(layers, desc="TEAL greedy search (layers)", leave=False):
 
-            def sparsify(site: str, level: float, x: torch.Tensor, layer=layer) -> torch.Tensor:
-                threshold = teal.dense_threshold(stats, site, layer, level)
-                return x.masked_fill(x.abs() < threshold, 0.0)
+            def search_layer(layer=layer) -> dict[str, torch.Tensor]:
+                nonlocal inputs
+                if inputs is None:  # the dense block inputs, captured once when first needed
+                    inputs = capture_block_inputs(model, layers, torch.cat(batches, dim=0))
+                block = blocks[layer]
+                gated = {
+                    s: adapter.weights_per_entry(block, s, tuple(sites)) * adapter.dim(model, s)
+                    for s in sites
+                }
 
-            search = BlockSearch(model, layer, sites, inputs.pop(layer), sparsify)
-            unit = model.config.hidden_size**2  # TEAL's weight 1: a q_proj
-            paths[f"greedy.{layer}"] = greedy_path(
-                search, sites, gated, teal.greedy_step, teal.greedy_max, unit
-            )
+                def sparsify(site: str, level: float, x: torch.Tensor) -> torch.Tensor:
+                    threshold = teal.dense_threshold(stats, site, layer, level)
+                    return x.masked_fill(x.abs() < threshold, 0.0)
+
+                search = BlockSearch(model, layer, sites, inputs.pop(layer), sparsify)
+                unit = model.config.hidden_size**2  # TEAL's weight 1: a q_proj
+                path = greedy_path(search, sites, gated, teal.greedy_step, teal.greedy_max, unit)
+                return {f"greedy.{layer}": path}
+
+            paths |= cached(f"greedy-{layer}", params | {"layer": layer}, search_layer)
         return paths

@@ -18,7 +18,8 @@ As published, by default:
   their (transformed) weight, the others by |x_i| alone, as in microsoft/wina;
 - ``allocation=greedy``: levels per layer and projection from TEAL's greedy block search, which
   WINA reuses (:mod:`moyu_exp.strategies.greedy`, with WINA's top-k at each level, in the
-  transformed block);
+  transformed block), on ``greedy_rows`` rows of ``greedy_seq_len`` calibration tokens (16 x
+  256; WINA's ``grab_acts`` kept 20 short Alpaca samples for it);
 - ``prefill=last_fraction`` with ``prefill_fraction=0.99``: WINA's code keeps the first 1% of
   every multi-token forward's positions dense.
 
@@ -34,9 +35,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, ClassVar
+
+from tqdm.auto import tqdm
 
 from moyu_exp.activations import capture_block_inputs
+from moyu_exp.config import FRACTION, Range
 from moyu_exp.errors import ConfigError
 from moyu_exp.lazy import lazy_import
 from moyu_exp.masking import KernelRule, apply_rule
@@ -76,7 +80,14 @@ class Wina(Strategy):
     allocation: str = "greedy"
     greedy_step: float = 0.05
     greedy_max: float = 0.9
+    greedy_rows: int = 16  # WINA's search ran on 20 short Alpaca samples (a few K tokens)
+    greedy_seq_len: int = 256
 
+    RANGES: ClassVar[dict[str, Range]] = {
+        **Strategy.RANGES,
+        "greedy_step": FRACTION,
+        "greedy_max": FRACTION,
+    }
     allowed_sites = (*PROJECTION_SITES, "attn_input", "mlp_input")
     calibration_version = 2
 
@@ -115,7 +126,7 @@ class Wina(Strategy):
         return super().calibration_key() | {
             "transform": self.transform,
             "prefill_fraction": self.prefill_fraction,
-            "greedy": [self.greedy_step, self.greedy_max],
+            "greedy": [self.greedy_step, self.greedy_max, self.greedy_rows, self.greedy_seq_len],
         }
 
     # ------------------------------------------------------------------ calibration
@@ -216,9 +227,12 @@ def greedy_paths(model, batches, wina: Wina) -> dict[str, torch.Tensor]:
     state = uniform.prepare(model, adapter, layers, None)
     paths = {}
     with torch.inference_mode():
-        inputs = capture_block_inputs(model, layers, torch.cat(batches, dim=0))
+        ids = torch.cat([b.reshape(-1) for b in batches])
+        rows = min(wina.greedy_rows, max(1, len(ids) // wina.greedy_seq_len))
+        ids = ids[: rows * wina.greedy_seq_len].reshape(rows, -1)
+        inputs = capture_block_inputs(model, layers, ids)
         with patched(uniform.patches(state, model, adapter, layers)):
-            for layer in layers:
+            for layer in tqdm(layers, desc="WINA greedy search (layers)", leave=False):
                 block = blocks[layer]
                 gated = {
                     s: adapter.weights_per_entry(block, s, tuple(sites)) * adapter.dim(model, s)
