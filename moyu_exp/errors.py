@@ -33,8 +33,10 @@ CONFIG_VALUE_ERRORS = ("MissingMandatoryValue", "ValidationError", "Interpolatio
 
 
 def is_known(err: BaseException) -> bool:
-    """Errors whose message is the whole story: bad input, numerical failure, out of memory."""
-    return isinstance(err, KNOWN) or type(err).__name__ == "OutOfMemoryError"
+    """Errors whose message is the whole story: bad input, numerical failure, out of memory, a
+    file or folder the machine would not let us use."""
+    named_file = isinstance(err, OSError) and bool(getattr(err, "filename", None))
+    return isinstance(err, KNOWN) or named_file or type(err).__name__ == "OutOfMemoryError"
 
 
 def is_config_mistake(err: BaseException) -> bool:
@@ -52,6 +54,11 @@ def one_line(err: BaseException) -> str:
     from hydra.errors import MissingConfigException, OverrideParseException
 
     cause = err.__cause__
+    if isinstance(err, OSError) and getattr(err, "filename", None) and not isinstance(err, KNOWN):
+        return (
+            f"cannot use '{err.filename}' ({err.strerror or err}): give a path this machine can "
+            "read and write (hydra.run.dir=..., hydra.sweep.dir=..., MOYU_CACHE_DIR, data_dir)"
+        )
     if type(err).__name__ == "MissingMandatoryValue":
         key = getattr(err, "full_key", None) or "a key"
         return f"{key} is missing (???): give it on the command line, e.g. {key}=..."

@@ -110,6 +110,14 @@ def test_an_unwritable_cache_dir_is_one_line(tmp_path) -> None:
     assert_one_line_error(out, ("cannot write the cache directory", "set MOYU_CACHE_DIR"), code=1)
 
 
+def test_an_unusable_run_dir_is_one_line(tmp_path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    out = cli(f"hydra.run.dir={blocker / 'run'}", cwd=tmp_path)
+    expected = (f"cannot use '{blocker / 'run'}' (Not a directory)", "hydra.run.dir=")
+    assert_one_line_error(out, expected, code=1)
+
+
 def test_a_malformed_data_line_is_one_line(tmp_path) -> None:
     data = tmp_path / "data"
     (data / "piqa").mkdir(parents=True)
