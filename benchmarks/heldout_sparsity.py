@@ -2,11 +2,12 @@
 
 For each threshold method and target sparsity, the strategy is calibrated as configured (its
 YAML defaults, or ``--setting progressive``: thresholds found in execution order, every position
-sparse, TEAL's uniform allocation) and then run on the embedded evaluation prose, which no
-calibration source contains. Each document is one forward whose first half plays the prompt (a
-prompt-dense protocol keeps it dense; sparse positions are what is counted). Prints the
-sparsity at the method's own sites (what the target controls) and the model-level sparsity (the
-share of decoder-block linear weights skipped per token).
+sparse except for sequence-level methods, which keep their protocol, TEAL's uniform allocation)
+and then run on the embedded evaluation prose, which no calibration source contains. Each
+document is one forward whose first half plays the prompt (a prompt-dense protocol keeps it
+dense; sparse positions are what is counted). Prints the sparsity at the method's own sites (what
+the target controls) and the model-level sparsity (the share of decoder-block linear weights
+skipped per token).
 
     python benchmarks/heldout_sparsity.py
     python benchmarks/heldout_sparsity.py --setting progressive --sparsities 0.5
@@ -40,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from moyu_exp import calibration, datasets, models
     from moyu_exp.config import build
+    from moyu_exp.strategies import STRATEGIES
 
     loaded = None
     rows = []
@@ -49,7 +51,9 @@ def main(argv: list[str] | None = None) -> int:
         for target in args.sparsities:
             cfg = config(args.model, "float32", None, name, target)
             for key, value in SETTINGS[args.setting].items():
-                if key in cfg.strategy:
+                # a sequence-level method selects from a dense part: it keeps its protocol
+                kept = key == "prefill" and STRATEGIES[name].sequence_level
+                if key in cfg.strategy and not kept:
                     cfg.strategy[key] = value
             loaded = loaded or models.load(cfg.model)
             strategy = build(cfg.strategy)

@@ -271,6 +271,8 @@ def test_interrupting_a_run_leaves_no_half_written_results(tmp_path) -> None:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
+        # a background job of a shell inherits SIGINT ignored: give the run Ctrl-C back
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 120
     while not (run_dir / ".hydra").exists() and time.monotonic() < deadline:
