@@ -32,11 +32,24 @@ KNOWN = (ConfigError, InputError, NonFiniteLogits, ResultsNotWritten, Environmen
 CONFIG_VALUE_ERRORS = ("MissingMandatoryValue", "ValidationError", "InterpolationResolutionError")
 
 
+def _config_value_error(err: BaseException) -> bool:
+    kind = type(err)
+    return kind.__name__ in CONFIG_VALUE_ERRORS and kind.__module__.startswith("omegaconf")
+
+
+def _refused_path(err: BaseException) -> bool:
+    """An OSError about a file or folder the machine would not let us use (not one of ours)."""
+    return (
+        isinstance(err, OSError)
+        and bool(getattr(err, "filename", None))
+        and not isinstance(err, KNOWN)
+    )
+
+
 def is_known(err: BaseException) -> bool:
     """Errors whose message is the whole story: bad input, numerical failure, out of memory, a
     file or folder the machine would not let us use."""
-    named_file = isinstance(err, OSError) and bool(getattr(err, "filename", None))
-    return isinstance(err, KNOWN) or named_file or type(err).__name__ == "OutOfMemoryError"
+    return isinstance(err, KNOWN) or _refused_path(err) or type(err).__name__ == "OutOfMemoryError"
 
 
 def is_config_mistake(err: BaseException) -> bool:
@@ -44,9 +57,7 @@ def is_config_mistake(err: BaseException) -> bool:
     checks (exit code 2)."""
     from hydra.errors import CompactHydraException
 
-    return isinstance(err, ConfigError | CompactHydraException) or (
-        type(err).__name__ in CONFIG_VALUE_ERRORS and type(err).__module__.startswith("omegaconf")
-    )
+    return isinstance(err, ConfigError | CompactHydraException) or _config_value_error(err)
 
 
 def one_line(err: BaseException) -> str:
@@ -54,7 +65,7 @@ def one_line(err: BaseException) -> str:
     from hydra.errors import MissingConfigException, OverrideParseException
 
     cause = err.__cause__
-    if isinstance(err, OSError) and getattr(err, "filename", None) and not isinstance(err, KNOWN):
+    if _refused_path(err):
         return (
             f"cannot use '{err.filename}' ({err.strerror or err}): give a path this machine can "
             "read and write (hydra.run.dir=..., hydra.sweep.dir=..., MOYU_CACHE_DIR, data_dir)"
@@ -62,7 +73,7 @@ def one_line(err: BaseException) -> str:
     if type(err).__name__ == "MissingMandatoryValue":
         key = getattr(err, "full_key", None) or "a key"
         return f"{key} is missing (???): give it on the command line, e.g. {key}=..."
-    if type(err).__name__ in CONFIG_VALUE_ERRORS and type(err).__module__.startswith("omegaconf"):
+    if _config_value_error(err):
         key = getattr(err, "full_key", None)
         return f"{key}: {_first(str(err))}" if key else _first(str(err))
     if isinstance(err, MissingConfigException) and err.missing_cfg_file and err.options:

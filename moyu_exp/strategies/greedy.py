@@ -106,17 +106,18 @@ class BlockSearch:
 
 
 def greedy_path(
-    search: BlockSearch,
-    sites: list[str],
-    gated: dict[str, int],
-    step: float,
-    max_sparsity: float,
-    unit: int,
+    search: BlockSearch, sites: list[str], step: float, max_sparsity: float
 ) -> torch.Tensor:
-    """Rows [weighted sparsity, level of each site] from dense up to ``max_sparsity``. ``gated``:
-    the weights each site's entries gate in all; as in TEAL, a site gating ``unit`` weights (a
-    hidden x hidden projection: TEAL's weight 1, q_proj) moves by ``step``, the others by the
-    step that skips as many weights (k_proj of a 1/8-GQA model by 8 x step)."""
+    """Rows [weighted sparsity, level of each site] from dense up to ``max_sparsity``. Each
+    site is weighted by the weights its entries gate in all; as in TEAL, a site gating a hidden x
+    hidden projection's worth (TEAL's weight 1, q_proj) moves by ``step``, the others by the step
+    that skips as many weights (k_proj of a 1/8-GQA model by 8 x step)."""
+    model, adapter = search.model, search.adapter
+    gated = {
+        s: adapter.weights_per_entry(search.block, s, tuple(sites)) * adapter.dim(model, s)
+        for s in sites
+    }
+    unit = model.config.hidden_size**2
     total = sum(gated.values())
     steps = {s: step * unit / gated[s] for s in sites}
     levels = dict.fromkeys(sites, 0.0)

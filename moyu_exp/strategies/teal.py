@@ -42,7 +42,6 @@ from moyu_exp.activations import (
 from moyu_exp.config import FRACTION, Range
 from moyu_exp.errors import ConfigError
 from moyu_exp.lazy import lazy_import
-from moyu_exp.sites import adapter_for
 from moyu_exp.strategies.base import Strategy, register
 from moyu_exp.strategies.greedy import BlockSearch, greedy_path
 from moyu_exp.strategies.threshold import ThresholdStrategy
@@ -204,8 +203,6 @@ def greedy_paths(model, batches, teal: Teal, stats: dict, cached) -> dict[str, t
     paths: dict[str, torch.Tensor] = {}
     inputs: dict[int, tuple] | None = None
     with torch.inference_mode():
-        adapter = adapter_for(model)
-        blocks = adapter.layers(model)
         sites = list(teal.sites)
         for layer in tqdm(layers, desc="TEAL greedy search (layers)", leave=False):
 
@@ -213,19 +210,13 @@ def greedy_paths(model, batches, teal: Teal, stats: dict, cached) -> dict[str, t
                 nonlocal inputs
                 if inputs is None:  # the dense block inputs, captured once when first needed
                     inputs = capture_block_inputs(model, layers, torch.cat(batches, dim=0))
-                block = blocks[layer]
-                gated = {
-                    s: adapter.weights_per_entry(block, s, tuple(sites)) * adapter.dim(model, s)
-                    for s in sites
-                }
 
                 def sparsify(site: str, level: float, x: torch.Tensor) -> torch.Tensor:
                     threshold = teal.dense_threshold(stats, site, layer, level)
                     return x.masked_fill(x.abs() < threshold, 0.0)
 
                 search = BlockSearch(model, layer, sites, inputs.pop(layer), sparsify)
-                unit = model.config.hidden_size**2  # TEAL's weight 1: a q_proj
-                path = greedy_path(search, sites, gated, teal.greedy_step, teal.greedy_max, unit)
+                path = greedy_path(search, sites, teal.greedy_step, teal.greedy_max)
                 return {f"greedy.{layer}": path}
 
             paths |= cached(f"greedy-{layer}", params | {"layer": layer}, search_layer)

@@ -214,7 +214,6 @@ def greedy_paths(model, batches, wina: Wina) -> dict[str, torch.Tensor]:
     """Per layer, TEAL's greedy path with WINA's top-k (in the transformed block when
     ``transform``): rows [weighted sparsity, level of each site]."""
     adapter = adapter_for(model)
-    blocks = adapter.layers(model)
     layers = wina.layer_ids(model)
     sites = list(wina.sites)
     uniform = Wina(
@@ -233,11 +232,6 @@ def greedy_paths(model, batches, wina: Wina) -> dict[str, torch.Tensor]:
         inputs = capture_block_inputs(model, layers, ids)
         with patched(uniform.patches(state, model, adapter, layers)):
             for layer in tqdm(layers, desc="WINA greedy search (layers)", leave=False):
-                block = blocks[layer]
-                gated = {
-                    s: adapter.weights_per_entry(block, s, tuple(sites)) * adapter.dim(model, s)
-                    for s in sites
-                }
                 scales = {s: state.rules[(s, layer)].scale for s in sites}
                 bases = {s: b for s in sites if (b := uniform.basis(state, s, layer)) is not None}
 
@@ -253,8 +247,7 @@ def greedy_paths(model, batches, wina: Wina) -> dict[str, torch.Tensor]:
                     sparse_fraction=wina.prefill_fraction,
                     bases=bases,
                 )
-                unit = model.config.hidden_size**2  # TEAL's weight 1: a q_proj
                 paths[f"greedy.{layer}"] = greedy_path(
-                    search, sites, gated, wina.greedy_step, wina.greedy_max, unit
+                    search, sites, wina.greedy_step, wina.greedy_max
                 )
     return paths
