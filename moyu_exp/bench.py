@@ -151,9 +151,11 @@ def paired(
     model, device = loaded.model, loaded.device
     prompt_len = ids.shape[1]
     max_tokens = prompt_len + max(burn_in, decode_tokens) + 2
-    weights = DecoderWeights(model, max_tokens)
+    with live.paused():  # the original weights, whatever the strategy patched in
+        weights = DecoderWeights(model, max_tokens)
     dense = LeanDecoder(model, None, max_tokens, weights=weights)
-    sparse = LeanDecoder(model, live, max_tokens, weights=weights)
+    patched = DecoderWeights(model, max_tokens) if live.patches_weights else weights
+    sparse = LeanDecoder(model, live, max_tokens, weights=patched)
     with live.paused():
         dense_first = int(dense.prefill(ids).argmax())
     with live.measuring():

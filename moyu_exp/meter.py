@@ -34,6 +34,8 @@ class CostModel:
     embedding_row: int  # elements of one embedding row (read per token)
     dims: dict[Key, int] = field(default_factory=dict)  # entries of each sparsified site
     weights_per_entry: dict[Key, int] = field(default_factory=dict)
+    # weights read per sparse position besides the kept entries' (R-Sparse's low-rank factors)
+    extra_weights: dict[Key, int] = field(default_factory=dict)
 
     @property
     def dense_elements(self) -> int:
@@ -74,12 +76,15 @@ class SparsityMeter:
     def _weight(self, key: Key) -> int:
         return self.cost.weights_per_entry.get(key, 1) if self.cost else 1
 
+    def _extra(self, key: Key) -> int:
+        return self.cost.extra_weights.get(key, 0) if self.cost else 0
+
     def _fraction(self, keys: list[Key], weighted: bool = True) -> float:
         counts = self.counts()
         dropped = total = 0.0
         for key in keys:
             w = self._weight(key) if weighted else 1
-            dropped += counts[key][0] * w
+            dropped += counts[key][0] * w - (counts[key][1] * self._extra(key) if weighted else 0)
             total += counts[key][1] * self._dim(key) * w
         return dropped / total if total else 0.0
 
@@ -106,9 +111,12 @@ class SparsityMeter:
         return {g: self._fraction(keys) for g, keys in sorted(groups.items())}
 
     def skipped_per_token(self) -> float:
-        """Weight elements a kernel skips per sparse token, summed over (site, layer)."""
+        """Weight elements a kernel skips per sparse token, summed over (site, layer), less the
+        extra weights it reads instead (low-rank factors)."""
         counts = self.counts()
-        return sum(c[0] / c[1] * self._weight(key) for key, c in counts.items() if c[1])
+        return sum(
+            c[0] / c[1] * self._weight(key) - self._extra(key) for key, c in counts.items() if c[1]
+        )
 
     def summary(self) -> dict[str, Any]:
         """The phase's numbers, JSON-ready (see the module docstring)."""

@@ -196,10 +196,12 @@ def hooked(
     model: torch.nn.Module,
     fns: Iterable[tuple[tuple[str, int], SiteFn]],
     before_forward: Callable | None = None,
+    after_forward: Callable | None = None,
 ) -> Iterator[None]:
     """Route each (site, layer)'s tensor through its function while the block runs (a function
     may observe the tensor or return a changed one; several may share a site, in order), and
-    call ``before_forward(module, args, kwargs)`` before every forward of the model. The one
+    call ``before_forward(module, args, kwargs)`` before and ``after_forward(module, args,
+    kwargs, output)`` after every forward of the model. The one
     hook mechanism of the project: strategies' attachments, calibration, TEAL's search and the
     probes all go through it. Every hook is removed on exit, also after an exception."""
     adapter = adapter_for(model)
@@ -208,6 +210,8 @@ def hooked(
     try:
         if before_forward is not None:
             handles.append(model.register_forward_pre_hook(before_forward, with_kwargs=True))
+        if after_forward is not None:
+            handles.append(model.register_forward_hook(after_forward, with_kwargs=True))
         for (site, layer), fn in fns:
             handles.append(adapter.hook(blocks[layer], site, fn))
         yield

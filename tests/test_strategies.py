@@ -148,3 +148,11 @@ def test_dense_touches_nothing(tiny, tiny_batch) -> None:
         logits(tiny.model, tiny_batch)
         assert not any(m._forward_pre_hooks for m in tiny.model.modules())
     assert live.meter.site_sparsity == 0.0
+
+
+def test_a_patched_forward_leaves_nothing_on_the_module(tiny, tiny_batch) -> None:
+    """R-Sparse patches its readers' forward: on exit the class's method is uncovered again."""
+    with attach("rsparse", tiny, "sparsity=0.5", "strategy.rank_share=0.3") as live:
+        assert live.state.factors  # some site spends budget on low-rank factors
+        logits(tiny.model, tiny_batch)
+    assert not any("forward" in vars(m) for m in tiny.model.modules())

@@ -136,6 +136,9 @@ class LeanDecoder:
         self.keys = torch.zeros(shape, dtype=act, device=w.device)
         self.values = torch.zeros(shape, dtype=act, device=w.device)
         self.pos = 0
+        self._version = 0
+        if live is not None:
+            self._bases()
         self.fused = None
         self.fuse = fuse
         self._fused_kept = None
@@ -155,6 +158,11 @@ class LeanDecoder:
         self.flush()
         if any(layer.sites & set(QKV_SITES) for layer in self.layers):
             self.fused = None  # per-projection masks run through the Python step
+            return
+        if any("basis:" in key for layer in self.layers for key in layer.t) or any(
+            self.live.lowrank(s, i) for i, layer in enumerate(self.layers) for s in layer.sites
+        ):
+            self.fused = None  # rotations and low-rank remainders run through the Python step
             return
         rules = {}
         for i, layer in enumerate(self.layers):
@@ -220,6 +228,14 @@ class LeanDecoder:
             layer.t["down"] = w.down.t().contiguous()
         return layer
 
+    def _bases(self) -> None:
+        """R^T of every rotated site (its readers' weights already read x R)."""
+        for i, layer in enumerate(self.layers):
+            for site in layer.sites:
+                basis = self.live.basis(site, i)
+                if basis is not None:
+                    layer.t[f"basis:{site}"] = basis.t().to(self.w.dtype).contiguous()
+
     # ---------------------------------------------------------------------------- running
     @torch.inference_mode()
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
@@ -245,7 +261,9 @@ class LeanDecoder:
         self.pos = position
 
     def _compact_mlps(self) -> None:
-        """Gather the MLP of a decode-time neuron set known in advance, once per prompt."""
+        """Gather the MLP of a decode-time neuron set known in advance, once per prompt (and
+        again when a strategy re-selects it)."""
+        self._version = self.live.decode_version()
         for i, layer in enumerate(self.layers):
             keep = self.live.decode_neurons(i) if layer.sites else None
             if keep is None:
@@ -262,6 +280,20 @@ class LeanDecoder:
             raise RuntimeError(f"the decoder's KV cache holds {self.max_tokens} tokens")
         if self.live is not None:
             self.live.begin_decode_step()
+            if self.live.decode_version() != self._version:
+                self._regather()
+        logits = self._step(token)
+        if self.live is not None:
+            self.live.end_decode_step(token, logits)
+        return logits
+
+    def _regather(self) -> None:
+        """The strategy changed its decode-time sets: gather the compact MLPs again."""
+        self._compact_mlps()
+        if self.k.name == "native":
+            self._fuse()
+
+    def _step(self, token: int) -> torch.Tensor:
         if self.fused is not None:
             logits, kept = self.fused(token, self.pos)
             self._fused_kept += kept
@@ -307,14 +339,23 @@ class LeanDecoder:
         return torch.cat(parts)
 
     def _sparse_input(self, i: int, layer: Layer, site: str, x: torch.Tensor) -> torch.Tensor:
-        """The product reading ``x`` through the rows of W^T its kept entries select."""
+        """The product reading ``x`` through the rows of W^T its kept entries select (plus the
+        dropped entries' low-rank path, for a strategy that has one)."""
         weight_t = layer.t["down" if site == "mlp_intermediate" else site]
+        basis_t = layer.t.get(f"basis:{site}")
+        if basis_t is not None:  # the site's input in the strategy's basis (x R)
+            x = self.k.linear(basis_t, x)
         rule = self.live.kernel_rule(site, i)
         if rule is not None:
             out, kept = self.k.sparse_in_rule(weight_t, rule, x)
         else:
             out, kept = self.k.sparse_in(weight_t, self.live.kept(site, i, x), x)
         self._count(site, i, x.numel() - kept)
+        factors = self.live.lowrank(site, i)
+        if factors is not None:
+            v, us = factors
+            dropped = x.masked_fill(self.live.kept(site, i, x), 0.0)
+            out = out + us.to(x.dtype) @ (dropped @ v.to(x.dtype))
         return out
 
     def _linear(self, i: int, layer: Layer, site: str, x: torch.Tensor) -> torch.Tensor:

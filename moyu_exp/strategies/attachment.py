@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from moyu_exp.lazy import lazy_import
@@ -102,10 +103,32 @@ class Attachment:
     def decode_neurons(self, layer: int) -> torch.Tensor | None:
         return self.strategy.decode_neurons(self.state, layer)
 
+    def lowrank(self, site: str, layer: int):
+        return self.strategy.lowrank(self.state, site, layer)
+
+    def basis(self, site: str, layer: int) -> torch.Tensor | None:
+        """The rotation R the site's input is expressed in (x R) before the rule, or None."""
+        return self.bases.get((site, layer))
+
+    @property
+    def patches_weights(self) -> bool:
+        """The strategy replaced weights (a basis folded in): a dense reference must be built
+        with the originals, under :meth:`paused`."""
+        return any(isinstance(new, torch.Tensor) for _, _, new, _ in self._patches)
+
     def begin_decode_step(self) -> None:
         """A decode step run outside the model's forward (kernel mode): no prompt, no padding."""
         self.roles = TokenRoles()
         self.strategy.begin_forward(self.state, False)
+
+    def end_decode_step(self, token: int, logits: torch.Tensor) -> None:
+        """The kernel-mode step for ``token`` gave ``logits`` (vocab,)."""
+        if self.strategy.watches_output and self._enabled:
+            ids = torch.tensor([[token]], device=logits.device)
+            self.strategy.end_forward(self.state, ids, logits.view(1, 1, -1), False)
+
+    def decode_version(self) -> int:
+        return self.strategy.decode_version(self.state)
 
     # ------------------------------------------------------------------------ contract
     def __enter__(self) -> Attachment:
@@ -113,6 +136,10 @@ class Attachment:
             raise RuntimeError(f"strategy '{self.name}' is already attached to a model")
         strategy, layers = self.strategy, self.layer_ids
         self.state = strategy.prepare(self.model, self.adapter, layers, self.calibration)
+        extra = strategy.extra_weights(self.state)
+        if extra:
+            self.cost = replace(self.cost, extra_weights=extra)
+            self.meter = SparsityMeter(self.cost)
         self.rules = {
             (site, layer): rule
             for site in strategy.sites
@@ -125,10 +152,13 @@ class Attachment:
             for layer in layers
             if (basis := strategy.basis(self.state, site, layer)) is not None
         }
-        fns = [((s, i), self._site_fn(s, i)) for s in strategy.sites for i in layers]
-        fns += strategy.taps(self.state, self.model, self.adapter, layers)
+        # taps first: they observe a site's tensor before the strategy changes it
+        fns = strategy.taps(self.state, self.model, self.adapter, layers)
+        fns += [((s, i), self._site_fn(s, i)) for s in strategy.sites for i in layers]
         stack = ExitStack()
-        stack.enter_context(hooked(self.model, fns, self._begin if strategy.sites else None))
+        begin = self._begin if strategy.sites else None
+        end = self._end if strategy.watches_output else None
+        stack.enter_context(hooked(self.model, fns, begin, end))
         self._patches = [
             (obj, name, value, getattr(obj, name))
             for obj, name, value in strategy.patches(self.state, self.model, self.adapter, layers)
@@ -170,7 +200,10 @@ class Attachment:
     def _patch(self, on: bool) -> None:
         """Put the strategy's patched attributes in (``on``) or the originals back."""
         for obj, name, value, original in self._patches:
-            setattr(obj, name, value if on else original)
+            if on:
+                setattr(obj, name, value)
+            else:
+                restore(obj, name, original)
         self._rotated = RotationCache()
 
     @contextmanager
@@ -197,6 +230,17 @@ class Attachment:
         self._forward = None
         self._rotated = RotationCache()
         self.strategy.begin_forward(self.state, fresh)
+        return None
+
+    def _end(self, _module, args, kwargs, output):
+        if not self._enabled:
+            return None
+        ids = kwargs.get("input_ids")
+        if ids is None and args:
+            ids = args[0]
+        logits = getattr(output, "logits", None)
+        if ids is not None and logits is not None:
+            self.strategy.end_forward(self.state, ids, logits, self.roles.fresh)
         return None
 
     def _roles(self, batch, tokens, device, mask, fresh: bool) -> TokenRoles:
@@ -266,4 +310,14 @@ def patched(patches: list[tuple[Any, str, Any]]) -> Iterator[None]:
         yield
     finally:
         for obj, name, original in originals:
-            setattr(obj, name, original)
+            restore(obj, name, original)
+
+
+def restore(obj: Any, name: str, original: Any) -> None:
+    """Put ``original`` back as ``obj.name``; a method that an instance attribute shadowed
+    (a patched ``forward``) is uncovered rather than stored on the instance."""
+    method = getattr(original, "__func__", None)
+    if method is not None and name in vars(obj) and getattr(type(obj), name, None) is method:
+        delattr(obj, name)
+    else:
+        setattr(obj, name, original)

@@ -10,7 +10,10 @@ pure decisions; it holds no per-run state:
   can, so simulated and kernel mode apply the same rule natively; otherwise
   ``keep(state, site, layer, x, where)`` returns the bool mask of kept entries;
 - ``decode_neurons(state, layer)``: a decode-time MLP neuron set known in advance (sequence-level
-  methods after their prompt, a static set), which kernel mode gathers into a compact MLP.
+  methods after their prompt, a static set), which kernel mode gathers into a compact MLP
+  (again whenever ``decode_version(state)`` changes: a method that re-selects it);
+- ``end_forward(state, ids, logits, fresh)``: what a method that ``watches_output`` learns
+  from each forward's next-token distribution (CLADA's surprisal and entropy).
 
 ``strategy.attach(model, calibration)`` returns an :class:`~moyu_exp.strategies.attachment.
 Attachment`, the context manager that installs the hooks and owns token roles, pausing and the
@@ -65,6 +68,7 @@ class Strategy:
     sequence_level: ClassVar[bool] = False
     compact_mlp: ClassVar[bool] = False  # decode-time neuron set known before each step
     kernel_support: ClassVar[bool] = True  # bench.mode=kernel can run it (see moyu_exp.kernels)
+    watches_output: ClassVar[bool] = False  # end_forward sees every forward's logits
     # numeric fields' accepted values (other integer fields: >= 1, a seed >= 0)
     RANGES: ClassVar[dict[str, Range]] = {
         "sparsity": SPARSITY,
@@ -146,8 +150,9 @@ class Strategy:
     def taps(
         self, state: SimpleNamespace, model: torch.nn.Module, adapter: Any, layers: list[int]
     ) -> list[tuple[tuple[str, int], Any]]:
-        """Functions on other sites that the decisions read from (e.g. a predictor's input),
-        hooked with the sites' own; they observe and return their tensor unchanged."""
+        """Functions on sites that the decisions read from (a predictor's input, a site's
+        input before it is sparsified), hooked before the sites' own; they observe and return
+        their tensor unchanged."""
         return []
 
     def patches(
@@ -163,8 +168,28 @@ class Strategy:
         (x -> x R, then masked): its readers' weights are patched to match. None: as is."""
         return None
 
+    def lowrank(self, state: SimpleNamespace, site: str, layer: int):
+        """Low-rank factors (V (dim, r), U (out, r)) through which the entries a site drops
+        still reach its readers (the stacked outputs gain ((x - kept) V) U^T), or None."""
+        return None
+
+    def extra_weights(self, state: SimpleNamespace) -> dict[tuple[str, int], int]:
+        """Weights read per sparse position besides the kept entries' (low-rank factors)."""
+        return {}
+
     def begin_forward(self, state: SimpleNamespace, fresh: bool) -> None:
         """Called before every model forward (``fresh``: the KV cache was empty)."""
+
+    def end_forward(
+        self, state: SimpleNamespace, ids: torch.Tensor, logits: torch.Tensor, fresh: bool
+    ) -> None:
+        """Called after every forward when ``watches_output``: the forward's token ids (batch,
+        tokens) and next-token logits (batch, tokens, vocab), e.g. for a surprise signal."""
+
+    def decode_version(self, state: SimpleNamespace) -> int:
+        """Changes whenever :meth:`decode_neurons` would answer differently during decoding
+        (a method that re-selects its set), so kernel mode gathers its compact MLP again."""
+        return 0
 
     # ------------------------------------------------------------------------ contract
     def attach(self, model: torch.nn.Module, calibration: dict | None = None) -> Attachment:

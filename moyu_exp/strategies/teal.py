@@ -120,7 +120,11 @@ class Teal(ThresholdStrategy):
         if not self.in_order or self.allocation == "greedy":
             params = {"sites": list(self.sites), "layers": self.layers, "kind": self.thresholds}
             state |= cached(
-                "dense-stats", params, lambda: dense_statistics(model, batches, self, layers)
+                "dense-stats",
+                params,
+                lambda: dense_statistics(
+                    model, batches, self.sites, layers, self.thresholds == "histogram"
+                ),
             )
         if self.allocation == "greedy":
             state |= greedy_paths(model, batches, self, state, cached)
@@ -147,18 +151,20 @@ class Teal(ThresholdStrategy):
 
 
 # ------------------------------------------------------------------ dense statistics
-def dense_statistics(model, batches, teal: Teal, layers: list[int]) -> dict[str, torch.Tensor]:
+def dense_statistics(
+    model, batches, sites, layers: list[int], histogram: bool = False
+) -> dict[str, torch.Tensor]:
     """Per (site, layer) of the dense model on every calibration row: the quantile table of |x|
-    (``table.<site>.<layer>``, what dense-mode thresholds read) or TEAL's histogram of x
-    (``hist.<site>.<layer>``)."""
+    (``table.<site>.<layer>``, what dense-mode thresholds read) and, with ``histogram``, TEAL's
+    histogram of x (``hist.<site>.<layer>``)."""
     sample = ValueSample(calls=len(batches))
-    keys = [(site, layer) for site in teal.sites for layer in layers]
+    keys = [(site, layer) for site in sites for layer in layers]
     observe(model, batches, keys, lambda s, i, x: sample.add((s, i), x))
     stats = {}
     for site, layer in keys:
         values = torch.cat(sample.values[(site, layer)])
         stats[f"table.{site}.{layer}"] = quantile_table(values.abs())
-        if teal.thresholds == "histogram":
+        if histogram:
             stats[f"hist.{site}.{layer}"] = teal_histogram(values)
     return stats
 
