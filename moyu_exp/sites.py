@@ -109,6 +109,20 @@ class GatedMLPAdapter:
         """The second half of a block: ``h`` plus its MLP branch (position-wise)."""
         return h + layer.mlp(layer.post_attention_layernorm(h))
 
+    def pre_norm(self, layer: torch.nn.Module, part: str) -> torch.nn.Module:
+        """The norm whose output the attention ("attn") or the MLP ("mlp") reads."""
+        return layer.input_layernorm if part == "attn" else layer.post_attention_layernorm
+
+    @staticmethod
+    def norm_gain(norm: torch.nn.Module) -> torch.Tensor:
+        """The elementwise gain a norm applies: its weight, or 1 + weight for Gemma's norms."""
+        return norm.weight + _gain_offset(norm)
+
+    @staticmethod
+    def unit_norm_weight(norm: torch.nn.Module) -> torch.Tensor:
+        """The weight that makes the norm's gain 1 (what folding the gain away leaves)."""
+        return torch.full_like(norm.weight, 1.0 - _gain_offset(norm))
+
     def mlp_up(self, layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         """up_proj(x) of a block's MLP, for a given MLP input ``x``."""
         return layer.mlp.up_proj(x)
@@ -191,6 +205,27 @@ class GatedMLPAdapter:
         raise ConfigError(f"unknown site '{site}': accepted sites are {', '.join(SITES)}")
 
 
+@dataclass(frozen=True)
+class SandwichNormAdapter(GatedMLPAdapter):
+    """Gemma 2 / Gemma 3 blocks: LLaMA's module names (so the same sites and readers) and a
+    GELU-tanh gated MLP, with a norm after each branch as well as before it
+    (``post_attention_layernorm`` on the attention output, ``pre_feedforward_layernorm`` /
+    ``post_feedforward_layernorm`` around the MLP)."""
+
+    model_types: tuple[str, ...] = ("gemma2", "gemma3_text")
+
+    def pre_norm(self, layer: torch.nn.Module, part: str) -> torch.nn.Module:
+        return layer.input_layernorm if part == "attn" else layer.pre_feedforward_layernorm
+
+    def attention_residual(self, layer: torch.nn.Module, x: torch.Tensor, kwargs: dict):
+        out = layer.self_attn(hidden_states=layer.input_layernorm(x), **kwargs)
+        return x + layer.post_attention_layernorm(out[0] if isinstance(out, tuple) else out)
+
+    def mlp_residual(self, layer: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
+        mlp_out = layer.mlp(layer.pre_feedforward_layernorm(h))
+        return h + layer.post_feedforward_layernorm(mlp_out)
+
+
 @contextmanager
 def hooked(
     model: torch.nn.Module,
@@ -220,6 +255,11 @@ def hooked(
             handle.remove()
 
 
+def _gain_offset(norm: torch.nn.Module) -> float:
+    """Gemma's RMSNorms scale by (1 + weight); the others by weight."""
+    return 1.0 if type(norm).__name__.startswith("Gemma") else 0.0
+
+
 def _hidden_states(fn: SiteFn):
     """A pre-hook (with kwargs) routing ``hidden_states`` (a keyword or the first argument)."""
 
@@ -236,7 +276,7 @@ def _first_arg(fn: SiteFn):
     return lambda _m, args: (fn(args[0]), *args[1:])
 
 
-_ADAPTERS = (GatedMLPAdapter(),)
+_ADAPTERS = (GatedMLPAdapter(), SandwichNormAdapter())
 
 
 def adapter_for(model: torch.nn.Module) -> GatedMLPAdapter:

@@ -100,7 +100,7 @@ def attach(name: str, loaded, *overrides: str):
         f"{key}={value}"
         for key, value in TEST_CALIBRATION.items()
         if key not in given
-        and loaded.info.get("name") == "tiny_llama"
+        and str(loaded.info.get("name")).startswith("tiny")
         and (key != "strategy.train_tokens" or name == "predictor")
     ]
     cfg = compose_config(f"strategy={name}", *sized, *overrides)  # only dataset keys are read

@@ -36,6 +36,52 @@ def test_dense_fidelity_is_perfect(tiny) -> None:
     assert metrics["fidelity"]["top1_agreement"] == 1.0
 
 
+GENERATION = (
+    "eval.tasks=[]",
+    "eval=none",
+    "eval.fidelity=false",
+    "eval.generation=true",
+    "eval.generation_prompts=2",
+    "eval.generation_prompt_tokens=12",
+    "eval.generation_tokens=20",
+)
+
+
+def test_generation_fidelity_is_reported_by_distance(tiny) -> None:
+    metrics, details, meter = run_eval(tiny, "strategy=topk", "sparsity=0.5", *GENERATION)
+    gen = metrics["generation"]
+    assert set(gen) == {
+        "kl", "top1_agreement", "prompts", "tokens", "model_sparsity",
+        "kl_1_16", "top1_1_16", "kl_17_64", "top1_17_64",
+    }  # fmt: skip
+    assert gen["prompts"] == 2 and gen["tokens"] == 20
+    # the overall mean weighs the two buckets by their lengths (16 and 4 of 20 distances)
+    assert gen["kl"] == pytest.approx((16 * gen["kl_1_16"] + 4 * gen["kl_17_64"]) / 20)
+    assert gen["kl"] > 0 and 0 <= gen["top1_agreement"] <= 1
+    assert gen["model_sparsity"] == pytest.approx(0.125, abs=0.01)  # topk: down_proj rows
+    assert details["generation"]["higher_is_better"]["top1_17_64"] is True
+    assert not meter.measured  # the generation has its own meter, not the eval's
+
+
+def test_dense_generation_is_perfect(tiny) -> None:
+    metrics, _, _ = run_eval(tiny, "strategy=dense", *GENERATION)
+    assert metrics["generation"]["kl"] == 0.0 and metrics["generation"]["top1_agreement"] == 1.0
+
+
+def test_sequence_level_generation_drifts_only_after_the_prompt(tiny) -> None:
+    """GRIFFIN's generation mode: the prompt runs dense, so the first generated token (chosen
+    by the prefill) is the dense model's; every later one comes from the frozen set."""
+    from moyu_exp.evaluation import generation
+
+    docs = ["The lighthouse keeper rose before dawn to trim the wicks and polish the lens."]
+    strategy = build(compose_config(*TINY, "strategy=griffin", "sparsity=0.7").strategy)
+    with strategy.attach(tiny.model) as live:
+        first = generation.measure(tiny, live, docs, prompts=1, prompt_tokens=10, tokens=1)
+        later = generation.measure(tiny, live, docs, prompts=1, prompt_tokens=10, tokens=17)
+    assert first["kl"] == 0.0 and first["top1_agreement"] == 1.0
+    assert later["kl_17_64"] > 0
+
+
 def test_one_configuration_never_gets_anothers_scores(tiny, shared_data) -> None:
     tasks_ = "eval.tasks=[embedded,lambada_openai]"
     common = ["eval=zeroshot", tasks_, "eval.limit=6", f"data_dir={shared_data}"]

@@ -1,4 +1,5 @@
-"""Evaluation: lm-eval tasks (stock, local-file or embedded) plus fidelity to the dense model."""
+"""Evaluation: lm-eval tasks (stock, local-file or embedded) plus fidelity to the dense model,
+on the embedded text and along generated continuations."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from moyu_exp import datasets
-from moyu_exp.evaluation import fidelity, harness
+from moyu_exp.evaluation import fidelity, generation, harness
 from moyu_exp.models import LoadedModel
 from moyu_exp.strategies import Attachment
 
@@ -35,6 +36,17 @@ def run(
         documents = datasets.embedded(split="evaluation")
         metrics["fidelity"] = fidelity.measure(loaded, live, documents, cfg.prompt_fraction)
         details["fidelity"] = {"higher_is_better": fidelity.HIGHER_IS_BETTER}
+    if cfg.generation:
+        documents = datasets.embedded(split="evaluation")
+        metrics["generation"] = generation.measure(
+            loaded,
+            live,
+            documents,
+            prompts=cfg.generation_prompts,
+            prompt_tokens=cfg.generation_prompt_tokens,
+            tokens=cfg.generation_tokens,
+        )
+        details["generation"] = {"higher_is_better": generation.HIGHER_IS_BETTER}
     return metrics, details
 
 

@@ -61,10 +61,11 @@ PROJECTION_SITES = (
     "mlp_intermediate",
 )
 WEIGHTED = ("k_input", "gate_input", "attn_input", "mlp_input")  # scored with column norms
-# A block's two rotated inputs: the norm before them, the sites that read it, the anchor weight.
+# A block's two rotated inputs (the adapter's pre_norm of each part): the sites that read it and
+# the anchor weight.
 ROTATED = {
-    "attn": ("input_layernorm", ("q_input", "k_input", "v_input"), "k_input"),
-    "mlp": ("post_attention_layernorm", ("gate_input", "up_input"), "gate_input"),
+    "attn": (("q_input", "k_input", "v_input"), "k_input"),
+    "mlp": (("gate_input", "up_input"), "gate_input"),
 }
 ALLOCATIONS = ("uniform", "greedy")
 
@@ -173,7 +174,7 @@ class Wina(Strategy):
             return []
         blocks = adapter.layers(model)
         out: list[tuple[Any, str, Any]] = [
-            (norm, "weight", torch.nn.Parameter(torch.ones_like(norm.weight), False))
+            (norm, "weight", torch.nn.Parameter(adapter.unit_norm_weight(norm), False))
             for norm in state.norms.values()
         ]
         for (site, layer), weight in state.weights.items():
@@ -184,15 +185,15 @@ class Wina(Strategy):
 
 def rotated_part(site: str) -> str | None:
     """The block input ("attn", "mlp") a site reads in the rotated basis, if any."""
-    return next((part for part, (_, sites, _) in ROTATED.items() if site in sites), None)
+    return next((part for part, (sites, _) in ROTATED.items() if site in sites), None)
 
 
 def transform_block(state, adapter, block, layer: int, sites) -> None:
     """WINA's rotation of one block's attention and MLP inputs: R from the SVD of the anchor
     weight (gain folded in, float64), the folded weights W diag(g) R of the sites' readers."""
-    for part, (norm_name, part_sites, anchor) in ROTATED.items():
-        norm = getattr(block, norm_name)
-        gain = norm.weight.double()
+    for part, (part_sites, anchor) in ROTATED.items():
+        norm = adapter.pre_norm(block, part)
+        gain = adapter.norm_gain(norm).double()
         anchor_linear = adapter.readers(block, anchor)[0]
         rotation = torch.linalg.svd(anchor_linear.weight.double() * gain, full_matrices=True).Vh.T
         dtype = anchor_linear.weight.dtype
