@@ -152,10 +152,12 @@ def _generation(payload: dict[str, Any]) -> list[str]:
     buckets = " | ".join(
         f"{key[3:].replace('_', '-')}: {gen[key]:.4f}" for key in gen if key.startswith("kl_")
     )
+    sparsity = gen.get("model_sparsity")
+    where = "" if sparsity is None else f" (model-level sparsity {sparsity:.3f})"
     return [
         f"  generation  KL(dense || sparse) by distance {buckets} nats | top-1 agreement "
         f"{gen['top1_agreement']:.3f} over {int(gen['prompts'])} x {int(gen['tokens'])} "
-        "generated tokens"
+        f"generated tokens{where}"
     ]
 
 

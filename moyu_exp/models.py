@@ -339,9 +339,10 @@ TINY_FAMILIES: dict[str, tuple[str, str, Any]] = {
             "sliding_window_pattern": 2,
         },
     ),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", lambda head_dim: {}),  # fused qkv and gate/up
 }
 # families researchers bring whose blocks no adapter describes yet
-NO_ADAPTER_YET = ("phi3", "opt", "gpt_neox", "mixtral", "qwen2_moe", "olmoe")
+NO_ADAPTER_YET = ("opt", "gpt_neox", "mixtral", "qwen2_moe", "olmoe")
 
 
 def _tiny_config(family: str, tokenizer, **shape):
@@ -382,8 +383,8 @@ def build_tiny(
     initializer_range: float,
     init_seed: int,
 ) -> LoadedModel:
-    """A randomly initialised causal LM of ``family`` (LLaMA, Mistral, Qwen2/3, Gemma 1/2/3) of
-    any shape, with a byte-level tokenizer."""
+    """A randomly initialised causal LM of ``family`` (LLaMA, Mistral, Qwen2/3, Gemma 1/2/3,
+    Phi-3) of any shape, with a byte-level tokenizer."""
     import transformers
 
     tokenizer = byte_tokenizer()

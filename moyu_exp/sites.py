@@ -127,6 +127,10 @@ class GatedMLPAdapter:
         """up_proj(x) of a block's MLP, for a given MLP input ``x``."""
         return layer.mlp.up_proj(x)
 
+    def gate_up_weights(self, layer: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """The gate and up projections' weights (d_ff, d) of a block's MLP."""
+        return layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight
+
     def weights_per_entry(
         self,
         layer: torch.nn.Module,
@@ -138,13 +142,14 @@ class GatedMLPAdapter:
         the strategy sparsifies (``sites``) and whether its MLP neuron set is known before a
         decode step (``compact``: a dropped neuron skips a gate row, an up row and a down
         column)."""
-        mlp = layer.mlp
-        if site == "mlp_intermediate" and compact:
-            return mlp.gate_proj.in_features + mlp.up_proj.in_features + mlp.down_proj.out_features
+        gate, _ = self.gate_up_weights(layer)
+        d_ff, d = gate.shape
+        if site == "mlp_intermediate" and compact:  # a gate row, an up row, a down column
+            return 3 * d
         if site == "gate_act":  # a zero in act(gate) skips one row of up and one column of down
-            return mlp.up_proj.in_features + mlp.down_proj.out_features
+            return 2 * d
         if site == "mlp_input" and "gate_act" in sites:  # up is then read by rows: gate only
-            return mlp.gate_proj.out_features
+            return d_ff
         return sum(linear.out_features for linear in self.readers(layer, site))
 
     def linears(self, layer: torch.nn.Module) -> list[torch.nn.Linear]:
@@ -203,6 +208,54 @@ class GatedMLPAdapter:
         if site == "attn_input":
             return attn.register_forward_pre_hook(_hidden_states(fn), with_kwargs=True)
         raise ConfigError(f"unknown site '{site}': accepted sites are {', '.join(SITES)}")
+
+
+@dataclass(frozen=True)
+class FusedProjectionAdapter(GatedMLPAdapter):
+    """Phi-3 blocks: one fused ``self_attn.qkv_proj`` and one fused ``mlp.gate_up_proj``
+    (gate rows first), ``mlp.activation_fn``. The shared inputs are sites as in LLaMA; a single
+    projection's own input (q, k, v, gate or up alone) does not exist, so those sites are
+    refused in one line."""
+
+    model_types: tuple[str, ...] = ("phi3",)
+
+    def readers(self, layer: torch.nn.Module, site: str) -> list[torch.nn.Linear]:
+        attn, mlp = layer.self_attn, layer.mlp
+        if site in PROJECTION_SITES:
+            raise ConfigError(
+                f"site '{site}' does not exist in a {self.model_types[0]} block (its q/k/v and "
+                "gate/up projections are fused): use attn_input or mlp_input"
+            )
+        if site == "block_input":
+            return []
+        return {
+            "mlp_input": [mlp.gate_up_proj],
+            "gate_act": [mlp.gate_up_proj, mlp.down_proj],
+            "mlp_intermediate": [mlp.down_proj],
+            "attn_input": [attn.qkv_proj],
+            "o_proj_input": [attn.o_proj],
+        }[site]
+
+    def mlp_up(self, layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return layer.mlp.gate_up_proj(x).chunk(2, dim=-1)[1]
+
+    def gate_up_weights(self, layer: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        gate, up = layer.mlp.gate_up_proj.weight.chunk(2, dim=0)
+        return gate, up
+
+    def linears(self, layer: torch.nn.Module) -> list[torch.nn.Linear]:
+        attn, mlp = layer.self_attn, layer.mlp
+        return [attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj]
+
+    def mlp_linears(self, layer: torch.nn.Module) -> list[torch.nn.Linear]:
+        return [layer.mlp.gate_up_proj, layer.mlp.down_proj]
+
+    def hook(self, layer: torch.nn.Module, site: str, fn: SiteFn) -> Any:
+        if site == "gate_act":
+            return layer.mlp.activation_fn.register_forward_hook(lambda _m, _a, out: fn(out))
+        if site in PROJECTION_SITES:
+            self.readers(layer, site)  # the one-line refusal
+        return super().hook(layer, site, fn)
 
 
 @dataclass(frozen=True)
@@ -276,7 +329,7 @@ def _first_arg(fn: SiteFn):
     return lambda _m, args: (fn(args[0]), *args[1:])
 
 
-_ADAPTERS = (GatedMLPAdapter(), SandwichNormAdapter())
+_ADAPTERS = (GatedMLPAdapter(), SandwichNormAdapter(), FusedProjectionAdapter())
 
 
 def adapter_for(model: torch.nn.Module) -> GatedMLPAdapter:

@@ -164,3 +164,16 @@ def test_batches_fit_the_token_budget_longest_first() -> None:
     assert sorted(i for c in chunks for i in c) == [0, 1, 2, 3]
     with pytest.raises(EnvironmentFault, match="a 30-token input needs more memory"):
         budgeted_chunks([30, 2], batch_size=2, budget=20)
+
+
+def test_a_generation_run_ends_with_its_numbers(tmp_path) -> None:
+    from moyu_exp import console, runner
+
+    cfg = compose_config(*TINY, "strategy=griffin", "sparsity=0.5", *GENERATION, "bench=none")
+    payload = runner.run(cfg, tmp_path)
+    gen = payload["eval"]["generation"]
+    text = console.render(payload, tmp_path)
+    assert f"by distance 1-16: {gen['kl_1_16']:.4f} | 17-64: {gen['kl_17_64']:.4f} nats" in text
+    assert (
+        f"over 2 x 20 generated tokens (model-level sparsity {gen['model_sparsity']:.3f})" in text
+    )

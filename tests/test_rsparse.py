@@ -22,12 +22,15 @@ def test_every_split_spends_the_budget(d, out, sparsity) -> None:
     assert [r for _, r in splits] == sorted({r for _, r in splits})
 
 
-def test_readers_add_the_low_rank_path_of_what_the_mask_drops(tiny, tiny_batch) -> None:
+@pytest.mark.parametrize("site", ["attn_input", "o_proj_input", "mlp_input", "mlp_intermediate"])
+def test_readers_add_the_low_rank_path_of_what_the_mask_drops(tiny, tiny_batch, site) -> None:
+    from moyu_exp.sites import hooked
+
+    key = (site, 1)
     live = attach("rsparse", tiny, "sparsity=0.5", "strategy.rank_share=0.3")
-    seen = {}
-    with live:
-        key = next(iter(live.state.factors))  # a (site, layer) that spends budget on rank
-        site = key[0]
+    seen, inputs = {}, []
+    # hooked before the attachment, so the observer sees the input before the mask
+    with hooked(tiny.model, [(key, lambda x: inputs.append(x) or x)]), live:
         readers = live.state.readers[key]
         handles = [
             r.register_forward_hook(lambda m, a, o, i=i: seen.__setitem__(i, (a[0], o)))
@@ -37,9 +40,10 @@ def test_readers_add_the_low_rank_path_of_what_the_mask_drops(tiny, tiny_batch) 
             tiny.model(tiny_batch)
         for h in handles:
             h.remove()
-        x = live.state.inputs[key]
         rule = live.state.rules[key]
         v = live.state.factors[key][0]
+        assert key not in live.state.inputs  # the unmasked input is not kept after its use
+    x = inputs[0]
     kept = x.masked_fill(~rule.mask(x), 0.0)
     rank = v.shape[1]
     weight = stacked(readers)
@@ -48,7 +52,7 @@ def test_readers_add_the_low_rank_path_of_what_the_mask_drops(tiny, tiny_batch) 
     got = torch.cat([seen[i][1] for i in range(len(readers))], dim=-1)
     assert torch.equal(seen[0][0], kept)  # the reader reads the masked input
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
-    assert rank > 0 and site in ("attn_input", "o_proj_input", "mlp_input", "mlp_intermediate")
+    assert rank > 0
 
 
 def test_the_meter_charges_the_factors(tiny, tiny_batch) -> None:

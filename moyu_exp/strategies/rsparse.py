@@ -26,6 +26,7 @@ public repository (VITA-Group/R-Sparse) holds no code; the rule follows the pape
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any, ClassVar
@@ -149,13 +150,13 @@ def reader_forward(state, key, linear, rows: slice):
 
     def forward(kept: torch.Tensor) -> torch.Tensor:
         y = functional.linear(kept, linear.weight, linear.bias)
-        x = state.inputs.get(key)
-        if x is None or x.shape != kept.shape:
-            return y
         cached = state.z.get(key)
-        if cached is None or cached[0] is not kept:
+        if cached is None or cached[0]() is not kept:  # the site's first reader in this pass
+            x = state.inputs.pop(key, None)  # not kept alive beyond its use
+            if x is None or x.shape != kept.shape:
+                return y
             v, _ = state.factors[key]
-            cached = state.z[key] = (kept, (x - kept) @ v)
+            cached = state.z[key] = (weakref.ref(kept), (x - kept) @ v)
         us = state.factors[key][1][rows]
         return y + cached[1] @ us.t()
 

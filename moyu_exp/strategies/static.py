@@ -32,8 +32,8 @@ class Static(Strategy):
         blocks = adapter.layers(model)
         keep = {}
         for layer in layers:
-            gate, up = adapter.readers(blocks[layer], "mlp_input")
-            score = gate.weight.float().norm(dim=1) * up.weight.float().norm(dim=1)
+            gate, up = adapter.gate_up_weights(blocks[layer])
+            score = gate.float().norm(dim=1) * up.float().norm(dim=1)
             keep[layer] = topk_mask(score, keep_count(self.sparsity, score.numel()))
         return SimpleNamespace(keep=keep)
 
