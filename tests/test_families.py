@@ -17,14 +17,18 @@ from moyu_exp.strategies import keep_count
 from tests.conftest import attach, compose_config
 
 FAMILIES = sorted(TINY_FAMILIES)
-# every family: top-k and a sequence-level set; the families whose norms or blocks differ from
-# LLaMA's (Gemma's 1 + w gains, Gemma 3's sandwich norms) also every other mechanism: TEAL's
-# greedy block search (it runs the adapter's block halves), gate activations, WINA's and
-# LaRoSA's rotations, low-rank remainders, a re-selecting set, controls
+# every family: top-k and a sequence-level set; the families whose blocks differ from LLaMA's
+# (Gemma 3's sandwich norms, Phi-3's fused projections) also every other mechanism: TEAL's greedy
+# block search (it runs the adapter's block halves), gate activations, WINA's and LaRoSA's
+# rotations, low-rank remainders, a re-selecting set, controls; Gemma's 1 + w norm gains where
+# they matter (WINA folds them)
 EVERY_FAMILY = ["topk", "griffin"]
 OTHERS = ["teal", "cats", "chess", "wina", "larosa", "rsparse", "clada", "tda", "cett", "static"]
-CASES = [(f, n) for f in FAMILIES for n in EVERY_FAMILY] + [
-    (f, n) for f in ("gemma", "gemma3", "phi3") for n in OTHERS if (f, n) != ("phi3", "wina")
+CASES = [
+    *[(f, n) for f in FAMILIES for n in EVERY_FAMILY],
+    *[(f, n) for f in ("gemma3", "phi3") for n in OTHERS if (f, n) != ("phi3", "wina")],
+    ("gemma", "wina"),  # Gemma's 1 + w norm gains folded into the rotated weights
+    ("gemma", "teal"),
 ]
 # Phi-3 fuses q/k/v and gate/up: WINA's per-projection sites do not exist there, its shared-input
 # variant does
