@@ -38,7 +38,10 @@ def no_ok_results(folder: Path) -> bool:
 
 BAD_INPUT = {
     "unknown strategy": (["strategy=nope"], ("unknown strategy 'nope'", "accepted are cats,")),
-    "unknown model": (["model=nope"], ("unknown model 'nope'", "accepted are hf, smollm2_135m,")),
+    "unknown model": (
+        ["model=nope"],
+        ("unknown model 'nope'", "accepted are gemma3_270m, hf, smollm2_135m, tiny,"),
+    ),
     "unknown eval": (
         ["eval=nope"],
         ("unknown eval 'nope'", "accepted are embedded, none, zeroshot"),
