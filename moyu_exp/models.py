@@ -346,9 +346,23 @@ TINY_FAMILIES: dict[str, tuple[str, str, Any]] = {
         },
     ),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", lambda head_dim: {}),  # fused qkv and gate/up
+    # non-gated MLPs and LayerNorms with a bias; no grouped-query attention
+    "opt": (  # ReLU fc1/fc2, pre-LN (as OPT-125m and every size but 350m)
+        "OPTConfig",
+        "OPTForCausalLM",
+        lambda head_dim: {"do_layer_norm_before": True, "activation_function": "relu"},
+    ),
+    "gpt_neox": (  # GELU, fused query_key_value, parallel attention and MLP (Pythia)
+        "GPTNeoXConfig",
+        "GPTNeoXForCausalLM",
+        lambda head_dim: {"use_parallel_residual": True, "hidden_act": "gelu"},
+    ),
 }
+# the shape keys a family's config spells differently, and those it does not have
+RENAMED = {"opt": {"intermediate_size": "ffn_dim"}}
+NO_GQA = ("opt", "gpt_neox")  # num_key_value_heads does not apply
 # families researchers bring whose blocks no adapter describes yet
-NO_ADAPTER_YET = ("opt", "gpt_neox", "mixtral", "qwen2_moe", "olmoe")
+NO_ADAPTER_YET = ("mixtral", "qwen2_moe", "olmoe")
 
 
 def _tiny_config(family: str, tokenizer, **shape):
@@ -364,8 +378,13 @@ def _tiny_config(family: str, tokenizer, **shape):
         raise ConfigError(f"model.family='{family}' is unknown: accepted families are {accepted}")
     config_class, _, extra = TINY_FAMILIES[family]
     head_dim = shape["hidden_size"] // max(1, shape["num_attention_heads"])
+    if family in NO_GQA:
+        shape.pop("num_key_value_heads")
+    if family == "opt":
+        shape["word_embed_proj_dim"] = shape["hidden_size"]
+    renamed = RENAMED.get(family, {})
     return getattr(transformers, config_class)(
-        **shape,
+        **{renamed.get(key, key): value for key, value in shape.items()},
         **extra(head_dim),
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -390,7 +409,8 @@ def build_tiny(
     init_seed: int,
 ) -> LoadedModel:
     """A randomly initialised causal LM of ``family`` (LLaMA, Mistral, Qwen2/3, Gemma 1/2/3,
-    Phi-3) of any shape, with a byte-level tokenizer."""
+    Phi-3, OPT, GPT-NeoX) of any shape, with a byte-level tokenizer (OPT and GPT-NeoX have no
+    grouped-query attention: ``num_key_value_heads`` does not apply to them)."""
     import transformers
 
     tokenizer = byte_tokenizer()

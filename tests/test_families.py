@@ -24,12 +24,23 @@ FAMILIES = sorted(TINY_FAMILIES)
 # they matter (WINA folds them)
 EVERY_FAMILY = ["topk", "griffin"]
 OTHERS = ["teal", "cats", "chess", "wina", "larosa", "rsparse", "clada", "tda", "cett", "static"]
+# the non-gated families (OPT: ReLU fc1/fc2; GPT-NeoX: parallel attention and MLP, fused qkv)
+# run every mechanism whose rule has a non-gated form
+NON_GATED = ("opt", "gpt_neox")
+NOT_ON_NON_GATED = ("chess", "static", "wina")  # an up projection / a foldable norm gain
 CASES = [
     *[(f, n) for f in FAMILIES for n in EVERY_FAMILY],
     *[(f, n) for f in ("gemma3", "phi3") for n in OTHERS if (f, n) != ("phi3", "wina")],
+    *[(f, n) for f in NON_GATED for n in OTHERS if n not in NOT_ON_NON_GATED],
     ("gemma", "wina"),  # Gemma's 1 + w norm gains folded into the rotated weights
     ("gemma", "teal"),
 ]
+# sites a family's block does not have: refused in one line
+ABSENT_SITES = {
+    **{("phi3", s): "fused" for s in PROJECTION_SITES},
+    **{(f, s): "not gated" for f in NON_GATED for s in ("gate_input", "up_input")},
+    **{("gpt_neox", s): "fused" for s in ("q_input", "k_input", "v_input")},
+}
 # Phi-3 fuses q/k/v and gate/up: WINA's per-projection sites do not exist there, its shared-input
 # variant does
 SHARED_WINA = (
@@ -78,9 +89,12 @@ def test_each_site_is_the_input_of_exactly_its_readers(family, site) -> None:
     model = family.model
     adapter = adapter_for(model)
     block = adapter.layers(model)[1]
-    if site in PROJECTION_SITES and model.config.model_type == "phi3":
-        with pytest.raises(ConfigError, match="fused"):
+    absent = ABSENT_SITES.get((model.config.model_type, site))
+    if absent:
+        with pytest.raises(ConfigError, match=absent):
             adapter.readers(block, site)
+        with pytest.raises(ConfigError, match=absent), hooked(model, [((site, 1), lambda x: x)]):
+            pass
         return
     linears = {n: m for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
     marked: set[int] = set()
@@ -103,7 +117,7 @@ def test_each_site_is_the_input_of_exactly_its_readers(family, site) -> None:
 def test_topk_keeps_exactly_k_per_token(family) -> None:
     with attach("topk", family, "sparsity=0.5") as live:
         logits(family)
-        d_ff = family.model.config.intermediate_size
+        d_ff = adapter_for(family.model).dim(family.model, "mlp_intermediate")
         assert live.meter.site_sparsity == pytest.approx(1 - keep_count(0.5, d_ff) / d_ff)
 
 
@@ -130,7 +144,10 @@ def test_the_adapters_block_halves_are_the_block(family) -> None:
             h.remove()
     kwargs = {k: v for k, v in captured["kwargs"].items() if k != "hidden_states"}
     h = adapter.attention_residual(block, captured["x"], kwargs)
-    torch.testing.assert_close(adapter.mlp_residual(block, h), captured["out"], rtol=0, atol=0)
+    out = adapter.mlp_residual(block, h, captured["x"])  # x: what a parallel block's MLP reads
+    # exact, but for GPT-NeoX's parallel block, which sums mlp + attn + x in another order
+    exact = not getattr(block, "use_parallel_residual", False)
+    torch.testing.assert_close(out, captured["out"], **({"rtol": 0, "atol": 0} if exact else {}))
 
 
 @pytest.mark.parametrize("name", ["topk", "teal"])
@@ -147,8 +164,8 @@ def test_a_user_runs_a_family_end_to_end(kind, name, tmp_path) -> None:
 
 
 def test_a_family_without_an_adapter_is_one_line() -> None:
-    with pytest.raises(ConfigError, match=r"model\.family='opt' has no activation-site adapter"):
-        load(compose_config("model=tiny", "model.family=opt").model)
+    with pytest.raises(ConfigError, match=r"family='mixtral' has no activation-site adapter"):
+        load(compose_config("model=tiny", "model.family=mixtral").model)
     with pytest.raises(ConfigError, match=r"model\.family='bloom' is unknown"):
         load(compose_config("model=tiny", "model.family=bloom").model)
 
@@ -164,4 +181,57 @@ def test_wina_on_fused_projections(tmp_path) -> None:
         assert torch.equal(logits(phi3), dense)
     with attach("wina", phi3, "sparsity=0.5", *SHARED_WINA) as live:
         logits(phi3)
+        assert live.meter.site_sparsity == pytest.approx(0.5, abs=0.02)
+
+
+@pytest.mark.parametrize("kind", NON_GATED)
+def test_a_non_gated_blocks_gate_act_is_its_activation_output(kind) -> None:
+    """gate_act (CATS's site) on a non-gated MLP is the activation's output, which is exactly
+    what the out projection reads; a zero there skips one column of it."""
+    family = tiny(kind)
+    model = family.model
+    adapter = adapter_for(model)
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep(name):
+        def fn(x):
+            seen[name] = x.clone()
+            return x
+
+        return fn
+
+    fns = [(("gate_act", 1), keep("gate_act")), (("mlp_intermediate", 1), keep("intermediate"))]
+    with hooked(model, fns), torch.inference_mode():
+        model(IDS.repeat(2, 1))
+    assert seen["gate_act"].shape == (2, IDS.shape[1], adapter.dim(model, "gate_act"))
+    assert torch.equal(seen["gate_act"], seen["intermediate"])
+    block = adapter.layers(model)[1]
+    d = model.config.hidden_size
+    assert adapter.weights_per_entry(block, "gate_act") == d
+    assert adapter.weights_per_entry(block, "mlp_intermediate", compact=True) == 2 * d
+
+
+@pytest.mark.parametrize(
+    ("name", "overrides", "message"),
+    [
+        ("chess", (), "not gated"),
+        ("static", (), "not gated"),
+        ("wina", (), "LayerNorm.*transform=false"),
+        ("wina", ("strategy.transform=false",), "not gated"),  # its sites include gate_input
+    ],
+)
+def test_what_a_non_gated_block_lacks_is_one_line(name, overrides, message) -> None:
+    opt = tiny("opt")
+    with pytest.raises(ConfigError, match=message), attach(name, opt, "sparsity=0.5", *overrides):
+        pass
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in opt.model.modules())
+
+
+def test_wina_without_its_transform_runs_on_a_parallel_block() -> None:
+    neox = tiny("gpt_neox")
+    dense = logits(neox)
+    with attach("wina", neox, "sparsity=0", *SHARED_WINA):
+        assert torch.equal(logits(neox), dense)
+    with attach("wina", neox, "sparsity=0.5", *SHARED_WINA) as live:
+        logits(neox)
         assert live.meter.site_sparsity == pytest.approx(0.5, abs=0.02)

@@ -87,7 +87,7 @@ class BlockSearch:
         if h is None:
             full = self.adapter.attention_residual(self.block, self.x, self.kwargs)
             h = self._attention[key] = full[:, self.start :]
-        return self.adapter.mlp_residual(self.block, h)
+        return self.adapter.mlp_residual(self.block, h, self.x[:, self.start :])
 
     def errors(self, candidates: list[dict[str, float]]) -> list[float]:
         """TEAL's error of each candidate setting: ||y - y_dense|| over the error's positions,
