@@ -143,3 +143,41 @@ def _pareto_panel(ax, table, metric: str | None, speed: str, directions: Directi
         ax.text(0.5, 0.5, f"no point has {speed}", ha="center", va="center", transform=ax.transAxes)
     ax.set_ylabel(f"{metric} ({_direction(metric, directions)})" if metric else "")
     ax.grid(alpha=0.3)
+
+
+def generality(
+    models: list[str],
+    metrics: list[str],
+    wide: list[dict[str, Any]],
+    path: Path,
+    directions: Directions,
+) -> None:
+    """One panel per metric: a group of bars per method (and target), one bar per model."""
+    import numpy as np
+
+    panels = max(1, len(metrics))
+    names = [
+        r["method"] if r["sparsity"] is None else f"{r['method']} @ {r['sparsity']}" for r in wide
+    ]
+    fig, axes = plt.subplots(
+        1, panels, figsize=(4.2 * panels, 0.32 * len(wide) + 1.8), squeeze=False
+    )
+    y = np.arange(len(wide))
+    height = 0.8 / max(1, len(models))
+    for ax, metric in zip(axes[0], metrics, strict=False):
+        for i, model in enumerate(models):
+            values = [r.get(f"{model}: {metric}") for r in wide]
+            drawn = [np.nan if v is None else float(v) for v in values]
+            ax.barh(y + i * height, drawn, height, label=model)
+        ax.set_yticks(y + height * (len(models) - 1) / 2, names if ax is axes[0][0] else [])
+        ax.invert_yaxis()
+        if _log_scale(metric):
+            ax.set_xscale("log")
+        ax.set_title(f"{metric}\n({_direction(metric, directions)})", fontsize=9)
+        ax.grid(alpha=0.3, axis="x")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="upper center", ncol=len(models), fontsize=8)
+    fig.suptitle("the same methods on each model", y=1.02)
+    fig.tight_layout()
+    save_png(fig, path)

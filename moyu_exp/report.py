@@ -5,7 +5,9 @@ row per point (the newest; ``ok`` before ``failed``), writes ``summary.csv``, ``
 (each headline metric against achieved sparsity, one line per strategy, dense as a reference
 line) and ``pareto.png`` (the first headline metric against the measured paired speedup of
 kernel-mode points and against the bytes-bound ideal speedup of every point, each with its
-frontier), and prints the table. The same code aggregates a sweep when it ends
+frontier), and prints the table. When the points span several models (``+sweep=generality``),
+labels name the model and ``generality.png`` / ``generality.txt`` put each method's numbers on
+every model side by side. The same code aggregates a sweep when it ends
 (:mod:`moyu_exp.sweep`).
 """
 
@@ -67,9 +69,12 @@ def rows(payloads: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One flat row per point, labelled by strategy (and its parameters where they differ)."""
     out = []
     labels = _labels(payloads)
-    for payload, label in zip(payloads, labels, strict=True):
+    models = [(p.get("config") or {}).get("model", {}).get("name") for p in payloads]
+    several = len(set(models)) > 1  # a generality sweep: the label names the model too
+    for payload, label, model in zip(payloads, labels, models, strict=True):
         row: dict[str, Any] = {
-            "label": label,
+            "label": f"{label} @ {model}" if several else label,
+            "method": label,
             "strategy": payload.get("strategy"),
             "sparsity": payload.get("sparsity"),
             "achieved_sparsity": payload.get("achieved_sparsity"),
@@ -83,7 +88,7 @@ def rows(payloads: list[dict[str, Any]]) -> list[dict[str, Any]]:
             row[key] = payload.get(key) if payload.get(key) is not None else bench.get(key)
         row["status"] = payload.get("status")
         row["error"] = payload.get("error")
-        row["model"] = (payload.get("config") or {}).get("model", {}).get("name")
+        row["model"] = model
         row["run_dir"] = payload.get("run_dir")
         row["point_key"] = payload.get("point_key")
         out.append(row)
@@ -102,7 +107,7 @@ UNLABELLED = (
     "logger.",
     "data_dir",
     "eval.data_dir",
-    "model.device",
+    "model.",  # a point's model is named in its label only when models differ (see rows)
 )
 
 
@@ -114,7 +119,8 @@ def _labels(payloads: list[dict[str, Any]]) -> list[str]:
     for name, flat in zip(names, flats, strict=True):
         for other_name, other in zip(names, flats, strict=True):
             if other_name == name:
-                keys = {k for k in set(flat) | set(other) if flat.get(k) != other.get(k)}
+                # a key one of them lacks (a result from before the key existed) is no difference
+                keys = {k for k in set(flat) & set(other) if flat[k] != other[k]}
                 varying.setdefault(name, set()).update(
                     k for k in keys if not k.startswith(UNLABELLED)
                 )
@@ -198,6 +204,41 @@ def format_table(table: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+# What the generality table puts side by side for each model (with the headline metrics).
+GENERALITY = ("achieved_sparsity", "fidelity/top1_agreement")
+
+
+def generality(table: list[dict[str, Any]]) -> tuple[list[str], list[str], list[dict[str, Any]]]:
+    """The models, the metrics and one row per (method, target sparsity) with ``<model>:
+    <metric>`` cells: the same method on every model side by side (empty when one model)."""
+    models = sorted({str(r["model"]) for r in table if r.get("status") == "ok"})
+    if len(models) < 2:
+        return models, [], []
+    metrics = [*headline_metrics(table), *GENERALITY]
+    metrics = [m for m in dict.fromkeys(metrics) if any(r.get(m) is not None for r in table)]
+    wide: dict[tuple[str, Any], dict[str, Any]] = {}
+    for r in table:
+        if r.get("status") != "ok":
+            continue
+        key = (r["method"], None if r.get("strategy") == "dense" else r.get("sparsity"))
+        row = wide.setdefault(key, {"method": key[0], "sparsity": key[1]})
+        for metric in metrics:
+            row[f"{r['model']}: {metric}"] = r.get(metric)
+    return models, metrics, sorted(wide.values(), key=lambda r: (r["method"], r["sparsity"] or 0))
+
+
+def format_generality(models: list[str], metrics: list[str], wide: list[dict[str, Any]]) -> str:
+    """The generality rows as a fixed-width text table, one column per (metric, model)."""
+    cols = [f"{m}: {metric}" for metric in metrics for m in models]
+    heads = ["strategy", "target", *cols]
+    cells = [[str(r["method"]), _fmt(r["sparsity"]), *(_fmt(r.get(c)) for c in cols)] for r in wide]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(heads)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(heads, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.ljust(w) for c, w in zip(cell, widths, strict=True)) for cell in cells]
+    return "\n".join(lines)
+
+
 def _fmt(value: Any) -> str:
     if value is None:
         return "-"
@@ -229,6 +270,12 @@ def summarize(dirs: list[Path], out: Path) -> tuple[list[dict[str, Any]], dict[s
     metrics = headline_metrics(table)
     plots.tradeoff(table, metrics, out / "tradeoff.png", better)
     plots.pareto(table, metrics[:1], out / "pareto.png", better, SPEED_AXES)
+    models, wide_metrics, wide = generality(table)
+    if wide:  # several models: the same methods side by side
+        plots.generality(models, wide_metrics, wide, out / "generality.png", better)
+        write_bytes_atomic(
+            out / "generality.txt", format_generality(models, wide_metrics, wide).encode()
+        )
     write_bytes_atomic(current, summary)
     return table, better
 
@@ -250,7 +297,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"moyu_exp.report: error: no results.json under {', '.join(map(str, args.dirs))}")
         return 2
     print(format_table(table))
-    print(f"\nwrote {out / 'summary.csv'}, {out / 'tradeoff.png'}, {out / 'pareto.png'}")
+    models, metrics, wide = generality(table)
+    if wide:
+        print(f"\n{format_generality(models, metrics, wide)}")
+    extra = f", {out / 'generality.png'}, {out / 'generality.txt'}" if wide else ""
+    print(f"\nwrote {out / 'summary.csv'}, {out / 'tradeoff.png'}, {out / 'pareto.png'}{extra}")
     return 0
 
 

@@ -271,3 +271,30 @@ def test_an_axis_on_the_command_line_replaces_the_presets(tmp_path) -> None:
     result = moyu("+sweep=quick", "strategy=dense", "sparsity=0.3", f"hydra.sweep.dir={sweep_dir}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert [(r["strategy"], r["sparsity"]) for r in summary(sweep_dir)] == [("dense", "0.3")]
+
+
+def test_the_generality_preset_puts_each_method_on_every_model_side_by_side(tmp_path) -> None:
+    sweep_dir = tmp_path / "generality"
+    result = moyu(
+        "-m",  # a config group's list on the command line needs it
+        "+sweep=generality",
+        "model=tiny_llama,tiny",  # two names for two random-init LLaMAs
+        "strategy=dense,topk",
+        "eval.tasks=[embedded]",
+        "eval.limit=null",
+        "bench=none",
+        "logger=none",
+        f"hydra.sweep.dir={sweep_dir}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = summary(sweep_dir)
+    assert sorted(r["label"] for r in rows) == [
+        "dense @ tiny",
+        "dense @ tiny_llama",
+        "topk @ tiny",
+        "topk @ tiny_llama",
+    ]
+    table = (sweep_dir / "generality.txt").read_text().splitlines()
+    assert "tiny: fidelity/kl" in table[0] and "tiny_llama: fidelity/kl" in table[0]
+    assert [line.split()[0] for line in table[2:]] == ["dense", "topk"]
+    assert (sweep_dir / "generality.png").read_bytes()[:4] == b"\x89PNG"
