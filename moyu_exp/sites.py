@@ -7,6 +7,7 @@ architecture family means adding one adapter here.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -61,6 +62,23 @@ def check_sites(sites: list[str], allowed: tuple[str, ...] | None = None, owner:
                 f"site '{site}' does not apply to strategy {owner}: "
                 f"accepted sites are {', '.join(accepted)}"
             )
+
+
+@dataclass(frozen=True)
+class BlockParts:
+    """What a lean decode step reads of one block (kernel mode, :mod:`moyu_exp.kernels`)."""
+
+    norms: tuple[Any, Any]  # before the attention, before the MLP
+    post_norms: tuple[Any, Any]  # after each branch (Gemma 2/3's sandwich), else None
+    qkv: list[Any]  # the linears reading the attention input (q, k, v, or one fused)
+    o: Any
+    gate: Any  # (d_ff, d) weights
+    up: Any
+    down: Any
+    qk_norms: tuple[Any, Any] | None  # per-head norms of q and k before RoPE (Qwen3, Gemma 3)
+    window: int | None  # sliding-window attention: the keys a query sees, itself included
+    rope: str | None  # which RoPE table (Gemma 3: local and global layers differ)
+    scale: float  # the attention's score scale
 
 
 @dataclass(frozen=True)
@@ -155,6 +173,72 @@ class GatedMLPAdapter:
         if site == "mlp_input" and "gate_act" in sites:  # up is then read by rows: gate only
             return d_ff
         return sum(linear.out_features for linear in self.readers(layer, site))
+
+    # ------------------------------------------------------------ what kernel mode reads
+    def post_norm(self, layer: torch.nn.Module, part: str) -> torch.nn.Module | None:
+        """The norm applied to a branch's output before the residual (None: none)."""
+        return None
+
+    def decode_parts(self, model: torch.nn.Module, layer: torch.nn.Module) -> BlockParts:
+        """The modules and weights a lean decode step of ``layer`` reads."""
+        attn = layer.self_attn
+        gate, up = self.gate_up_weights(layer)
+        window = getattr(attn, "sliding_window", getattr(model.config, "sliding_window", None))
+        q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+        return BlockParts(
+            norms=(self.pre_norm(layer, "attn"), self.pre_norm(layer, "mlp")),
+            post_norms=(self.post_norm(layer, "attn"), self.post_norm(layer, "mlp")),
+            qkv=self.readers(layer, "attn_input"),
+            o=attn.o_proj,
+            gate=gate,
+            up=up,
+            down=self.readers(layer, "mlp_intermediate")[0],
+            qk_norms=(q_norm, k_norm) if q_norm is not None else None,
+            window=window,
+            rope=getattr(attn, "layer_type", None) if self._rope_per_layer_type(model) else None,
+            scale=float(attn.scaling),
+        )
+
+    @staticmethod
+    def _rope_per_layer_type(model: torch.nn.Module) -> bool:
+        return "layer_type" in inspect.signature(model.model.rotary_emb.forward).parameters
+
+    def rope_tables(self, model: torch.nn.Module, positions: torch.Tensor) -> dict:
+        """{table: (cos, sin)} of shape (positions, head_dim), one per RoPE variant."""
+        rotary = model.model.rotary_emb
+        probe = torch.zeros(1, 1, model.config.hidden_size, dtype=next(model.parameters()).dtype)
+        probe = probe.to(positions.device)
+        if not self._rope_per_layer_type(model):
+            cos, sin = rotary(probe, positions[None])
+            return {None: (cos[0], sin[0])}
+        out = {}
+        for kind in sorted(set(model.config.layer_types)):
+            cos, sin = rotary(probe, positions[None], kind)
+            out[kind] = (cos[0], sin[0])
+        return out
+
+    def activation(self, model: torch.nn.Module) -> str:
+        """The gated MLP's activation as kernel mode names it: ``silu`` or ``gelu_tanh``."""
+        config = model.config
+        name = getattr(config, "hidden_activation", None) or config.hidden_act
+        known = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
+        if name not in known:
+            raise ConfigError(
+                f"bench.mode=kernel runs SiLU and GELU-tanh gated MLPs, not '{name}': "
+                "use bench.mode=simulated"
+            )
+        return known[name]
+
+    def embedding_scale(self, model: torch.nn.Module) -> torch.Tensor | None:
+        """The factor the embedding module multiplies its rows by (Gemma: sqrt(d)), or None."""
+        return getattr(model.get_input_embeddings(), "embed_scale", None)
+
+    def final_norm(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model.model.norm
+
+    @staticmethod
+    def norm_eps(norm: torch.nn.Module) -> float:
+        return float(getattr(norm, "variance_epsilon", None) or norm.eps)
 
     def linears(self, layer: torch.nn.Module) -> list[torch.nn.Linear]:
         """Every linear layer of a decoder block (what a decode step reads)."""
@@ -276,6 +360,11 @@ class SandwichNormAdapter(GatedMLPAdapter):
 
     def pre_norm(self, layer: torch.nn.Module, part: str) -> torch.nn.Module:
         return layer.input_layernorm if part == "attn" else layer.pre_feedforward_layernorm
+
+    def post_norm(self, layer: torch.nn.Module, part: str) -> torch.nn.Module | None:
+        return (
+            layer.post_attention_layernorm if part == "attn" else layer.post_feedforward_layernorm
+        )
 
     def attention_residual(self, layer: torch.nn.Module, x: torch.Tensor, kwargs: dict):
         out = layer.self_attn(hidden_states=layer.input_layernorm(x), **kwargs)

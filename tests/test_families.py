@@ -235,3 +235,41 @@ def test_wina_without_its_transform_runs_on_a_parallel_block() -> None:
     with attach("wina", neox, "sparsity=0.5", *SHARED_WINA) as live:
         logits(neox)
         assert live.meter.site_sparsity == pytest.approx(0.5, abs=0.02)
+
+
+KERNEL_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma3", "phi3")
+
+
+@pytest.mark.parametrize("backend", ["native", "torch"])
+@pytest.mark.parametrize("name", ["topk", "cats", "griffin"])
+@pytest.mark.parametrize("kind", KERNEL_FAMILIES)
+def test_kernel_mode_decodes_as_simulated_mode(kind, name, backend, monkeypatch) -> None:
+    """The lean decoder reads each family's structure from its adapter (Qwen2's q/k/v biases,
+    Qwen3's and Gemma 3's q/k norms, Gemma's scaled embeddings, 1 + w gains and GELU-tanh,
+    Gemma 3's sandwich norms, sliding windows shorter than the prompt, two RoPE tables; Phi-3's
+    fused projections) and decodes the same tokens with allclose logits."""
+    from moyu_exp.kernels import native
+    from tests.test_kernels import assert_same_decode, kernel, simulated
+
+    if backend == "torch":
+        monkeypatch.setattr(native, "load", lambda: None)
+    elif native.load() is None:
+        pytest.skip("no C compiler")
+    family = tiny(kind)
+    small = ("calibration.tokens=1024", "calibration.seq_len=256")
+    expected = simulated(family, attach(name, family, "sparsity=0.5", *small))
+    got, decoder, _ = kernel(family, attach(name, family, "sparsity=0.5", *small))
+    assert decoder.backend.startswith(backend)
+    assert_same_decode(expected, got)
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [("gemma2", "soft-capping"), ("opt", "supports model types"), ("gpt_neox", "model types")],
+)
+def test_kernel_mode_refuses_what_it_cannot_express_in_one_line(kind, message) -> None:
+    from moyu_exp.kernels.decoder import LeanDecoder
+
+    family = tiny(kind)
+    with pytest.raises(ConfigError, match=message):
+        LeanDecoder(family.model)

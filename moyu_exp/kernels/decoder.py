@@ -28,7 +28,8 @@ from moyu_exp.lazy import lazy_import
 
 torch = lazy_import("torch")
 
-SUPPORTED = ("llama", "mistral", "qwen2")
+# model types whose decode step the lean decoder expresses (the adapter supplies the structure)
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")
 INPUT_SITES = {"attn_input": "qkv", "o_proj_input": "o", "mlp_input": "gate_up"}
 QKV_SITES = ("q_input", "k_input", "v_input")  # one projection's own input (CHESS+, WINA)
 UNSUPPORTED_SITES = ("gate_input", "up_input")
@@ -36,25 +37,43 @@ UNSUPPORTED_SITES = ("gate_input", "up_input")
 
 @dataclass
 class LayerWeights:
-    ln1: torch.Tensor
+    ln1: torch.Tensor  # the norms' gains (Gemma's 1 + w folded in)
     ln2: torch.Tensor
     qkv: torch.Tensor  # (d_q + 2 d_kv, d)
     o: torch.Tensor  # (d, d_q)
     gate_up: torch.Tensor  # (2 d_ff, d)
     down: torch.Tensor  # (d, d_ff)
+    qkv_bias: torch.Tensor | None = None  # Qwen2's q/k/v biases
+    post1: torch.Tensor | None = None  # Gemma 2/3's norms after the attention and the MLP
+    post2: torch.Tensor | None = None
+    q_norm: torch.Tensor | None = None  # per-head norms of q and k before RoPE
+    k_norm: torch.Tensor | None = None
+    window: int | None = None  # sliding-window attention
+    rope: str | None = None  # which RoPE table
 
 
 class DecoderWeights:
     """The model's weights in the decoder's layouts (fused q/k/v and gate/up), RoPE tables for
-    ``max_tokens`` positions, and the kernels that run them; built once per model and bench."""
+    ``max_tokens`` positions, and the kernels that run them; built once per model and bench.
+    The site adapter says where everything is (norms, their gains, q/k norms, sliding windows,
+    the activation, the embedding scale), so one decode step serves every supported family."""
 
     def __init__(self, model, max_tokens: int):
+        from moyu_exp.sites import adapter_for
+
         config = model.config
         if config.model_type not in SUPPORTED:
             raise ConfigError(
                 f"bench.mode=kernel supports model types {', '.join(SUPPORTED)}, "
                 f"not '{config.model_type}'"
             )
+        if getattr(config, "final_logit_softcapping", None) or getattr(
+            config, "attn_logit_softcapping", None
+        ):
+            raise ConfigError(
+                "bench.mode=kernel has no logit soft-capping: use bench.mode=simulated"
+            )
+        adapter = adapter_for(model)
         self.d, self.d_ff = config.hidden_size, config.intermediate_size
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or self.d // self.heads
@@ -64,28 +83,66 @@ class DecoderWeights:
         self.dtype, self.device = param.dtype, param.device
         widest = max(2 * self.d_ff, self.d, config.vocab_size)
         self.kernels = kernels_for(self.device, self.dtype, max_tokens, widest)
+        self.act = adapter.activation(model)
         act = self.kernels.dtype  # activations (fp32 for the native kernels)
         with torch.no_grad():
-            self.layers = [self._layer(block, act) for block in model.model.layers]
-            self.embed = model.model.embed_tokens.weight
-            self.norm = model.model.norm.weight.to(act).contiguous()
-            self.head = model.lm_head.weight.contiguous()
-            positions = torch.arange(max_tokens, device=self.device)[None]
-            probe = torch.zeros(1, 1, self.d, dtype=self.dtype, device=self.device)
-            cos, sin = model.model.rotary_emb(probe, positions)
-            self.cos = cos[0].to(act).contiguous()  # (max_tokens, head_dim)
-            self.sin = sin[0].to(act).contiguous()
+            blocks = adapter.layers(model)
+            parts = [adapter.decode_parts(model, block) for block in blocks]
+            self.scale = parts[0].scale
+            self.layers = [self._layer(adapter, p, act) for p in parts]
+            self.embed = model.get_input_embeddings().weight
+            scale = adapter.embedding_scale(model)
+            self.embed_scale = None if scale is None else scale.to(self.embed.dtype)
+            self.norm = adapter.norm_gain(adapter.final_norm(model)).to(act).contiguous()
+            self.head = model.get_output_embeddings().weight.contiguous()
+            positions = torch.arange(max_tokens, device=self.device)
+            self.rope = {
+                kind: (cos.to(act).contiguous(), sin.to(act).contiguous())
+                for kind, (cos, sin) in adapter.rope_tables(model, positions).items()
+            }
+        if any(t[0].shape[-1] != self.head_dim for t in self.rope.values()):
+            raise ConfigError("bench.mode=kernel has no partial RoPE: use bench.mode=simulated")
+        # LLaMA's plain block: what the natively fused whole step runs
+        self.plain = (
+            self.act == "silu"
+            and self.embed_scale is None
+            and all(
+                lw.qkv_bias is None and lw.post1 is None and lw.q_norm is None and lw.window is None
+                for lw in self.layers
+            )
+        )
 
-    @staticmethod
-    def _layer(block, act) -> LayerWeights:
-        attn, mlp = block.self_attn, block.mlp
+    @property
+    def cos(self) -> torch.Tensor:
+        return self.rope[self.layers[0].rope][0]
+
+    @property
+    def sin(self) -> torch.Tensor:
+        return self.rope[self.layers[0].rope][1]
+
+    def _layer(self, adapter, parts, act) -> LayerWeights:
+        def gain(norm):
+            return None if norm is None else adapter.norm_gain(norm).to(act).contiguous()
+
+        biases = [linear.bias for linear in parts.qkv]
+        window = (
+            parts.window if parts.window is not None and parts.window < self.max_tokens else None
+        )
+        q_norm, k_norm = parts.qk_norms or (None, None)
         return LayerWeights(
-            ln1=block.input_layernorm.weight.to(act).contiguous(),
-            ln2=block.post_attention_layernorm.weight.to(act).contiguous(),
-            qkv=torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]),
-            o=attn.o_proj.weight.contiguous(),
-            gate_up=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),
-            down=mlp.down_proj.weight.contiguous(),
+            ln1=gain(parts.norms[0]),
+            ln2=gain(parts.norms[1]),
+            qkv=torch.cat([linear.weight for linear in parts.qkv]),
+            o=parts.o.weight.contiguous(),
+            gate_up=torch.cat([parts.gate, parts.up]),
+            down=parts.down.weight.contiguous(),
+            qkv_bias=None if biases[0] is None else torch.cat(biases).to(act),
+            post1=gain(parts.post_norms[0]),
+            post2=gain(parts.post_norms[1]),
+            q_norm=gain(q_norm),
+            k_norm=gain(k_norm),
+            window=window,
+            rope=parts.rope,
         )
 
 
@@ -125,7 +182,7 @@ class LeanDecoder:
         w = self.w
         self.d, self.d_ff, self.max_tokens = w.d, w.d_ff, w.max_tokens
         self.k = w.kernels
-        self.scale = w.head_dim**-0.5
+        self.scale = w.scale
         act = self.k.dtype
         with torch.no_grad():
             self.layers = [
@@ -156,6 +213,9 @@ class LeanDecoder:
         if self.k.name != "native" or not self.fuse:
             return
         self.flush()
+        if not self.w.plain:  # Gemma's and Qwen's extras run through the Python step
+            self.fused = None
+            return
         if any(layer.sites & set(QKV_SITES) for layer in self.layers):
             self.fused = None  # per-projection masks run through the Python step
             return
@@ -246,8 +306,9 @@ class LeanDecoder:
         cache = getattr(out, cache_kwarg(self.model))
         tokens = ids.shape[1]
         for i, layer_cache in enumerate(cache.layers):
-            self.keys[i, :, :tokens] = layer_cache.keys[0].to(self.keys.dtype)
-            self.values[i, :, :tokens] = layer_cache.values[0].to(self.values.dtype)
+            held = layer_cache.keys.shape[2]  # a sliding-window layer holds only its last keys
+            self.keys[i, :, tokens - held : tokens] = layer_cache.keys[0].to(self.keys.dtype)
+            self.values[i, :, tokens - held : tokens] = layer_cache.values[0].to(self.values.dtype)
         self.pos = tokens
         if self.live is not None:
             self._compact_mlps()
@@ -301,29 +362,62 @@ class LeanDecoder:
             self.pos += 1
             return logits.clone()
         k, pos, w = self.k, self.pos, self.w
-        cos, sin = w.cos[pos], w.sin[pos]
         h = w.embed[token].to(k.dtype)
+        if w.embed_scale is not None:  # Gemma scales its embeddings (in the weights' dtype)
+            h = (w.embed[token] * w.embed_scale).to(k.dtype)
         for i, layer in enumerate(self.layers):
-            n = k.norm(h, layer.w.ln1, w.eps)
+            lw = layer.w
+            cos, sin = w.rope[lw.rope]
+            n = k.norm(h, lw.ln1, w.eps)
             qkv = self._qkv(i, layer, n)
+            if lw.qkv_bias is not None:
+                qkv = qkv + lw.qkv_bias
+            if lw.q_norm is not None:
+                qkv = self._qk_norms(lw, qkv)
             attn = k.attend(
                 qkv,
                 self.keys[i],
                 self.values[i],
                 pos,
-                cos,
-                sin,
+                cos[pos],
+                sin[pos],
                 w.heads,
                 w.kv_heads,
                 w.head_dim,
                 self.scale,
+                lw.window,
             )
-            h = h + self._linear(i, layer, "o_proj_input", attn)
-            n = k.norm(h, layer.w.ln2, w.eps)
-            h = h + self._mlp(i, layer, n)
+            out = self._linear(i, layer, "o_proj_input", attn)
+            h = h + (out if lw.post1 is None else k.norm(out, lw.post1, w.eps))
+            n = k.norm(h, lw.ln2, w.eps)
+            out = self._mlp(i, layer, n)
+            h = h + (out if lw.post2 is None else k.norm(out, lw.post2, w.eps))
         logits = k.linear(w.head, k.norm(h, w.norm, w.eps))
         self.pos += 1
         return logits
+
+    def _qk_norms(self, lw: LayerWeights, qkv: torch.Tensor) -> torch.Tensor:
+        """Qwen3's and Gemma 3's per-head RMSNorm of q and k (before RoPE)."""
+        w = self.w
+        d_q, d_kv = w.heads * w.head_dim, w.kv_heads * w.head_dim
+        norm = torch.nn.functional.rms_norm  # per head (the native norm is over the whole row)
+        q = norm(qkv[:d_q].view(w.heads, w.head_dim), (w.head_dim,), lw.q_norm, w.eps)
+        key = norm(
+            qkv[d_q : d_q + d_kv].view(w.kv_heads, w.head_dim), (w.head_dim,), lw.k_norm, w.eps
+        )
+        return torch.cat([q.reshape(-1), key.reshape(-1), qkv[d_q + d_kv :]])
+
+    def _act_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """act(gate) * up of a fused gate/up product."""
+        if self.w.act == "silu":
+            return self.k.silu_mul(gate_up)
+        gate, up = gate_up.chunk(2)
+        return self._act(gate) * up
+
+    def _act(self, gate: torch.Tensor) -> torch.Tensor:
+        if self.w.act == "silu":
+            return torch.nn.functional.silu(gate)
+        return torch.nn.functional.gelu(gate, approximate="tanh")
 
     def _qkv(self, i: int, layer: Layer, n: torch.Tensor) -> torch.Tensor:
         """q, k and v of the step: one input-sparse product when the shared input is a site,
@@ -370,7 +464,7 @@ class LeanDecoder:
         k, d_ff, w = self.k, self.d_ff, layer.w
         if layer.compact is not None:
             gate_up, down = layer.compact
-            z = k.silu_mul(k.linear(gate_up, n))
+            z = self._act_mul(k.linear(gate_up, n))
             self._count("mlp_intermediate", i, d_ff - z.numel())
             return k.linear(down, z)
         if "gate_act" in layer.sites:
@@ -381,16 +475,16 @@ class LeanDecoder:
             else:
                 gate = k.linear(w.gate_up[:d_ff], n)
             rule = self.live.kernel_rule("gate_act", i)
-            if rule is not None:
+            if rule is not None and self.w.act == "silu":  # the native rule fuses SiLU
                 out, kept = k.gated_rule(w.gate_up[d_ff:], layer.t["down"], gate, n, rule)
             else:
-                act = torch.nn.functional.silu(gate)
+                act = self._act(gate)
                 mask = self.live.kept("gate_act", i, act)
                 up = k.rows_masked(w.gate_up[d_ff:], mask, n)
                 out, kept = k.sparse_in(layer.t["down"], mask, act * up)
             self._count("gate_act", i, d_ff - kept)
             return out
-        z = k.silu_mul(self._linear(i, layer, "mlp_input", n))
+        z = self._act_mul(self._linear(i, layer, "mlp_input", n))
         if "mlp_intermediate" not in layer.sites:
             return k.linear(w.down, z)
         return self._sparse_input(i, layer, "mlp_intermediate", z)

@@ -61,19 +61,8 @@ class TorchKernels:
         up = self.rows_masked(up_weight, mask, x)
         return self.sparse_in(down_t, mask, act * up)
 
-    def attend(self, qkv, keys, values, pos, cos, sin, heads, kv, dim, scale):
-        d_q, d_kv = heads * dim, kv * dim
-        q = _rope(qkv[:d_q].view(heads, dim), cos, sin)
-        keys[:, pos] = _rope(qkv[d_q : d_q + d_kv].view(kv, dim), cos, sin)
-        values[:, pos] = qkv[d_q + d_kv :].view(kv, dim)
-        out = torch.nn.functional.scaled_dot_product_attention(
-            q[None, :, None, :],
-            keys[None, :, : pos + 1],
-            values[None, :, : pos + 1],
-            scale=scale,
-            enable_gqa=heads != kv,
-        )
-        return out.reshape(d_q)
+    def attend(self, qkv, keys, values, pos, cos, sin, heads, kv, dim, scale, window=None):
+        return _attend(qkv, keys, values, pos, cos, sin, heads, kv, dim, scale, window)
 
 
 class NativeKernels:
@@ -170,7 +159,9 @@ class NativeKernels:
         )
         return out, kept
 
-    def attend(self, qkv, keys, values, pos, cos, sin, heads, kv, dim, scale):
+    def attend(self, qkv, keys, values, pos, cos, sin, heads, kv, dim, scale, window=None):
+        if window is not None and pos >= window:  # a sliding window: keys from pos - window + 1
+            return _attend(qkv, keys, values, pos, cos, sin, heads, kv, dim, scale, window)
         out = torch.empty(heads * dim, dtype=torch.float32)
         self.lib.attend(
             qkv.data_ptr(),
@@ -197,6 +188,24 @@ def kernels_for(device, dtype, max_tokens: int, max_cols: int):
         if lib is not None:
             return NativeKernels(lib, max_tokens, max_cols)
     return TorchKernels(dtype, device)
+
+
+def _attend(qkv, keys, values, pos, cos, sin, heads, kv, dim, scale, window=None):
+    """RoPE, the KV-cache write and single-query attention over the last ``window`` positions
+    (all of them when None), with stock ops."""
+    d_q, d_kv = heads * dim, kv * dim
+    q = _rope(qkv[:d_q].view(heads, dim), cos, sin)
+    keys[:, pos] = _rope(qkv[d_q : d_q + d_kv].view(kv, dim), cos, sin)
+    values[:, pos] = qkv[d_q + d_kv :].view(kv, dim)
+    start = 0 if window is None else max(0, pos + 1 - window)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q[None, :, None, :],
+        keys[None, :, start : pos + 1],
+        values[None, :, start : pos + 1],
+        scale=scale,
+        enable_gqa=heads != kv,
+    )
+    return out.reshape(d_q)
 
 
 def _rope(x, cos, sin):
