@@ -13,6 +13,7 @@ inside every sweep point.
     python benchmarks/decode_speed.py                       # SmolLM2, the issue's grid
     python benchmarks/decode_speed.py --strategies teal --sparsities 0.5 0.9 --rounds 9
     python benchmarks/decode_speed.py --model tiny_llama --shape 1b   # random 1B-shape model
+    python benchmarks/decode_speed.py --model gemma3_270m --strategies topk cats griffin
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ SHAPES = {  # tiny_llama shapes for timing at sizes we cannot download
 }
 
 
-def config(model: str, dtype: str, shape: str | None, strategy: str, sparsity: float):
+def config(model: str, dtype: str, shape: str | None, strategy: str, sparsity: float, extra=()):
     from moyu_exp.config import register_configs
 
     register_configs()
@@ -47,6 +48,7 @@ def config(model: str, dtype: str, shape: str | None, strategy: str, sparsity: f
         f"strategy={strategy}",
         f"sparsity={sparsity}",
         *(SHAPES[shape] if shape else []),
+        *extra,
     ]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         return compose("config", overrides=overrides)
@@ -65,6 +67,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--burn-in", type=int, default=8)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument(
+        "--overrides",
+        nargs="+",
+        default=[],
+        help="config overrides for every sparse point, e.g. strategy.allocation=uniform",
+    )
     args = parser.parse_args(argv)
 
     import torch
@@ -91,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name in args.strategies:
         for sparsity in args.sparsities:
-            cfg = config(args.model, args.dtype, args.shape, name, sparsity)
+            cfg = config(args.model, args.dtype, args.shape, name, sparsity, args.overrides)
             strategy = build(cfg.strategy)
             state, _ = calibration.prepare(strategy, loaded, cfg)
             with strategy.attach(loaded.model, state) as live, live.measuring() as meter:
