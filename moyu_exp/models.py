@@ -63,6 +63,9 @@ def load(cfg: DictConfig) -> LoadedModel:
     loaded: LoadedModel = build(cfg)
     _LOAD_COUNT[0] += 1
     loaded.model.eval()
+    if getattr(loaded.model.config, "_experts_implementation", None) not in (None, "eager"):
+        # routed experts run transformers' eager loop, the one the site adapter hooks into
+        loaded.model.set_experts_implementation("eager")
     loaded.info.update(
         name=cfg.name,
         dtype=str(loaded.model.dtype).removeprefix("torch."),
@@ -357,12 +360,17 @@ TINY_FAMILIES: dict[str, tuple[str, str, Any]] = {
         "GPTNeoXForCausalLM",
         lambda head_dim: {"use_parallel_residual": True, "hidden_act": "gelu"},
     ),
+    "mixtral": (  # routed experts: 4 per block, 2 per token
+        "MixtralConfig",
+        "MixtralForCausalLM",
+        lambda head_dim: {"num_local_experts": 4, "num_experts_per_tok": 2},
+    ),
 }
 # the shape keys a family's config spells differently, and those it does not have
 RENAMED = {"opt": {"intermediate_size": "ffn_dim"}}
 NO_GQA = ("opt", "gpt_neox")  # num_key_value_heads does not apply
 # families researchers bring whose blocks no adapter describes yet
-NO_ADAPTER_YET = ("mixtral", "qwen2_moe", "olmoe")
+NO_ADAPTER_YET = ("qwen2_moe", "olmoe")
 
 
 def _tiny_config(family: str, tokenizer, **shape):

@@ -22,6 +22,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
+from moyu_exp.errors import ConfigError
 from moyu_exp.lazy import lazy_import
 from moyu_exp.masking import apply_mask, apply_rule
 from moyu_exp.meter import SparsityMeter
@@ -54,6 +55,14 @@ class Attachment:
         self.strategy = strategy
         self.model = model
         self.adapter = adapter_for(model)
+        routed = [s for s in strategy.sites if s in getattr(self.adapter, "routed_sites", ())]
+        if routed and (strategy.compact_mlp or strategy.masks_from_elsewhere):
+            raise ConfigError(
+                f"strategy {strategy.name} selects neurons per layer, not from the rows an expert "
+                f"receives, but {routed[0]} in "
+                f"a {model.config.model_type} block belongs to routed experts, each with its "
+                "own neurons: use a per-token rule (topk, cats, teal, random)"
+            )
         self.layer_ids = strategy.layer_ids(model)
         self.cost = self.adapter.cost_model(
             model, list(strategy.sites), self.layer_ids, strategy.compact_mlp

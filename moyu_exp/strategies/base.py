@@ -67,6 +67,9 @@ class Strategy:
     calibration_version: ClassVar[int] = 1  # bump when a method's statistic changes
     sequence_level: ClassVar[bool] = False
     compact_mlp: ClassVar[bool] = False  # decode-time neuron set known before each step
+    # its masks come from tensors other than the site's own rows (a predictor reading the block
+    # input): they cannot follow a token into the routed experts of a mixture-of-experts block
+    masks_from_elsewhere: ClassVar[bool] = False
     kernel_support: ClassVar[bool] = True  # bench.mode=kernel can run it (see moyu_exp.kernels)
     watches_output: ClassVar[bool] = False  # end_forward sees every forward's logits
     # numeric fields' accepted values (other integer fields: >= 1, a seed >= 0)

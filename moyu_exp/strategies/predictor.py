@@ -57,6 +57,7 @@ class Predictor(Strategy):
         "lr": Range(0, low_open=True),
     }
     allowed_sites = (SITE,)
+    masks_from_elsewhere = True
     needs_calibration = True
     calibration_version = 2  # 1: MLP input, plain BCE, fixed epochs
     kernel_support = False  # its scores come from a hook the lean decoder does not run
