@@ -1,4 +1,4 @@
-"""A lean batch-1 greedy decoder for LLaMA-style models that runs the sparse kernels.
+"""A lean batch-1 greedy decoder (LLaMA, Qwen, Gemma, Phi-3 blocks) that runs the sparse kernels.
 
 Why not the model's own forward: at batch 1 a generic forward spends most of its time in Python
 and dispatch (about 75 ms per token for SmolLM2 on this CPU, for ~540 MB of fp32 weights), so
