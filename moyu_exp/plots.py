@@ -173,11 +173,15 @@ def generality(
         ax.invert_yaxis()
         if _log_scale(metric):
             ax.set_xscale("log")
-        ax.set_title(f"{metric}\n({_direction(metric, directions)})", fontsize=9)
+        if metric == "achieved_sparsity":
+            title = "achieved sparsity\n(model level)"
+        else:
+            title = f"{metric}\n({_direction(metric, directions)})"
+        ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3, axis="x")
     handles, labels = axes[0][0].get_legend_handles_labels()
     if handles:
-        fig.legend(handles, labels, loc="upper center", ncol=len(models), fontsize=8)
-    fig.suptitle("the same methods on each model", y=1.02)
+        fig.legend(handles, labels, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(models))
+    fig.suptitle("the same methods on each model", y=1.08)
     fig.tight_layout()
     save_png(fig, path)

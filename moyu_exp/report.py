@@ -68,9 +68,9 @@ def _rank(payload: dict[str, Any]) -> tuple[bool, str]:
 def rows(payloads: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One flat row per point, labelled by strategy (and its parameters where they differ)."""
     out = []
-    labels = _labels(payloads)
     models = [(p.get("config") or {}).get("model", {}).get("name") for p in payloads]
-    several = len(set(models)) > 1  # a generality sweep: the label names the model too
+    several = len(set(models)) > 1  # a generality sweep: the label names the model instead
+    labels = _labels(payloads, ignore=("model.",) if several else ())
     for payload, label, model in zip(payloads, labels, models, strict=True):
         row: dict[str, Any] = {
             "label": f"{label} @ {model}" if several else label,
@@ -107,12 +107,13 @@ UNLABELLED = (
     "logger.",
     "data_dir",
     "eval.data_dir",
-    "model.",  # a point's model is named in its label only when models differ (see rows)
+    "model.device",
 )
 
 
-def _labels(payloads: list[dict[str, Any]]) -> list[str]:
-    """Strategy names, plus ``key=value`` for the config keys that vary within a strategy."""
+def _labels(payloads: list[dict[str, Any]], ignore: tuple[str, ...] = ()) -> list[str]:
+    """Strategy names, plus ``key=value`` for the config keys that vary within a strategy
+    (except those starting with ``ignore``)."""
     flats = [_flat(p.get("config") or {}) for p in payloads]
     names = [str(p.get("strategy")) for p in payloads]
     varying: dict[str, set[str]] = {}
@@ -122,7 +123,7 @@ def _labels(payloads: list[dict[str, Any]]) -> list[str]:
                 # a key one of them lacks (a result from before the key existed) is no difference
                 keys = {k for k in set(flat) & set(other) if flat[k] != other[k]}
                 varying.setdefault(name, set()).update(
-                    k for k in keys if not k.startswith(UNLABELLED)
+                    k for k in keys if not k.startswith((*UNLABELLED, *ignore))
                 )
     labels = []
     for name, flat in zip(names, flats, strict=True):
