@@ -105,17 +105,20 @@ class GatedMLPAdapter:
 
     def readers(self, layer: torch.nn.Module, site: str) -> list[torch.nn.Linear]:
         """The linear layers whose input (or, for gate_act, whose rows) this site gates."""
-        attn, mlp = layer.self_attn, layer.mlp
+        attn = layer.self_attn
         if site in PROJECTION_SITES:
             return [self._projection(layer, site)]
         if site == "block_input":
             return []
+        if site == "attn_input":
+            return [attn.q_proj, attn.k_proj, attn.v_proj]
+        if site == "o_proj_input":
+            return [attn.o_proj]
+        mlp = layer.mlp  # only the MLP sites read it (a routed-experts block has no gate_proj)
         return {
             "mlp_input": [mlp.gate_proj, mlp.up_proj],
             "gate_act": [mlp.up_proj, mlp.down_proj],
             "mlp_intermediate": [mlp.down_proj],
-            "attn_input": [attn.q_proj, attn.k_proj, attn.v_proj],
-            "o_proj_input": [attn.o_proj],
         }[site]
 
     def attention_residual(self, layer: torch.nn.Module, x: torch.Tensor, kwargs: dict):
@@ -164,14 +167,14 @@ class GatedMLPAdapter:
         the strategy sparsifies (``sites``) and whether its MLP neuron set is known before a
         decode step (``compact``: a dropped neuron skips a gate row, an up row and a down
         column)."""
-        gate, _ = self.gate_up_weights(layer)
-        d_ff, d = gate.shape
-        if site == "mlp_intermediate" and compact:  # a gate row, an up row, a down column
-            return 3 * d
-        if site == "gate_act":  # a zero in act(gate) skips one row of up and one column of down
-            return 2 * d
-        if site == "mlp_input" and "gate_act" in sites:  # up is then read by rows: gate only
-            return d_ff
+        if site in ("mlp_intermediate", "gate_act", "mlp_input"):
+            d_ff, d = self.gate_up_weights(layer)[0].shape
+            if site == "mlp_intermediate" and compact:  # a gate row, an up row, a down column
+                return 3 * d
+            if site == "gate_act":  # a zero in act(gate) skips a row of up and a column of down
+                return 2 * d
+            if site == "mlp_input" and "gate_act" in sites:  # up is then read by rows: gate only
+                return d_ff
         return sum(linear.out_features for linear in self.readers(layer, site))
 
     # ------------------------------------------------------------ what kernel mode reads
@@ -235,10 +238,6 @@ class GatedMLPAdapter:
 
     def final_norm(self, model: torch.nn.Module) -> torch.nn.Module:
         return model.model.norm
-
-    @staticmethod
-    def norm_eps(norm: torch.nn.Module) -> float:
-        return float(getattr(norm, "variance_epsilon", None) or norm.eps)
 
     def linears(self, layer: torch.nn.Module) -> list[torch.nn.Linear]:
         """Every linear layer of a decoder block (what a decode step reads)."""
@@ -409,12 +408,7 @@ class RoutedExpertsAdapter(GatedMLPAdapter):
     def readers(self, layer: torch.nn.Module, site: str) -> list[torch.nn.Linear]:
         if site in ("mlp_input", "gate_input", "up_input", *ROUTED_SITES):
             raise self._no_linear(site)
-        if site in PROJECTION_SITES:
-            return [self._projection(layer, site)]
-        attn = layer.self_attn
-        if site == "attn_input":
-            return [attn.q_proj, attn.k_proj, attn.v_proj]
-        return [attn.o_proj] if site == "o_proj_input" else []
+        return super().readers(layer, site)
 
     def _no_linear(self, site: str) -> ConfigError:
         return ConfigError(
@@ -446,7 +440,7 @@ class RoutedExpertsAdapter(GatedMLPAdapter):
             return top_k * 2 * d
         if site == "mlp_input":
             return top_k * (d_ff if "gate_act" in sites else 2 * d_ff)
-        return sum(linear.out_features for linear in self.readers(layer, site))
+        return super().weights_per_entry(layer, site, sites, compact)
 
     def cost_model(
         self,

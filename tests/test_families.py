@@ -181,11 +181,16 @@ def test_wina_on_fused_projections(tmp_path) -> None:
     phi3 = tiny("phi3")
     with pytest.raises(ConfigError, match="fused"), attach("wina", phi3, "sparsity=0.5"):
         pass
-    dense = logits(phi3)
-    with attach("wina", phi3, "sparsity=0", *SHARED_WINA):
-        assert torch.equal(logits(phi3), dense)
-    with attach("wina", phi3, "sparsity=0.5", *SHARED_WINA) as live:
-        logits(phi3)
+    assert_shared_wina_runs(phi3)
+
+
+def assert_shared_wina_runs(family) -> None:
+    """WINA's shared-input variant without its transform: dense at 0, on target at 0.5."""
+    dense = logits(family)
+    with attach("wina", family, "sparsity=0", *SHARED_WINA):
+        assert torch.equal(logits(family), dense)
+    with attach("wina", family, "sparsity=0.5", *SHARED_WINA) as live:
+        logits(family)
         assert live.meter.site_sparsity == pytest.approx(0.5, abs=0.02)
 
 
@@ -233,13 +238,7 @@ def test_what_a_non_gated_block_lacks_is_one_line(name, overrides, message) -> N
 
 
 def test_wina_without_its_transform_runs_on_a_parallel_block() -> None:
-    neox = tiny("gpt_neox")
-    dense = logits(neox)
-    with attach("wina", neox, "sparsity=0", *SHARED_WINA):
-        assert torch.equal(logits(neox), dense)
-    with attach("wina", neox, "sparsity=0.5", *SHARED_WINA) as live:
-        logits(neox)
-        assert live.meter.site_sparsity == pytest.approx(0.5, abs=0.02)
+    assert_shared_wina_runs(tiny("gpt_neox"))
 
 
 KERNEL_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma3", "phi3")
