@@ -355,6 +355,13 @@ def check_range(key: str, value: Any, accepted: Range) -> None:
         )
 
 
+def check_choice(key: str, value: Any, accepted: tuple[str, ...]) -> None:
+    """A key with named values: a one-line ConfigError naming the key, the value and the
+    accepted names."""
+    if value not in accepted:
+        raise ConfigError(f"{key}='{value}' is unknown: accepted are {', '.join(accepted)}")
+
+
 def check_fields(obj: Any, prefix: str, ranges: dict[str, Range]) -> None:
     """A strategy's or probe's numbers: each field in ``ranges`` against its range (list
     entries alike); every other integer field (a count, a size) must be >= 1, a seed >= 0.

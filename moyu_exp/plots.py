@@ -117,6 +117,28 @@ def pareto(
     save_png(fig, path)
 
 
+def at_levels(
+    table: list[dict[str, Any]],
+    metrics: list[str],
+    path: Path,
+    directions: Directions,
+    levels: list[float],
+    speed: tuple[str, str],
+) -> None:
+    """Each metric against a speed column (``speed``: (column, axis label)), a panel per metric
+    (+sweep=frontier's figure): a line per method, the frontier dashed, the speedup levels read
+    as vertical lines."""
+    fig, axes = plt.subplots(1, len(metrics), figsize=(6.2 * len(metrics), 4.6), squeeze=False)
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        _pareto_panel(ax, table, metric, speed[0], directions)
+        for level in levels:
+            ax.axvline(level, color="grey", lw=0.8, ls=":")
+        ax.set_xlabel(speed[1])
+    fig.suptitle("Quality against decode speed (dotted: the levels read)")
+    fig.tight_layout()
+    save_png(fig, path)
+
+
 def _pareto_panel(ax, table, metric: str | None, speed: str, directions: Directions) -> None:
     rows = [r for r in _ok(table, metric) if r.get(speed)] if metric else []
     for label in sorted({r["label"] for r in rows}):

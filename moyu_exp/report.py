@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import itertools
 import math
 import sys
 from pathlib import Path
@@ -198,11 +199,7 @@ def format_table(table: list[dict[str, Any]]) -> str:
     heads = ["strategy", "target", "site", "model", *metrics, "speedup", "ideal", "tok/s"]
     heads += ["status"]
     cells = [[_fmt(r.get(c)) for c in cols] for r in table]
-    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(heads)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(heads, widths, strict=True))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(c.ljust(w) for c, w in zip(cell, widths, strict=True)) for cell in cells]
-    return "\n".join(lines)
+    return _text_table(heads, cells)
 
 
 # What the generality table puts side by side for each model (with the headline metrics).
@@ -233,7 +230,69 @@ def format_generality(models: list[str], metrics: list[str], wide: list[dict[str
     cols = [f"{m}: {metric}" for metric in metrics for m in models]
     heads = ["strategy", "target", *cols]
     cells = [[str(r["method"]), _fmt(r["sparsity"]), *(_fmt(r.get(c)) for c in cols)] for r in wide]
-    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(heads)]
+    return _text_table(heads, cells)
+
+
+# What the frontier table reads at each speedup level (KL, then the accuracy and its error).
+FRONTIER = ("fidelity/kl", "piqa/acc", "piqa/acc_stderr")
+
+
+def at_speedups(
+    table: list[dict[str, Any]], levels: list[float], speed: str = "speedup"
+) -> list[dict[str, Any]]:
+    """Each method's :data:`FRONTIER` metrics at each level of the ``speed`` column (the
+    measured paired speedup, or ``ideal_speedup``), interpolated linearly along its own
+    sparsity curve (from the dense model, speedup 1 and KL 0, to its sparsest point): the first
+    segment whose speedups span the level; None where none does."""
+    ok = [r for r in table if r.get("status") == "ok" and r.get(speed)]
+    ok = [r | {"speedup": r[speed]} for r in ok]
+    dense = next((r for r in ok if r.get("strategy") == "dense"), None)
+    anchor = {"speedup": 1.0, "fidelity/kl": 0.0}
+    if dense is not None:
+        anchor |= {m: dense.get(m) for m in FRONTIER[1:]}
+    out = []
+    for label in sorted({r["label"] for r in ok if r.get("strategy") != "dense"}):
+        curve = [anchor, *sorted((r for r in ok if r["label"] == label), key=_sparsity)]
+        row: dict[str, Any] = {"method": label}
+        for level in levels:
+            for metric in FRONTIER:
+                row[f"{metric} @ {level:g}x"] = _interpolate(curve, level, metric)
+        out.append(row)
+    return out
+
+
+def _sparsity(row: dict[str, Any]) -> float:
+    return row.get("sparsity") or 0.0
+
+
+def _interpolate(curve: list[dict[str, Any]], level: float, metric: str) -> float | None:
+    for a, b in itertools.pairwise(curve):
+        low, high = sorted((a["speedup"], b["speedup"]))
+        if low <= level <= high and a.get(metric) is not None and b.get(metric) is not None:
+            if high == low:
+                return min(a[metric], b[metric])
+            t = (level - a["speedup"]) / (b["speedup"] - a["speedup"])
+            return a[metric] + t * (b[metric] - a[metric])
+    return None
+
+
+def format_frontier(rows: list[dict[str, Any]], levels: list[float]) -> str:
+    """The frontier rows as a fixed-width text table: per level, KL and piqa (+- its error)."""
+    heads = ["method", *(f"{h} @ {lv:g}x" for lv in levels for h in ("KL", "piqa"))]
+    cells = []
+    for r in rows:
+        cell = [str(r["method"])]
+        for level in levels:
+            kl, acc, err = (r.get(f"{m} @ {level:g}x") for m in FRONTIER)
+            cell.append(_fmt(kl))
+            cell.append("-" if acc is None else f"{acc:.3f} +/- {err or 0:.3f}")
+        cells.append(cell)
+    return _text_table(heads, cells)
+
+
+def _text_table(heads: list[str], cells: list[list[str]]) -> str:
+    """Left-aligned columns under a header and a rule."""
+    widths = [max([len(h), *(len(c[i]) for c in cells)]) for i, h in enumerate(heads)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(heads, widths, strict=True))]
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(c.ljust(w) for c, w in zip(cell, widths, strict=True)) for cell in cells]
@@ -287,13 +346,25 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("dirs", nargs="+", type=Path, help="run or sweep folders")
     parser.add_argument("--out", type=Path, help="where to write (default: the first folder)")
+    parser.add_argument(
+        "--levels",
+        type=float,
+        nargs="+",
+        help="speedups at which to read every method's KL and piqa (writes frontier.txt)",
+    )
+    parser.add_argument(
+        "--speed",
+        choices=[column for column, _ in SPEED_AXES],
+        default="speedup",
+        help="the speed the levels are read on: measured (default) or the bytes-bound ideal",
+    )
     args = parser.parse_args(argv)
     missing = [str(d) for d in args.dirs if not d.is_dir()]
     if missing:
         print(f"moyu_exp.report: error: not a folder: {', '.join(missing)}", file=sys.stderr)
         return 2
     out = args.out or args.dirs[0]
-    table, _ = summarize(args.dirs, out)
+    table, better = summarize(args.dirs, out)
     if not table:
         print(f"moyu_exp.report: error: no results.json under {', '.join(map(str, args.dirs))}")
         return 2
@@ -302,6 +373,20 @@ def main(argv: list[str] | None = None) -> int:
     if wide:
         print(f"\n{format_generality(models, metrics, wide)}")
     extra = f", {out / 'generality.png'}, {out / 'generality.txt'}" if wide else ""
+    if args.levels:
+        from moyu_exp import plots
+        from moyu_exp.cache import write_bytes_atomic
+
+        text = format_frontier(at_speedups(table, args.levels, args.speed), args.levels)
+        print(f"\nat {args.speed} levels (interpolated along each method's curve):\n{text}")
+        name = "frontier" if args.speed == "speedup" else "frontier_ideal"
+        write_bytes_atomic(out / f"{name}.txt", text.encode())
+        metrics = [m for m in FRONTIER[:2] if any(r.get(m) is not None for r in table)]
+        axis = dict(SPEED_AXES)[args.speed]
+        plots.at_levels(
+            table, metrics, out / f"{name}.png", better, args.levels, (args.speed, axis)
+        )
+        extra += f", {out / name}.txt, {out / name}.png"
     print(f"\nwrote {out / 'summary.csv'}, {out / 'tradeoff.png'}, {out / 'pareto.png'}{extra}")
     return 0
 

@@ -298,3 +298,33 @@ def test_the_generality_preset_puts_each_method_on_every_model_side_by_side(tmp_
     assert "tiny: fidelity/kl" in table[0] and "tiny_llama: fidelity/kl" in table[0]
     assert [line.split()[0] for line in table[2:]] == ["dense", "topk"]
     assert (sweep_dir / "generality.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_frontier_reads_each_method_at_a_speedup_along_its_own_curve() -> None:
+    def point(strategy, sparsity, speedup, kl, acc):
+        return {
+            "label": strategy,
+            "strategy": strategy,
+            "sparsity": sparsity,
+            "status": "ok",
+            "speedup": speedup,
+            "fidelity/kl": kl,
+            "piqa/acc": acc,
+            "piqa/acc_stderr": 0.02,
+        }
+
+    table = [
+        point("dense", 0.0, 1.0, 0.0, 0.66),
+        point("a", 0.3, 1.2, 0.2, 0.64),
+        point("a", 0.5, 1.6, 0.6, 0.60),
+        point("b", 0.5, 1.1, 0.1, 0.65),
+    ]
+    rows = {r["method"]: r for r in report.at_speedups(table, [1.1, 1.4, 1.7])}
+    assert set(rows) == {"a", "b"}
+    assert rows["a"]["fidelity/kl @ 1.4x"] == pytest.approx(0.4)
+    assert rows["a"]["piqa/acc @ 1.4x"] == pytest.approx(0.62)
+    assert rows["a"]["fidelity/kl @ 1.1x"] == pytest.approx(0.1)  # from the dense anchor
+    assert rows["a"]["fidelity/kl @ 1.7x"] is None  # beyond its fastest point: not reached
+    assert rows["b"]["fidelity/kl @ 1.4x"] is None
+    text = report.format_frontier(list(rows.values()), [1.4])
+    assert "0.4000" in text and "0.620 +/- 0.020" in text

@@ -8,6 +8,7 @@ from moyu_exp.strategies import (  # noqa: F401  (registration side effects)
     dense,
     griffin,
     larosa,
+    moyu,
     predictor,
     random,
     rsparse,

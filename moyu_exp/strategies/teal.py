@@ -39,7 +39,7 @@ from moyu_exp.activations import (
     quantile_table,
     threshold_at,
 )
-from moyu_exp.config import FRACTION, Range
+from moyu_exp.config import FRACTION, Range, check_choice
 from moyu_exp.errors import ConfigError
 from moyu_exp.lazy import lazy_import
 from moyu_exp.strategies.base import Strategy, register
@@ -76,15 +76,8 @@ class Teal(ThresholdStrategy):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.allocation not in ALLOCATIONS:
-            raise ConfigError(
-                f"strategy.allocation='{self.allocation}' is unknown: accepted are uniform, greedy"
-            )
-        if self.thresholds not in THRESHOLD_SOURCES:
-            raise ConfigError(
-                f"strategy.thresholds='{self.thresholds}' is unknown: accepted are "
-                f"{', '.join(THRESHOLD_SOURCES)}"
-            )
+        check_choice("strategy.allocation", self.allocation, ALLOCATIONS)
+        check_choice("strategy.thresholds", self.thresholds, THRESHOLD_SOURCES)
         if self.thresholds == "histogram" and self.in_order:
             raise ConfigError(
                 "strategy.thresholds=histogram reads the dense model's histograms: "

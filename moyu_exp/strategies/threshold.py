@@ -21,7 +21,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from moyu_exp.activations import calibrate_thresholds, threshold_at
-from moyu_exp.errors import ConfigError
+from moyu_exp.config import check_choice
 from moyu_exp.lazy import lazy_import
 from moyu_exp.strategies.base import KernelRule, Strategy
 
@@ -38,11 +38,7 @@ class ThresholdStrategy(Strategy):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.threshold_mode not in THRESHOLD_MODES:
-            raise ConfigError(
-                f"strategy.threshold_mode='{self.threshold_mode}' is unknown: "
-                f"accepted are {', '.join(THRESHOLD_MODES)}"
-            )
+        check_choice("strategy.threshold_mode", self.threshold_mode, THRESHOLD_MODES)
 
     @property
     def in_order(self) -> bool:

@@ -40,7 +40,7 @@ from typing import Any, ClassVar
 from tqdm.auto import tqdm
 
 from moyu_exp.activations import capture_block_inputs
-from moyu_exp.config import FRACTION, Range
+from moyu_exp.config import FRACTION, Range, check_choice
 from moyu_exp.errors import ConfigError
 from moyu_exp.lazy import lazy_import
 from moyu_exp.masking import KernelRule, apply_rule
@@ -94,10 +94,7 @@ class Wina(Strategy):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.allocation not in ALLOCATIONS:
-            raise ConfigError(
-                f"strategy.allocation='{self.allocation}' is unknown: accepted are uniform, greedy"
-            )
+        check_choice("strategy.allocation", self.allocation, ALLOCATIONS)
         shared = sorted({"attn_input", "mlp_input"} & set(self.sites))
         if self.transform and shared:
             raise ConfigError(
