@@ -137,9 +137,10 @@ class Moyu(SequenceLevel):
         return state
 
     def _profile(self, model, batches, layers, stats) -> dict[str, torch.Tensor]:
-        """Per layer, the estimated KL to the dense model when only that layer runs its prompt
-        set, at each of the BANDS levels (see the module docstring): {"profile.<layer>":
-        (BANDS,)} and {"gain.<layer>": (1,)}, the KL per unit energy at GAIN_LEVEL."""
+        """Per layer, what its cost curve needs (see the module docstring and :meth:`profile`):
+        {"energy.<layer>": (BANDS,)}, its prompt set's error energy at each band, summed over
+        the profile's forwards (a factor common to every layer), and {"gain.<layer>": (1,)},
+        the end-to-end KL per unit of that energy at GAIN_LEVEL."""
         prompt = self.profile_tokens
         segment = 2 * prompt
         rows = torch.cat([b[:, : b.shape[1] // segment * segment] for b in batches], dim=1)
