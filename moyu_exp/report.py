@@ -32,6 +32,7 @@ SPEED = [
     "speedup_iqr",
     "ideal_speedup",
     "efficiency",
+    "matched_speedup",
     "weight_bytes_per_token",
     "decode_tokens_per_s",
     "dense_tokens_per_s",
@@ -42,6 +43,11 @@ TAIL = [*SPEED, "status", "error", "model", "run_dir", "point_key"]
 SPEED_AXES = (
     ("speedup", "measured decode speedup over dense (paired, kernel mode)"),
     ("ideal_speedup", "bytes-bound ideal speedup (weights a kernel skips)"),
+)
+# The speeds --levels can read, the same two and the measured speed matched to the evaluation.
+LEVEL_AXES = (
+    *SPEED_AXES,
+    ("matched_speedup", "measured kernel efficiency x the evaluated sets' ideal speedup"),
 )
 
 
@@ -87,6 +93,7 @@ def rows(payloads: list[dict[str, Any]]) -> list[dict[str, Any]]:
         bench = payload.get("bench") or {}
         for key in SPEED:  # the point's own ideal (from its evaluation) unless only bench has it
             row[key] = payload.get(key) if payload.get(key) is not None else bench.get(key)
+        row["matched_speedup"] = matched_speedup(row)
         row["status"] = payload.get("status")
         row["error"] = payload.get("error")
         row["model"] = model
@@ -94,6 +101,16 @@ def rows(payloads: list[dict[str, Any]]) -> list[dict[str, Any]]:
         row["point_key"] = payload.get("point_key")
         out.append(row)
     return sorted(out, key=lambda r: (str(r["label"]), r["sparsity"] or 0.0))
+
+
+def matched_speedup(row: dict[str, Any]) -> float | None:
+    """The measured speed carried to the sets the evaluation scored: the bench's efficiency
+    (its paired speedup over the ideal of the sets it decoded with) times the evaluation's
+    bytes-bound ideal. Where a strategy's sets depend on the prompt (TDA's sizes, thresholds),
+    the bench prompt can skip more or fewer bytes than the evaluation did; this pairs each KL
+    with the speed of the sets that produced it."""
+    efficiency, ideal = row.get("efficiency"), row.get("ideal_speedup")
+    return None if efficiency is None or ideal is None else efficiency * ideal
 
 
 # Config keys that never tell points apart in a label (the x axis, bookkeeping, paths).
@@ -241,7 +258,7 @@ def at_speedups(
     table: list[dict[str, Any]], levels: list[float], speed: str = "speedup"
 ) -> list[dict[str, Any]]:
     """Each method's :data:`FRONTIER` metrics at each level of the ``speed`` column (the
-    measured paired speedup, or ``ideal_speedup``), interpolated linearly along its own
+    measured paired speedup, ``ideal_speedup`` or ``matched_speedup``), interpolated along its own
     sparsity curve (from the dense model, speedup 1 and KL 0, to its sparsest point): the first
     segment whose speedups span the level; None where none does."""
     ok = [r for r in table if r.get("status") == "ok" and r.get(speed)]
@@ -354,9 +371,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--speed",
-        choices=[column for column, _ in SPEED_AXES],
+        choices=[column for column, _ in LEVEL_AXES],
         default="speedup",
-        help="the speed the levels are read on: measured (default) or the bytes-bound ideal",
+        help="the speed the levels are read on: measured (default), the bytes-bound ideal, or "
+        "the measured efficiency applied to the evaluated sets' ideal (matched_speedup)",
     )
     args = parser.parse_args(argv)
     missing = [str(d) for d in args.dirs if not d.is_dir()]
@@ -379,10 +397,12 @@ def main(argv: list[str] | None = None) -> int:
 
         text = format_frontier(at_speedups(table, args.levels, args.speed), args.levels)
         print(f"\nat {args.speed} levels (interpolated along each method's curve):\n{text}")
-        name = "frontier" if args.speed == "speedup" else "frontier_ideal"
+        name = {"speedup": "frontier", "ideal_speedup": "frontier_ideal"}.get(
+            args.speed, f"frontier_{args.speed.removesuffix('_speedup')}"
+        )
         write_bytes_atomic(out / f"{name}.txt", text.encode())
         metrics = [m for m in FRONTIER[:2] if any(r.get(m) is not None for r in table)]
-        axis = dict(SPEED_AXES)[args.speed]
+        axis = dict(LEVEL_AXES)[args.speed]
         plots.at_levels(
             table, metrics, out / f"{name}.png", better, args.levels, (args.speed, axis)
         )

@@ -88,6 +88,16 @@ TEST_CALIBRATION = {
 }
 
 
+def calibration_sizes(name: str, overrides: tuple[str, ...]) -> list[str]:
+    """TEST_CALIBRATION's keys that ``overrides`` do not set (the predictor's for it only)."""
+    given = {o.split("=", 1)[0] for o in overrides}
+    return [
+        f"{key}={value}"
+        for key, value in TEST_CALIBRATION.items()
+        if key not in given and (key != "strategy.train_tokens" or name == "predictor")
+    ]
+
+
 def attach(name: str, loaded, *overrides: str):
     """The strategy ``name`` (its config with ``overrides``), calibrated on ``loaded`` when it
     needs it, as an Attachment to enter: ``with attach("topk", tiny) as live:``. On tiny models
@@ -95,14 +105,8 @@ def attach(name: str, loaded, *overrides: str):
     from moyu_exp import calibration
     from moyu_exp.config import build
 
-    given = {o.split("=", 1)[0] for o in overrides}
-    sized = [
-        f"{key}={value}"
-        for key, value in TEST_CALIBRATION.items()
-        if key not in given
-        and str(loaded.info.get("name")).startswith("tiny")
-        and (key != "strategy.train_tokens" or name == "predictor")
-    ]
+    tiny = str(loaded.info.get("name")).startswith("tiny")
+    sized = calibration_sizes(name, overrides) if tiny else []
     cfg = compose_config(f"strategy={name}", *sized, *overrides)  # only dataset keys are read
     strategy = build(cfg.strategy)
     state, _ = calibration.prepare(strategy, loaded, cfg)

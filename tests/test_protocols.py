@@ -195,13 +195,27 @@ def test_teal_greedy_path_reaches_the_target_and_runs_the_paper_protocol(tiny) -
 
 
 # ---------------------------------------------------------------------------- WINA
-def test_wina_transform_leaves_the_function_unchanged(tiny, tiny_batch) -> None:
+@pytest.mark.parametrize(
+    "sites",
+    [
+        [],  # WINA's seven projections
+        ["strategy.sites=[k_input,gate_input,mlp_intermediate]"],  # q, v, up read unrotated
+        ["strategy.sites=[o_proj_input,up_input]"],  # the attention input is not rotated
+    ],
+)
+def test_wina_transform_leaves_the_function_unchanged(sites, tiny, tiny_batch) -> None:
     """Rotation folded into the weights, sites expressed in the rotated basis: with every entry
-    kept the model computes what it did (up to rounding), and it is restored exactly."""
+    kept the model computes what it did (up to rounding), and it is restored exactly. With
+    some projections not sites, their readers get the folded gain without the rotation."""
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # gains other than 1 (a random init has none), so folding shows
+        for name, param in tiny.model.named_parameters():
+            if "layernorm" in name:
+                param.copy_(0.5 + torch.rand(param.shape, generator=gen))
     with torch.inference_mode():
         dense = tiny.model(tiny_batch).logits
     before = {k: v.clone() for k, v in tiny.model.state_dict().items()}
-    live = attach("wina", tiny, "sparsity=0.001", "strategy.allocation=uniform")
+    live = attach("wina", tiny, "sparsity=0.001", "strategy.allocation=uniform", *sites)
     with live, torch.inference_mode():
         assert live._patches  # the rotation is folded into q, k, v, gate and up
         rotated = tiny.model(tiny_batch).logits

@@ -12,7 +12,7 @@ from moyu_exp.config import ConfigError, build
 from moyu_exp.evaluation.harness import MoyuLM
 from moyu_exp.strategies import STRATEGIES, keep_count
 from moyu_exp.strategies.cett import mean_cett, solve_epsilon
-from tests.conftest import TINY, attach, compose_config
+from tests.conftest import TINY, attach, calibration_sizes, compose_config
 from tests.test_strategies import make
 
 D_FF = 160
@@ -146,7 +146,9 @@ def test_progressive_thresholds_hit_the_target_on_the_calibration_text(name, tin
 
 
 def calibrate_with(model, *overrides: str) -> dict:
-    cfg = compose_config(*TINY, *overrides)
+    """The calibration record of the strategy in ``overrides`` on ``model`` (test-sized)."""
+    name = next((o.split("=", 1)[1] for o in overrides if o.startswith("strategy=")), "")
+    cfg = compose_config(*TINY, *calibration_sizes(name, overrides), *overrides)
     return calibration.prepare(build(cfg.strategy), model, cfg)[1]
 
 

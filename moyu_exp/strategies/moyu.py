@@ -68,7 +68,7 @@ from moyu_exp.lazy import lazy_import
 from moyu_exp.masking import KernelRule
 from moyu_exp.sites import adapter_for, hooked
 from moyu_exp.strategies.base import Strategy, keep_count, register, topk_mask
-from moyu_exp.strategies.sequence import SITE, SequenceLevel
+from moyu_exp.strategies.sequence import SITE, SequenceLevel, prompt_energy
 
 torch = lazy_import("torch")
 
@@ -158,8 +158,7 @@ class Moyu(SequenceLevel):
         delta: dict[int, torch.Tensor] = {}
 
         def on_z(_site: str, layer: int, z: torch.Tensor) -> None:
-            every = torch.ones(z.shape[0], prompt, dtype=torch.bool, device=z.device)
-            score = self.score(z[:, :prompt], every, weights[layer])
+            score = self.score(z[:, :prompt], None, weights[layer])
             post = adapter.post_norm(blocks[layer], "mlp")
             delta[layer] = band_errors(z[:, prompt:], score, downs[layer], post)
 
@@ -185,11 +184,11 @@ class Moyu(SequenceLevel):
         band = round(GAIN_LEVEL * BANDS)
         profiles = {}
         for layer in tqdm(layers, desc="moyu layer gains", leave=False):
-            keep = keep_count(GAIN_LEVEL, downs[layer].in_features)
+            keeps = {layer: keep_count(GAIN_LEVEL, downs[layer].in_features)}
+            state = SimpleNamespace(weights=weights, keeps=keeps)
 
-            def frozen(z: torch.Tensor, keep=keep, layer=layer) -> torch.Tensor:
-                every = torch.ones(z.shape[0], prompt, dtype=torch.bool, device=z.device)
-                kept = topk_mask(self.score(z[:, :prompt], every, weights[layer]), keep)
+            def frozen(z: torch.Tensor, state=state, layer=layer) -> torch.Tensor:
+                kept = self.select(z[:, :prompt], None, state, layer)
                 return torch.cat([z[:, :prompt], z[:, prompt:] * kept[:, None]], dim=1)
 
             with hooked(model, [((SITE, layer), frozen)]):
@@ -230,14 +229,15 @@ class Moyu(SequenceLevel):
     def kernel_rule(self, state, site: str, layer: int) -> KernelRule | None:
         return state.rules.get((site, layer))
 
-    def select(self, z: torch.Tensor, prompt: torch.Tensor, state=None, layer: int = 0):
+    def select(self, z: torch.Tensor, prompt: torch.Tensor | None, state=None, layer: int = 0):
         return topk_mask(self.score(z, prompt, state.weights[layer]), state.keeps[layer])
 
-    def score(self, z: torch.Tensor, prompt: torch.Tensor, weights) -> torch.Tensor:
+    def score(self, z: torch.Tensor, prompt: torch.Tensor | None, weights) -> torch.Tensor:
         """Per row of ``z`` (batch, tokens, d_ff), each neuron's score from the ``prompt``
-        positions: (sum_t (z_tj / ||z_t||)^2 + tau p_j) w_j, (batch, d_ff)."""
+        positions (None: all): (sum_t (z_tj / ||z_t||)^2 + tau p_j) w_j, (batch, d_ff)."""
         prior, weight = (t.to(z.device) for t in weights)
-        return (unit_energy(z, prompt).sum(dim=1) + self.prior_tokens * prior) * weight
+        energy = prompt_energy(z, prompt, normalize_tokens=True)
+        return (energy + self.prior_tokens * prior) * weight
 
     def _neuron_weights(self, calibration: dict, layer: int, down) -> tuple:
         """(the hot prior p, the output weight w = ||W_down[:, j]||^2 or 1), per neuron."""
@@ -245,13 +245,6 @@ class Moyu(SequenceLevel):
         if not self.output_weighted:
             return prior, torch.ones_like(prior)
         return prior, down.weight.detach().float().square().sum(dim=0).cpu()
-
-
-def unit_energy(z: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
-    """(z_tj / ||z_t||)^2 at the positions ``where`` (bool (batch, tokens)), else 0."""
-    z = z.float()
-    unit = z / z.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    return unit.square() * where[..., None]
 
 
 def statistics(model, batches, layers: list[int]) -> dict[str, torch.Tensor]:
@@ -263,8 +256,8 @@ def statistics(model, batches, layers: list[int]) -> dict[str, torch.Tensor]:
 
     def tap(site: str, layer: int, x: torch.Tensor) -> None:
         if site == SITE:
-            every = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
-            sums[layer] = sums[layer] + unit_energy(x, every).sum(dim=(0, 1)).cpu()
+            energy = prompt_energy(x, None, normalize_tokens=True).sum(dim=0).cpu()
+            sums[layer] = sums[layer] + energy
             count[layer] += x.shape[0] * x.shape[1]
         else:
             sample.add((site, layer), x.abs())

@@ -67,7 +67,17 @@ class SequenceLevel(Strategy):
 def prompt_norms(z: torch.Tensor, prompt: torch.Tensor, normalize_tokens: bool) -> torch.Tensor:
     """Per neuron, the L2 norm over prompt positions of z (each token first scaled to unit norm
     when ``normalize_tokens``): (batch, d_ff)."""
+    return prompt_energy(z, prompt, normalize_tokens).sqrt()
+
+
+def prompt_energy(
+    z: torch.Tensor, prompt: torch.Tensor | None, normalize_tokens: bool
+) -> torch.Tensor:
+    """Per neuron, the sum of z^2 over the ``prompt`` positions (bool (batch, tokens); None:
+    every position), each token first scaled to unit norm when ``normalize_tokens``:
+    (batch, d_ff)."""
     z = z.float()
     if normalize_tokens:
         z = z / z.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    return (z.square() * prompt[..., None]).sum(dim=1).sqrt()
+    energy = z.square()
+    return (energy if prompt is None else energy * prompt[..., None]).sum(dim=1)
