@@ -297,3 +297,19 @@ def test_the_predictor_reads_the_block_input_and_trains_to_early_stopping(tiny) 
 def test_the_predictor_asks_for_its_training_tokens_plus_a_validation_split() -> None:
     predictor = STRATEGIES["predictor"](train_tokens=90_000, validation_fraction=0.1)
     assert predictor.calibration_tokens(16384) == 100_000
+
+
+def test_wina_paths_searched_before_the_gain_fix_are_not_reused() -> None:
+    """A transform over some of a block's projections gets a calibration key of its own (its
+    greedy paths were searched on a model whose other readers lost the norm's gain)."""
+
+    def key(*overrides: str) -> dict:
+        cfg = compose_config("strategy=wina", "sparsity=0.5", *overrides)
+        return build(cfg.strategy).calibration_key()
+
+    partial = key("strategy.sites=[k_input,gate_input,mlp_intermediate]")
+    assert partial.get("gain_folded_for_every_reader") is True
+    assert "gain_folded_for_every_reader" not in key()  # all seven: the cached paths stay valid
+    assert "gain_folded_for_every_reader" not in key(
+        "strategy.sites=[k_input,gate_input]", "strategy.transform=false"
+    )

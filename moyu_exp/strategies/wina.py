@@ -124,11 +124,15 @@ class Wina(Strategy):
         return self.allocation == "greedy" and self.sparsity > 0.0
 
     def calibration_key(self) -> dict[str, Any]:
-        return super().calibration_key() | {
+        key = super().calibration_key() | {
             "transform": self.transform,
             "prefill_fraction": self.prefill_fraction,
             "greedy": [self.greedy_step, self.greedy_max, self.greedy_rows, self.greedy_seq_len],
         }
+        partial = any(0 < len(set(s) & set(self.sites)) < len(s) for s, _ in ROTATED.values())
+        if self.transform and partial:  # paths searched before the other readers got the gain
+            key["gain_folded_for_every_reader"] = True  # are stale: a new key
+        return key
 
     # ------------------------------------------------------------------ calibration
     def calibrate(self, model, batches, cached) -> dict[str, torch.Tensor]:
