@@ -397,9 +397,8 @@ def main(argv: list[str] | None = None) -> int:
 
         text = format_frontier(at_speedups(table, args.levels, args.speed), args.levels)
         print(f"\nat {args.speed} levels (interpolated along each method's curve):\n{text}")
-        name = {"speedup": "frontier", "ideal_speedup": "frontier_ideal"}.get(
-            args.speed, f"frontier_{args.speed.removesuffix('_speedup')}"
-        )
+        suffix = args.speed.removesuffix("speedup").rstrip("_")  # "", "ideal", "matched"
+        name = f"frontier_{suffix}" if suffix else "frontier"
         write_bytes_atomic(out / f"{name}.txt", text.encode())
         metrics = [m for m in FRONTIER[:2] if any(r.get(m) is not None for r in table)]
         axis = dict(LEVEL_AXES)[args.speed]
