@@ -92,7 +92,8 @@ def rows(payloads: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 row[f"{task}/{metric}"] = value
         bench = payload.get("bench") or {}
         for key in SPEED:  # the point's own ideal (from its evaluation) unless only bench has it
-            row[key] = payload.get(key) if payload.get(key) is not None else bench.get(key)
+            if key != "matched_speedup":  # derived from two of the others, below
+                row[key] = payload.get(key) if payload.get(key) is not None else bench.get(key)
         row["matched_speedup"] = matched_speedup(row)
         row["status"] = payload.get("status")
         row["error"] = payload.get("error")

@@ -55,6 +55,10 @@ BAD_INPUT = {
     "sparsity -0.1": (["sparsity=-0.1"], "sparsity=-0.1 is out of range"),
     "sparsity 1.5": (["sparsity=1.5"], "sparsity=1.5 is out of range"),
     "sparsity high": (["sparsity=high"], "sparsity: Value 'high' of type 'str' could not be"),
+    "unknown protocol": (
+        ["strategy.prefill=nope"],
+        "strategy.prefill='nope' is unknown: accepted are sparse, dense, last_half,",
+    ),
     "unknown key": (["spars=0.5"], "unknown key 'spars': see `python -m moyu_exp --cfg job`"),
     "unknown task": (
         ["eval=zeroshot", "eval.tasks=[piqaa]"],

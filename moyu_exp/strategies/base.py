@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from moyu_exp.config import SPARSITY, Range, check_fields
+from moyu_exp.config import SPARSITY, Range, check_choice, check_fields
 from moyu_exp.errors import ConfigError
 from moyu_exp.lazy import lazy_import
 from moyu_exp.masking import KernelRule, topk_mask
@@ -81,11 +81,7 @@ class Strategy:
     def __post_init__(self) -> None:
         check_sites(list(self.sites), self.allowed_sites, self.name)
         check_fields(self, "strategy.", self.RANGES)
-        if self.prefill not in PROTOCOLS:
-            raise ConfigError(
-                f"strategy.prefill='{self.prefill}' is unknown: accepted values are "
-                f"{', '.join(PROTOCOLS)}"
-            )
+        check_choice("strategy.prefill", self.prefill, PROTOCOLS)
         if self.sequence_level and self.prefill not in SELECTING:
             raise ConfigError(
                 f"strategy '{self.name}' selects from positions that run dense: strategy.prefill "
