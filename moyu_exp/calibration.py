@@ -65,9 +65,12 @@ def prepare(
     )
     key = cache.content_key(data_key, strategy.calibration_key())
 
-    def cached(label: str, params: dict[str, Any], compute) -> dict[str, torch.Tensor]:
-        part_key = cache.content_key(data_key, strategy.name, label, params)
-        return cache.cached_tensors(f"{strategy.name}-{label}", part_key, compute)[0]
+    def cached(
+        label: str, params: dict[str, Any], compute, owner: str | None = None
+    ) -> dict[str, torch.Tensor]:
+        owner = owner or strategy.name  # another method's name: share its cached part
+        part_key = cache.content_key(data_key, owner, label, params)
+        return cache.cached_tensors(f"{owner}-{label}", part_key, compute)[0]
 
     def compute() -> dict[str, torch.Tensor]:
         log.info("calibrating %s on %d tokens of '%s'", strategy.name, tokens, cfg.dataset.name)

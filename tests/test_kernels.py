@@ -27,8 +27,11 @@ KERNEL_STRATEGIES = [
     ),
     "chess+",
     "wina-plain",
+    "moyu+mlp_input",
 ]
 VARIANTS = {
+    # a per-token rule on the compact MLP's input: the compact gate_up read by kept columns
+    "moyu+mlp_input": ("moyu", ["strategy.mlp_input_sparsity=0.4"]),
     "chess+": ("chess", ["strategy.sites=[gate_act,q_input,o_proj_input]"]),
     "wina-plain": (  # the one-mask-per-input variant without the transform
         "wina",
@@ -137,6 +140,26 @@ def test_simulated_and_kernel_mode_count_the_same_entries(name, tiny) -> None:
     _, _, kernels = kernel(tiny, ready(name, tiny))
     assert kernels.counts() == hooks.counts()
     assert kernels.summary()["ideal_speedup"] == pytest.approx(hooks.summary()["ideal_speedup"])
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_an_input_rule_on_a_compact_mlp_skips_only_its_kept_rows_columns(tiny, fuse) -> None:
+    """moyu with mlp_input_sparsity: a dropped input entry saves 2 k weights (the kept gate and
+    up rows' column), not 2 d_ff; what the kernels skip is what the cost model counts."""
+    _, decoder, meter = kernel(tiny, ready("moyu+mlp_input", tiny), fuse=fuse)
+    assert (decoder.fused is not None) == (fuse and native.load() is not None)
+    d = tiny.model.config.hidden_size
+    counts, skipped = meter.counts(), 0.0
+    for i, layer in enumerate(decoder.layers):
+        kept = layer.compact[1].shape[1]
+        assert layer.compact_t.shape == (d, 2 * kept)
+        inputs, steps, _ = counts[("mlp_input", i)]
+        assert steps == STEPS and 0 < inputs < STEPS * d
+        skipped += inputs / steps * 2 * kept + counts[("mlp_intermediate", i)][0] / steps * 3 * d
+        for site, readers in (("attn_input", decoder.w.layers[i].qkv), ("o_proj_input", None)):
+            per_entry = readers.shape[0] if readers is not None else d
+            skipped += counts[(site, i)][0] / steps * per_entry
+    assert meter.skipped_per_token() == pytest.approx(skipped)
 
 
 def test_dense_bytes_count_every_weight_read(tiny) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from moyu_exp.activations import threshold_at
 from moyu_exp.config import ConfigError, build
 from moyu_exp.strategies.moyu import BANDS, allocate
 from tests.conftest import attach, compose_config
@@ -39,6 +40,7 @@ def test_every_component_off_is_griffin(tiny, tiny_batch) -> None:
         "strategy.allocation=profile",
         "strategy.output_weighted=true",
         "strategy.attn_sparsity=0.5",
+        "strategy.mlp_input_sparsity=0.4",
     ):
         overrides = [o for o in GRIFFIN_RULE if o.split("=")[0] != key.split("=")[0]]
         changed = scored(tiny, attach("moyu", tiny, "sparsity=0.6", *overrides, key), ids)
@@ -69,12 +71,54 @@ def test_allocate_spends_sparsity_where_the_error_grows_least() -> None:
     assert allocate(profiles, 0.0, 1000) == [1000, 1000, 1000]
 
 
+def test_greedy_attention_levels_are_teals_path_and_reuse_its_search(
+    tiny, tiny_batch, tmp_path, monkeypatch
+) -> None:
+    from moyu_exp.strategies import teal
+
+    monkeypatch.setenv("MOYU_CACHE_DIR", str(tmp_path / "empty_cache"))
+    original, searched = teal.greedy_path, []
+    monkeypatch.setattr(
+        teal, "greedy_path", lambda s, *a: searched.append(s.layer) or original(s, *a)
+    )
+    with attach("teal", tiny, "sparsity=0.4") as live:  # TEAL as published: its greedy path
+        published = {i: live.strategy.site_levels(live.calibration, i) for i in (0, 1)}
+    greedy = ("sparsity=0.6", "strategy.attn_allocation=greedy", "strategy.attn_sparsity=0.4")
+    with attach("moyu", tiny, *greedy) as live:
+        levels = {i: live.strategy.attention_levels(live.calibration, i) for i in (0, 1)}
+        rules = live.state.rules
+        tables = {key: live.calibration[f"table.{key[0]}.{key[1]}"] for key in rules}
+    assert searched == [0, 1]  # MOYU read TEAL's cached path: no second search
+    for layer in (0, 1):
+        assert levels[layer] == {s: published[layer][s] for s in ("attn_input", "o_proj_input")}
+        for site, level in levels[layer].items():
+            assert rules[(site, layer)].threshold == threshold_at(tables[(site, layer)], level)
+    assert len({level for by_site in levels.values() for level in by_site.values()}) > 1
+    ids = tiny_batch[:1]
+    uniform = scored(tiny, attach("moyu", tiny, *greedy[::2]), ids)
+    assert not torch.equal(scored(tiny, attach("moyu", tiny, *greedy), ids), uniform)
+
+
+def test_attention_follows_the_target_when_attn_sparsity_is_null(tiny) -> None:
+    with attach("moyu", tiny, "sparsity=0.3", "strategy.attn_sparsity=null") as live:
+        assert live.strategy.attention_levels(live.calibration, 1) == {
+            "attn_input": 0.3,
+            "o_proj_input": 0.3,
+        }
+        assert live.state.rules[("attn_input", 1)].threshold > 0
+    with attach("moyu", tiny, "sparsity=0", "strategy.attn_sparsity=null") as live:
+        assert set(live.strategy.attention_levels(live.calibration, 0).values()) == {0.0}
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [
         ("strategy.allocation=greedy", "strategy.allocation='greedy' is unknown"),
         ("strategy.sites=[attn_input]", "needs the site mlp_intermediate"),
         ("strategy.prior_tokens=-1", "0 <= strategy.prior_tokens"),
+        ("strategy.attn_allocation=profile", "strategy.attn_allocation='profile' is unknown"),
+        ("strategy.attn_sparsity=1", "0 <= strategy.attn_sparsity < 1"),
+        ("strategy.mlp_input_sparsity=-0.1", "0 <= strategy.mlp_input_sparsity < 1"),
     ],
 )
 def test_bad_keys_fail_in_one_line(override, message) -> None:

@@ -155,6 +155,7 @@ class Layer:
     sites: set[str] = field(default_factory=set)
     t: dict[str, torch.Tensor] = field(default_factory=dict)  # transposed copies
     compact: tuple[torch.Tensor, torch.Tensor] | None = None  # (gate_up rows, down columns)
+    compact_t: torch.Tensor | None = None  # the compact gate_up transposed, for mlp_input rules
 
 
 class LeanDecoder:
@@ -328,11 +329,13 @@ class LeanDecoder:
         for i, layer in enumerate(self.layers):
             keep = self.live.decode_neurons(i) if layer.sites else None
             if keep is None:
-                layer.compact = None
+                layer.compact = layer.compact_t = None
                 continue
             idx = keep.nonzero().view(-1).to(self.w.device)
             gate_up = torch.cat([layer.w.gate_up[idx], layer.w.gate_up[self.d_ff + idx]])
             layer.compact = (gate_up, layer.w.down.index_select(1, idx).contiguous())
+            # a per-token rule on the MLP input reads the kept rows' columns of its kept entries
+            layer.compact_t = gate_up.t().contiguous() if "mlp_input" in layer.sites else None
 
     @torch.inference_mode()
     def step(self, token: int) -> torch.Tensor:
@@ -432,10 +435,14 @@ class LeanDecoder:
                 parts.append(self.k.linear(layer.w.qkv[rows], n))
         return torch.cat(parts)
 
-    def _sparse_input(self, i: int, layer: Layer, site: str, x: torch.Tensor) -> torch.Tensor:
-        """The product reading ``x`` through the rows of W^T its kept entries select (plus the
-        dropped entries' low-rank path, for a strategy that has one)."""
-        weight_t = layer.t["down" if site == "mlp_intermediate" else site]
+    def _sparse_input(
+        self, i: int, layer: Layer, site: str, x: torch.Tensor, weight_t=None
+    ) -> torch.Tensor:
+        """The product reading ``x`` through the rows of W^T (``weight_t``: the site's own, or a
+        compact MLP's) its kept entries select (plus the dropped entries' low-rank path, for a
+        strategy that has one)."""
+        if weight_t is None:
+            weight_t = layer.t["down" if site == "mlp_intermediate" else site]
         basis_t = layer.t.get(f"basis:{site}")
         if basis_t is not None:  # the site's input in the strategy's basis (x R)
             x = self.k.linear(basis_t, x)
@@ -464,7 +471,11 @@ class LeanDecoder:
         k, d_ff, w = self.k, self.d_ff, layer.w
         if layer.compact is not None:
             gate_up, down = layer.compact
-            z = self._act_mul(k.linear(gate_up, n))
+            if layer.compact_t is not None:
+                gu = self._sparse_input(i, layer, "mlp_input", n, layer.compact_t)
+            else:
+                gu = k.linear(gate_up, n)
+            z = self._act_mul(gu)
             self._count("mlp_intermediate", i, d_ff - z.numel())
             return k.linear(down, z)
         if "gate_act" in layer.sites:

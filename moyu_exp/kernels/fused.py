@@ -40,6 +40,7 @@ class LayerSpec(ctypes.Structure):
                 "down_t",
                 "c_gate_up",
                 "c_down",
+                "c_gate_up_t",
             )
         ],
         ("c_kept", I64),
@@ -157,6 +158,7 @@ class FusedStep:
             compact = layer.compact
             spec.c_gate_up = _ptr(compact[0]) if compact else None
             spec.c_down = _ptr(compact[1]) if compact else None
+            spec.c_gate_up_t = _ptr(layer.compact_t)
             spec.c_kept = compact[1].shape[1] if compact else 0
             spec.keys, spec.values = decoder.keys[i].data_ptr(), decoder.values[i].data_ptr()
             for j, site in enumerate(SITES):

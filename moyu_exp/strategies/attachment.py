@@ -146,8 +146,10 @@ class Attachment:
         strategy, layers = self.strategy, self.layer_ids
         self.state = strategy.prepare(self.model, self.adapter, layers, self.calibration)
         extra = strategy.extra_weights(self.state)
-        if extra:
-            self.cost = replace(self.cost, extra_weights=extra)
+        entries = strategy.entry_weights(self.state)
+        if extra or entries:
+            per_entry = self.cost.weights_per_entry | entries
+            self.cost = replace(self.cost, extra_weights=extra, weights_per_entry=per_entry)
             self.meter = SparsityMeter(self.cost)
         self.rules = {
             (site, layer): rule

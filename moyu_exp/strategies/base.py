@@ -115,8 +115,9 @@ class Strategy:
     def calibrate(self, model: torch.nn.Module, batches: list[torch.Tensor], cached) -> dict:
         """Statistics from calibration token batches, as plain tensors (cached by the caller).
 
-        ``cached(label, params, compute)`` memoises a costly part that the rest of the key (e.g.
-        the sparsity) does not change, under the same model and calibration text.
+        ``cached(label, params, compute, owner=None)`` memoises a costly part that the rest of
+        the key (e.g. the sparsity) does not change, under the same model and calibration text;
+        ``owner`` (another strategy's name) shares that strategy's part (TEAL's greedy path).
         """
         raise NotImplementedError(f"strategy '{self.name}' has no calibration")
 
@@ -174,6 +175,11 @@ class Strategy:
 
     def extra_weights(self, state: SimpleNamespace) -> dict[tuple[str, int], int]:
         """Weights read per sparse position besides the kept entries' (low-rank factors)."""
+        return {}
+
+    def entry_weights(self, state: SimpleNamespace) -> dict[tuple[str, int], int]:
+        """Weights one dropped entry skips where the site adapter's count does not hold (an
+        input entry of a compact MLP skips only its kept rows' column)."""
         return {}
 
     def begin_forward(self, state: SimpleNamespace, fresh: bool) -> None:

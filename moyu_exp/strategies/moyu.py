@@ -32,8 +32,22 @@ run as a compact MLP, and changes how big each layer's set is and what goes into
 - **attention** (``attn_sparsity`` = 0.5): TEAL's magnitude thresholds on the attention input
   and the o_proj input at one level (quantiles of the dense model's |x| on the calibration
   rows), for the bytes a compact MLP cannot skip (about a fifth of SmolLM2's); 0 leaves
-  attention dense. Like GRIFFIN's set, the thresholds act where the protocol runs sparse (not
-  on the prompt). At sparsity 0 every component is off: the dense model.
+  attention dense, None (``null``) puts them at the target sparsity. Like GRIFFIN's set, the
+  thresholds act where the protocol runs sparse (not on the prompt). At sparsity 0 every
+  component is off: the dense model;
+- **attention allocation** (``attn_allocation``): ``uniform`` puts that level on both sites of
+  every layer; ``greedy`` takes the two sites' levels, per layer, from TEAL's greedy path
+  (:mod:`moyu_exp.strategies.greedy`) at block sparsity ``attn_sparsity``, the row TEAL itself
+  would use at that target (above its path's 0.9, the last row): the same search and cache as
+  ``strategy=teal`` (hours on a CPU the first time on a model, then shared by both methods);
+- **input thresholds on the compact MLP** (``mlp_input_sparsity``): TEAL's magnitude threshold
+  on the MLP input (shared by gate and up) at this level, per token, over the frozen set: the
+  kernel reads, of the compact gate/up rows, only the columns of kept input entries (2 k
+  weights per dropped entry for a set of k neurons, which the cost model counts). The frozen
+  set's floor is what the probes predict (a set from the prompt misses most of a token's own
+  top-k), while per-token input thresholds cost little (TEAL's greedy search puts a level of
+  0.2-0.3 on the MLP input at its lowest targets); so the bytes are bought per token rather than
+  from a larger frozen drop. 0 (off) reads the compact MLP densely.
 
 ``prior_tokens=0 output_weighted=false allocation=uniform attn_sparsity=0`` is GRIFFIN's rule
 exactly (tested). Protocol: GRIFFIN's (``prefill=last_token``): the prompt runs dense and
@@ -49,7 +63,13 @@ by gain-scaled energy, gamma = 1: 0.237 / 0.547 / 1.137 (it empties layers 3-7 a
 (energy alone) at 0.5 / 0.7: tau = 0 0.585 / 0.976, 16 0.582 / 0.958, 64 0.566 / 0.920, 256
 0.573 / 0.950, 1024 0.609 / 0.947. Output weighting (tau = 16, uniform sizes) at 0.5: 0.700,
 against 0.638 without it. Summing relative errors instead of energies (concave curves) emptied
-whole layers and doubled the KL (1.108 at 0.5).
+whole layers and doubled the KL (1.108 at 0.5). The attention (same text, KL read at ideal speedups
+1.2x / 1.4x / 1.7x of the frontier preset): uniform at 0.5 0.129 / 0.295 / 0.527; TEAL's greedy
+levels at 0.5 0.116 / 0.292 / 0.551; at the target (null) 0.161 / 0.315 / 0.518 (greedy: 0.167 /
+0.324 / 0.532); greedy at 0.6 0.130 / 0.300, at 0.7 0.191 / 0.347 / 0.534. ``mlp_input_sparsity``
+(measured speedups, two runs averaged): 0 0.085 / 0.324 / 0.687; 0.5 0.126 / 0.255 / 0.579 (ideal:
+0.129 / 0.295 / 0.527 against 0.090 / 0.181 / 0.387); 0.7 breaks the model (KL 1.30 at s = 0.1).
+Off by default: it costs the lowest level on SmolLM2 and the highest on Gemma 3 (docs/findings.md).
 """
 
 from __future__ import annotations
@@ -69,11 +89,15 @@ from moyu_exp.masking import KernelRule
 from moyu_exp.sites import adapter_for, hooked
 from moyu_exp.strategies.base import Strategy, keep_count, register, topk_mask
 from moyu_exp.strategies.sequence import SITE, SequenceLevel, prompt_energy
+from moyu_exp.strategies.teal import TEAL_SITES, path_levels, published_paths
 
 torch = lazy_import("torch")
 
 ATTENTION_SITES = ("attn_input", "o_proj_input")
+INPUT_SITE = "mlp_input"  # the compact MLP's input (gate and up), under mlp_input_sparsity
+THRESHOLD_SITES = (*ATTENTION_SITES, INPUT_SITE)
 ALLOCATIONS = ("profile", "uniform")
+ATTENTION_ALLOCATIONS = ("uniform", "greedy")
 BANDS = 20  # allocation levels 0, 0.05, ..., 0.95 of a layer's neurons
 PROFILE_SEGMENTS = 32  # calibration segments (prompt + continuation) the profile reads
 GAIN_LEVEL = 0.5  # where each layer's end-to-end KL scales its local error energies
@@ -85,31 +109,37 @@ PROFILE_VERSION = 4  # 1: relative local error; 2: its square; 3: scaled to the 
 @dataclass(eq=False)
 class Moyu(SequenceLevel):
     name: str = "moyu"
-    sites: list[str] = field(default_factory=lambda: [*ATTENTION_SITES, SITE])
+    sites: list[str] = field(default_factory=lambda: [*THRESHOLD_SITES, SITE])
     prefill: str = "last_token"  # GRIFFIN's protocol: the set comes from the prompt
     output_weighted: bool = False
     prior_tokens: float = 64.0
     allocation: str = "profile"
     gain_power: float = 0.5
-    attn_sparsity: float = 0.5
+    attn_sparsity: float | None = 0.5  # None: the target sparsity
+    attn_allocation: str = "uniform"
+    mlp_input_sparsity: float = 0.0
     profile_tokens: int = 128
 
     RANGES: ClassVar[dict[str, Range]] = {
         **Strategy.RANGES,
         "prior_tokens": AT_LEAST_0,
         "attn_sparsity": SPARSITY,
+        "mlp_input_sparsity": SPARSITY,
         "gain_power": AT_LEAST_0,
     }
-    allowed_sites = (*ATTENTION_SITES, SITE)
+    allowed_sites = (*THRESHOLD_SITES, SITE)
     needs_calibration = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_choice("strategy.allocation", self.allocation, ALLOCATIONS)
+        check_choice("strategy.attn_allocation", self.attn_allocation, ATTENTION_ALLOCATIONS)
         if SITE not in self.sites:
             raise ConfigError(f"strategy 'moyu' needs the site {SITE} (its neuron set)")
-        if self.attn_sparsity == 0.0:  # attention stays dense: no hooks, no kernel copies
-            self.sites = [SITE]
+        off = (ATTENTION_SITES if self.attn_sparsity == 0.0 else ()) + (
+            (INPUT_SITE,) if self.mlp_input_sparsity == 0.0 else ()
+        )  # a component at 0 stays dense: no hooks, no kernel copies
+        self.sites = [site for site in self.sites if site not in off]
 
     # ------------------------------------------------------------------- calibration
     def calibration_key(self) -> dict[str, Any]:
@@ -118,11 +148,13 @@ class Moyu(SequenceLevel):
             "prior_tokens": self.prior_tokens,
             "profile_tokens": self.profile_tokens,
             "profile": PROFILE_VERSION if self.allocation == "profile" else None,
+            "attn_allocation": self.attn_allocation if self.attn_sparsity != 0.0 else None,
         }
 
     def calibrate(self, model, batches, cached) -> dict[str, torch.Tensor]:
         layers = self.layer_ids(model)
-        state = cached("statistics", {"layers": layers}, lambda: statistics(model, batches, layers))
+        params = {"layers": layers, "tables": list(THRESHOLD_SITES)}
+        state = cached("statistics", params, lambda: statistics(model, batches, layers))
         if self.allocation == "profile":
             params = {
                 "layers": layers,
@@ -134,6 +166,8 @@ class Moyu(SequenceLevel):
             state = state | cached(
                 "profile", params, lambda: self._profile(model, batches, layers, state)
             )
+        if self.attn_allocation == "greedy" and self.attn_sparsity != 0.0:
+            state = state | published_paths(model, batches, self.layers, cached)
         return state
 
     def _profile(self, model, batches, layers, stats) -> dict[str, torch.Tensor]:
@@ -211,14 +245,40 @@ class Moyu(SequenceLevel):
             i: self._neuron_weights(calibration, i, adapter.readers(blocks[i], SITE)[0])
             for i in layers
         }
-        level = self.attn_sparsity if self.sparsity > 0 else 0.0  # sparsity 0: the dense model
         rules = {
             (site, i): KernelRule(threshold=threshold_at(calibration[f"table.{site}.{i}"], level))
-            for site in self.sites
-            if site != SITE
             for i in layers
+            for site, level in self.threshold_levels(calibration, i).items()
         }
         return SimpleNamespace(frozen={}, keeps=keeps, weights=weights, rules=rules)
+
+    def threshold_levels(self, calibration: dict, layer: int) -> dict[str, float]:
+        """The level of each magnitude-threshold site in ``layer``: the attention's and, while
+        ``mlp_input_sparsity`` > 0, the compact MLP input's. Sparsity 0: all 0 (dense)."""
+        levels = self.attention_levels(calibration, layer)
+        if INPUT_SITE in self.sites:
+            levels[INPUT_SITE] = self.mlp_input_sparsity if self.sparsity > 0 else 0.0
+        return levels
+
+    def entry_weights(self, state) -> dict[tuple[str, int], int]:
+        """A dropped compact-MLP input entry skips its column of the kept gate and up rows only
+        (2 k weights, not 2 d_ff)."""
+        if INPUT_SITE not in self.sites:
+            return {}
+        return {(INPUT_SITE, i): 2 * keep for i, keep in state.keeps.items()}
+
+    def attention_levels(self, calibration: dict, layer: int) -> dict[str, float]:
+        """The level of each attention site in ``layer``: ``attn_sparsity`` (or, if None, the
+        target sparsity) on both, or with ``attn_allocation=greedy`` the levels TEAL's greedy
+        path gives the two at that block sparsity. Sparsity 0: the dense model."""
+        sites = [site for site in self.sites if site in ATTENTION_SITES]
+        target = self.sparsity if self.attn_sparsity is None else self.attn_sparsity
+        if self.sparsity == 0.0 or target == 0.0:
+            return dict.fromkeys(sites, 0.0)
+        if self.attn_allocation == "uniform":
+            return dict.fromkeys(sites, target)
+        levels = path_levels(calibration[f"greedy.{layer}"], target, list(TEAL_SITES))
+        return {site: levels[site] for site in sites}
 
     def profile(self, calibration: dict, layer: int) -> torch.Tensor:
         """A layer's estimated KL at each of the BANDS levels: its error energies times its
@@ -249,7 +309,7 @@ class Moyu(SequenceLevel):
 
 def statistics(model, batches, layers: list[int]) -> dict[str, torch.Tensor]:
     """The dense model's hot prior per layer (mean of (z_tj / ||z_t||)^2 over every calibration
-    token) and quantile tables of |x| at the attention sites (for ``attn_sparsity``)."""
+    token) and quantile tables of |x| at the threshold sites (attention and MLP input)."""
     sums = {i: 0.0 for i in layers}
     count = {i: 0 for i in layers}
     sample = ValueSample(calls=len(batches))
@@ -262,10 +322,10 @@ def statistics(model, batches, layers: list[int]) -> dict[str, torch.Tensor]:
         else:
             sample.add((site, layer), x.abs())
 
-    keys = [(s, i) for s in (*ATTENTION_SITES, SITE) for i in layers]
+    keys = [(s, i) for s in (*THRESHOLD_SITES, SITE) for i in layers]
     observe(model, batches, keys, tap, desc="moyu statistics")
     state = {f"prior.{i}": sums[i] / max(count[i], 1) for i in layers}
-    return state | {f"table.{s}.{i}": sample.table((s, i)) for s in ATTENTION_SITES for i in layers}
+    return state | {f"table.{s}.{i}": sample.table((s, i)) for s in THRESHOLD_SITES for i in layers}
 
 
 def band_errors(z: torch.Tensor, score: torch.Tensor, down, post) -> torch.Tensor:

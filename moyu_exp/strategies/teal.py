@@ -108,27 +108,28 @@ class Teal(ThresholdStrategy):
     def calibrate_first(self, model, batches, cached) -> dict[str, torch.Tensor]:
         """TEAL's histograms (when asked for) and the greedy paths, both of the dense model and
         the same for every sparsity (cached once)."""
-        layers = self.layer_ids(model)
         state: dict[str, torch.Tensor] = {}
         if not self.in_order or self.allocation == "greedy":
-            params = {"sites": list(self.sites), "layers": self.layers, "kind": self.thresholds}
-            state |= cached(
-                "dense-stats",
-                params,
-                lambda: dense_statistics(
-                    model, batches, self.sites, layers, self.thresholds == "histogram"
-                ),
-            )
+            state |= self.dense_stats(model, batches, cached)
         if self.allocation == "greedy":
             state |= greedy_paths(model, batches, self, state, cached)
         return state
 
+    def dense_stats(self, model, batches, cached) -> dict[str, torch.Tensor]:
+        """:func:`dense_statistics` of this configuration, cached once per model and text."""
+        params = {"sites": list(self.sites), "layers": self.layers, "kind": self.thresholds}
+        histogram = self.thresholds == "histogram"
+        layers = self.layer_ids(model)
+        return cached(
+            "dense-stats",
+            params,
+            lambda: dense_statistics(model, batches, self.sites, layers, histogram),
+        )
+
     def site_levels(self, calibration: dict, layer: int) -> dict[str, float]:
         if self.allocation == "uniform" or self.sparsity == 0.0:
             return super().site_levels(calibration, layer)
-        path = calibration[f"greedy.{layer}"]
-        row = path[(path[:, 0] - self.sparsity).abs().argmin()]
-        return {site: float(level) for site, level in zip(self.sites, row[1:], strict=True)}
+        return path_levels(calibration[f"greedy.{layer}"], self.sparsity, self.sites)
 
     def threshold(self, calibration: dict, site: str, layer: int, level: float) -> float:
         if self.in_order:
@@ -193,6 +194,27 @@ def histogram_threshold(histogram: torch.Tensor, sparsity: float) -> float:
 
 
 # ------------------------------------------------------------------------ greedy allocation
+def path_levels(path: torch.Tensor, target: float, sites: list[str]) -> dict[str, float]:
+    """Each site's level in the row of a greedy ``path`` whose sparsity is closest to
+    ``target`` (TEAL's lookup)."""
+    row = path[(path[:, 0] - target).abs().argmin()]
+    return {site: float(level) for site, level in zip(sites, row[1:], strict=True)}
+
+
+def published_paths(model, batches, layers: Any, cached) -> dict[str, torch.Tensor]:
+    """TEAL's greedy paths as ``strategy=teal`` computes them by default (its four sites, the
+    dense model's quantile thresholds), cached as TEAL's own parts: another method that reads
+    them (MOYU's attention levels) shares TEAL's search rather than running it again.
+    Returns {"greedy.<layer>": rows [weighted sparsity, level of each of TEAL_SITES]}."""
+    teal = Teal(layers=layers)
+
+    def as_teal(label: str, params: dict[str, Any], compute) -> dict[str, torch.Tensor]:
+        return cached(label, params, compute, owner=teal.name)
+
+    stats = teal.dense_stats(model, batches, as_teal)
+    return greedy_paths(model, batches, teal, stats, as_teal)
+
+
 def greedy_paths(model, batches, teal: Teal, stats: dict, cached) -> dict[str, torch.Tensor]:
     """Per layer, TEAL's greedy path as rows [weighted sparsity, level of each site]. Each
     layer's path is cached as soon as it is found, so an interrupted search (hours on a CPU)

@@ -459,6 +459,7 @@ typedef struct {
   const void *qkv, *o, *gate_up, *down;   /* (rows, cols) row-major */
   const void *qkv_t, *o_t, *gate_up_t, *down_t; /* transposed copies, or NULL */
   const void *c_gate_up, *c_down;         /* compact MLP (2 kept, d) and (d, kept), or NULL */
+  const void *c_gate_up_t;                /* its gate_up transposed (d, 2 kept), or NULL */
   int64_t c_kept;
   float *keys, *values;                   /* (kv, max_tokens, head_dim) */
   Rule rules[SITES];
@@ -507,7 +508,13 @@ typedef struct {
       for (int64_t i = 0; i < d; i++) m->h[i] += m->out[i];                                \
       rmsnorm(m->h, L->ln2, d, m->eps, m->n);                                              \
       if (L->c_gate_up) {                                                                  \
-        DOT_FN((const T *)L->c_gate_up, d, NULL, 2 * L->c_kept, m->n, m->gu);              \
+        if (R[MLP_INPUT].active && L->c_gate_up_t)                                         \
+          K[MLP_INPUT] = AXPY_FN((const T *)L->c_gate_up_t, 2 * L->c_kept, d, m->n,        \
+                                 R[MLP_INPUT].scale, R[MLP_INPUT].thresholds,              \
+                                 R[MLP_INPUT].threshold, R[MLP_INPUT].k, m->gu, m->work,   \
+                                 m->list, m->acc);                                         \
+        else                                                                               \
+          DOT_FN((const T *)L->c_gate_up, d, NULL, 2 * L->c_kept, m->n, m->gu);            \
         silu_mul(m->gu, L->c_kept, m->z);                                                  \
         DOT_FN((const T *)L->c_down, L->c_kept, NULL, d, m->z, m->out);                    \
         K[MLP_INTERMEDIATE] = L->c_kept;                                                   \
