@@ -99,6 +99,18 @@ def test_greedy_attention_levels_are_teals_path_and_reuse_its_search(
     assert not torch.equal(scored(tiny, attach("moyu", tiny, *greedy), ids), uniform)
 
 
+def test_the_calibration_key_follows_teals_path_only_when_it_is_read() -> None:
+    from moyu_exp.strategies.teal import Teal
+
+    def key(*overrides: str) -> dict:
+        return build(compose_config("strategy=moyu", *overrides).strategy).calibration_key()
+
+    greedy = key("strategy.attn_allocation=greedy")["attn_path"]
+    assert greedy == {"version": Teal.calibration_version, **Teal().greedy_params()}
+    assert key()["attn_path"] is None  # uniform levels read no path
+    assert key("strategy.attn_allocation=greedy", "strategy.attn_sparsity=0")["attn_path"] is None
+
+
 def test_attention_follows_the_target_when_attn_sparsity_is_null(tiny) -> None:
     with attach("moyu", tiny, "sparsity=0.3", "strategy.attn_sparsity=null") as live:
         assert live.strategy.attention_levels(live.calibration, 1) == {

@@ -89,7 +89,7 @@ from moyu_exp.masking import KernelRule
 from moyu_exp.sites import adapter_for, hooked
 from moyu_exp.strategies.base import Strategy, keep_count, register, topk_mask
 from moyu_exp.strategies.sequence import SITE, SequenceLevel, prompt_energy
-from moyu_exp.strategies.teal import TEAL_SITES, path_levels, published_paths
+from moyu_exp.strategies.teal import TEAL_SITES, Teal, path_levels, published_paths
 
 torch = lazy_import("torch")
 
@@ -148,8 +148,15 @@ class Moyu(SequenceLevel):
             "prior_tokens": self.prior_tokens,
             "profile_tokens": self.profile_tokens,
             "profile": PROFILE_VERSION if self.allocation == "profile" else None,
-            "attn_allocation": self.attn_allocation if self.attn_sparsity != 0.0 else None,
+            "attn_path": self._teal_path_key(),
         }
+
+    def _teal_path_key(self) -> dict[str, Any] | None:
+        """What TEAL's greedy path (read with ``attn_allocation=greedy``) depends on, or None."""
+        if self.attn_allocation != "greedy" or self.attn_sparsity == 0.0:
+            return None
+        teal = Teal(layers=self.layers)
+        return {"version": teal.calibration_version, **teal.greedy_params()}
 
     def calibrate(self, model, batches, cached) -> dict[str, torch.Tensor]:
         layers = self.layer_ids(model)
