@@ -246,12 +246,14 @@ KERNEL_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma3", "phi
 
 # every family: an output-sparse rule (top-k) on the native kernels; a gate rule (CATS) with SiLU
 # (fused natively) and GELU-tanh (masked); Gemma 3 (everything but LLaMA's plain block) also a
-# compact MLP (GRIFFIN) and the stock-torch backend
+# compact MLP (GRIFFIN; moyu's read input-sparse under an mlp_input rule) and the stock-torch
+# backend
 KERNEL_CASES = [
     *[(f, "topk", "native") for f in KERNEL_FAMILIES],
     *[(f, "cats", "native") for f in ("llama", "gemma", "gemma3")],
     *[("gemma3", n, "torch") for n in ("topk", "cats", "griffin")],
     ("gemma3", "griffin", "native"),
+    ("gemma3", "moyu+mlp_input", "native"),
 ]
 
 
@@ -262,14 +264,15 @@ def test_kernel_mode_decodes_as_simulated_mode(kind, name, backend, monkeypatch)
     Gemma 3's sandwich norms, sliding windows shorter than the prompt, two RoPE tables; Phi-3's
     fused projections) and decodes the same tokens with allclose logits."""
     from moyu_exp.kernels import native
-    from tests.test_kernels import assert_same_decode, kernel, simulated
+    from tests.test_kernels import VARIANTS, assert_same_decode, kernel, simulated
 
     if backend == "torch":
         monkeypatch.setattr(native, "load", lambda: None)
     elif native.load() is None:
         pytest.skip("no C compiler")
     family = tiny(kind)
-    small = ("calibration.tokens=1024", "calibration.seq_len=256")
+    name, extra = VARIANTS.get(name, (name, []))
+    small = ("calibration.tokens=1024", "calibration.seq_len=256", *extra)
     expected = simulated(family, attach(name, family, "sparsity=0.5", *small))
     got, decoder, _ = kernel(family, attach(name, family, "sparsity=0.5", *small))
     assert decoder.backend.startswith(backend)
