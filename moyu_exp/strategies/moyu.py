@@ -151,9 +151,14 @@ class Moyu(SequenceLevel):
             "attn_path": self._teal_path_key(),
         }
 
+    @property
+    def reads_teal_path(self) -> bool:
+        """Whether the attention levels come from TEAL's greedy path."""
+        return self.attn_allocation == "greedy" and self.attn_sparsity != 0.0
+
     def _teal_path_key(self) -> dict[str, Any] | None:
-        """What TEAL's greedy path (read with ``attn_allocation=greedy``) depends on, or None."""
-        if self.attn_allocation != "greedy" or self.attn_sparsity == 0.0:
+        """What TEAL's greedy path depends on, when it is read (else None)."""
+        if not self.reads_teal_path:
             return None
         teal = Teal(layers=self.layers)
         return {"version": teal.calibration_version, **teal.greedy_params()}
@@ -173,7 +178,7 @@ class Moyu(SequenceLevel):
             state = state | cached(
                 "profile", params, lambda: self._profile(model, batches, layers, state)
             )
-        if self.attn_allocation == "greedy" and self.attn_sparsity != 0.0:
+        if self.reads_teal_path:
             state = state | published_paths(model, batches, self.layers, cached)
         return state
 
