@@ -279,15 +279,22 @@ class LeanDecoder:
         for site, rows in zip(QKV_SITES, self._qkv_rows(), strict=True):
             if site in layer.sites:
                 layer.t[site] = w.qkv[rows].t().contiguous()
-        for site, name in INPUT_SITES.items():
+        for site in ("attn_input", "o_proj_input"):
             if site in layer.sites:
-                weight = getattr(w, name)
-                if site == "mlp_input" and "gate_act" in layer.sites:
-                    weight = weight[: self.d_ff]  # up is then read by rows, for kept neurons
-                layer.t[site] = weight.t().contiguous()
+                layer.t[site] = getattr(w, INPUT_SITES[site]).t().contiguous()
+        # mlp_input's copy waits for the prefill: a layer whose MLP is then compacted reads the
+        # compact copy instead (see _compact_mlps)
         if layer.sites & {"gate_act", "mlp_intermediate"}:
             layer.t["down"] = w.down.t().contiguous()
         return layer
+
+    def _mlp_input_t(self, layer: Layer) -> torch.Tensor:
+        """gate_up^T for an input-sparse MLP (gate only under gate_act: up is then read by
+        rows, for the kept neurons)."""
+        weight = layer.w.gate_up
+        if "gate_act" in layer.sites:
+            weight = weight[: self.d_ff]
+        return weight.t().contiguous()
 
     def _bases(self) -> None:
         """R^T of every rotated site (its readers' weights already read x R)."""
@@ -330,7 +337,10 @@ class LeanDecoder:
             keep = self.live.decode_neurons(i) if layer.sites else None
             if keep is None:
                 layer.compact = layer.compact_t = None
+                if "mlp_input" in layer.sites and "mlp_input" not in layer.t:
+                    layer.t["mlp_input"] = self._mlp_input_t(layer)
                 continue
+            layer.t.pop("mlp_input", None)  # the compact copy below stands in for it
             idx = keep.nonzero().view(-1).to(self.w.device)
             gate_up = torch.cat([layer.w.gate_up[idx], layer.w.gate_up[self.d_ff + idx]])
             layer.compact = (gate_up, layer.w.down.index_select(1, idx).contiguous())
