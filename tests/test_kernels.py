@@ -196,6 +196,36 @@ def test_sequence_level_methods_decode_with_a_compact_mlp(tiny) -> None:
     assert summary["dense_weight_bytes_per_token"] - summary["weight_bytes_per_token"] == skipped
 
 
+def test_a_reselected_set_swaps_only_the_neurons_that_changed(tiny, monkeypatch) -> None:
+    """A re-selection of the same size (CLADA's) rewrites, in place, only the slots of the
+    neurons that left; after a step on the full MLP (a refresh) the parked compact MLP serves
+    the next set. Each slot holds its neuron's gate and up rows and down column."""
+    live = ready("griffin", tiny, 0.5)
+    with live, torch.inference_mode():
+        decoder = LeanDecoder(tiny.model, live, max_tokens=64)
+        decoder.prefill(prompt(tiny))
+        layer, w, d_ff = decoder.layers[0], decoder.layers[0].w, decoder.d_ff
+        before = [t.data_ptr() for t in layer.compact]
+        keep = live.decode_neurons(0).clone()
+        out, into = keep.nonzero()[:2].view(-1), (~keep).nonzero()[:2].view(-1)
+        keep[out], keep[into] = False, True
+        sets = {0: keep}
+        monkeypatch.setattr(live, "decode_neurons", lambda i: sets.get(i))
+        decoder._compact_mlps()
+        assert [t.data_ptr() for t in layer.compact] == before  # in place
+        assert sorted(layer.slots.tolist()) == keep.nonzero().view(-1).tolist()
+        sets[0] = None  # a refresh step: the full MLP, the compact one parked
+        decoder._compact_mlps()
+        assert layer.compact is None and layer.parked is not None
+        sets[0] = keep
+        decoder._compact_mlps()
+        assert [t.data_ptr() for t in layer.compact] == before
+        gate_up, down = layer.compact
+        slots = layer.slots
+        assert torch.equal(gate_up, torch.cat([w.gate_up[slots], w.gate_up[d_ff + slots]]))
+        assert torch.equal(down, w.down[:, slots])
+
+
 def test_a_strategy_without_a_kernel_path_is_refused(tiny) -> None:
     live = ready("predictor", tiny, 0.5, "strategy.max_epochs=1", "strategy.train_tokens=512")
     with live, pytest.raises(ConfigError, match="no kernel path"):

@@ -156,6 +156,8 @@ class Layer:
     t: dict[str, torch.Tensor] = field(default_factory=dict)  # transposed copies
     compact: tuple[torch.Tensor, torch.Tensor] | None = None  # (gate_up rows, down columns)
     compact_t: torch.Tensor | None = None  # the compact gate_up transposed, for mlp_input rules
+    slots: torch.Tensor | None = None  # the neuron in each compact slot (any order)
+    parked: tuple | None = None  # (compact, compact_t, slots) while steps run the full MLP
 
 
 class LeanDecoder:
@@ -329,23 +331,52 @@ class LeanDecoder:
         self.flush()
         self.pos = position
 
+    @torch.inference_mode()
     def _compact_mlps(self) -> None:
         """Gather the MLP of a decode-time neuron set known in advance, once per prompt (and
-        again when a strategy re-selects it)."""
+        again when a strategy re-selects it: then only the neurons that changed are swapped)."""
         self._version = self.live.decode_version()
         for i, layer in enumerate(self.layers):
             keep = self.live.decode_neurons(i) if layer.sites else None
             if keep is None:
-                layer.compact = layer.compact_t = None
+                if layer.compact is not None:  # kept for the next set (a refresh step)
+                    layer.parked = (layer.compact, layer.compact_t, layer.slots)
+                layer.compact = layer.compact_t = layer.slots = None
                 if "mlp_input" in layer.sites and "mlp_input" not in layer.t:
                     layer.t["mlp_input"] = self._mlp_input_t(layer)
                 continue
             layer.t.pop("mlp_input", None)  # the compact copy below stands in for it
+            if layer.compact is None and layer.parked is not None:
+                layer.compact, layer.compact_t, layer.slots = layer.parked
+            layer.parked = None
             idx = keep.nonzero().view(-1).to(self.w.device)
-            gate_up = torch.cat([layer.w.gate_up[idx], layer.w.gate_up[self.d_ff + idx]])
-            layer.compact = (gate_up, layer.w.down.index_select(1, idx).contiguous())
-            # a per-token rule on the MLP input reads the kept rows' columns of its kept entries
-            layer.compact_t = gate_up.t().contiguous() if "mlp_input" in layer.sites else None
+            if layer.slots is not None and layer.slots.numel() == idx.numel():
+                self._swap(layer, idx)
+            else:
+                self._gather(layer, idx)
+
+    def _gather(self, layer: Layer, idx: torch.Tensor) -> None:
+        gate_up = torch.cat([layer.w.gate_up[idx], layer.w.gate_up[self.d_ff + idx]])
+        layer.compact = (gate_up, layer.w.down.index_select(1, idx).contiguous())
+        # a per-token rule on the MLP input reads the kept rows' columns of its kept entries
+        layer.compact_t = gate_up.t().contiguous() if "mlp_input" in layer.sites else None
+        layer.slots = idx.clone()
+
+    def _swap(self, layer: Layer, idx: torch.Tensor) -> None:
+        """A set of the same size, in place: each neuron it drops gives its slot (gate and up
+        rows, down column) to one it adds; the rest is not copied again."""
+        slots, k = layer.slots, layer.slots.numel()
+        free = (~torch.isin(slots, idx)).nonzero().view(-1)
+        if free.numel() == 0:
+            return
+        entering = idx[~torch.isin(idx, slots)]
+        (gate_up, down), w = layer.compact, layer.w
+        rows = torch.cat([free, k + free])
+        gate_up[rows] = w.gate_up[torch.cat([entering, self.d_ff + entering])]
+        down[:, free] = w.down[:, entering]
+        if layer.compact_t is not None:
+            layer.compact_t[:, rows] = gate_up[rows].t()
+        slots[free] = entering
 
     @torch.inference_mode()
     def step(self, token: int) -> torch.Tensor:
