@@ -141,7 +141,10 @@ def at_levels(
 
 def _pareto_panel(ax, table, metric: str | None, speed: str, directions: Directions) -> None:
     rows = [r for r in _ok(table, metric) if r.get(speed)] if metric else []
-    for label in sorted({r["label"] for r in rows}):
+    labels = sorted({r["label"] for r in rows})
+    if len(labels) > 10:  # more lines than the default cycle has colours
+        ax.set_prop_cycle(color=plt.cm.tab20.colors)
+    for label in labels:
         mine = sorted(
             (r for r in rows if r["label"] == label), key=lambda r: r.get("sparsity") or 0
         )
