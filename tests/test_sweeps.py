@@ -254,6 +254,23 @@ def test_pareto_frontier_keeps_only_points_nothing_beats() -> None:
     assert frontier([(1.0, 0.5), (2.0, 0.6)], lower_is_better=False) == [(2.0, 0.6)]
 
 
+def test_a_panel_of_many_methods_gives_each_line_its_own_colour() -> None:
+    import matplotlib.pyplot as plt
+
+    from moyu_exp.plots import _pareto_panel
+
+    table = [
+        {"label": f"m{i}", "status": "ok", "sparsity": s, "speedup": 1 + s, "fidelity/kl": s + i}
+        for i in range(12)
+        for s in (0.3, 0.5)
+    ]
+    fig, ax = plt.subplots()
+    _pareto_panel(ax, table, "fidelity/kl", "speedup", {"fidelity/kl": False})
+    colours = [line.get_color() for line in ax.get_lines() if line.get_label().startswith("m")]
+    plt.close(fig)
+    assert len(colours) == 12 and len(set(colours)) == 12
+
+
 def test_editing_the_package_code_changes_every_point_key(tmp_path, monkeypatch) -> None:
     from moyu_exp import points
 
