@@ -153,7 +153,7 @@ def test_an_input_rule_on_a_compact_mlp_skips_only_its_kept_rows_columns(tiny, f
     for i, layer in enumerate(decoder.layers):
         kept = layer.compact[1].shape[1]
         assert layer.compact_t.shape == (d, 2 * kept)
-        assert "mlp_input" not in layer.t  # the full gate_up^T is never built beside it
+        assert not {"mlp_input", "down"} & set(layer.t)  # no full copy is built beside it
         inputs, steps, _ = counts[("mlp_input", i)]
         assert steps == STEPS and 0 < inputs < STEPS * d
         skipped += inputs / steps * 2 * kept + counts[("mlp_intermediate", i)][0] / steps * 3 * d
@@ -163,16 +163,18 @@ def test_an_input_rule_on_a_compact_mlp_skips_only_its_kept_rows_columns(tiny, f
     assert meter.skipped_per_token() == pytest.approx(skipped)
 
 
-def test_a_full_input_sparse_mlp_gets_its_transposed_copy_at_the_prefill(tiny) -> None:
-    """Without a compact MLP (TEAL), mlp_input reads the whole gate_up^T, built at the prefill."""
+def test_a_full_sparse_mlp_gets_its_transposed_copies_at_the_prefill(tiny) -> None:
+    """Without a compact MLP (TEAL), mlp_input and mlp_intermediate read the whole gate_up^T
+    and down^T, built at the prefill."""
     d, d_ff = tiny.model.config.hidden_size, tiny.model.config.intermediate_size
     live = ready("teal", tiny)
     with live:
         decoder = LeanDecoder(tiny.model, live, max_tokens=64)
-        assert all("mlp_input" not in layer.t for layer in decoder.layers)
+        assert all(not {"mlp_input", "down"} & set(layer.t) for layer in decoder.layers)
         decoder.prefill(prompt(tiny))
         for layer in decoder.layers:
             assert layer.t["mlp_input"].shape == (d, 2 * d_ff)
+            assert layer.t["down"].shape == (d_ff, d)
 
 
 def test_dense_bytes_count_every_weight_read(tiny) -> None:

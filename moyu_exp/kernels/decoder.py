@@ -284,19 +284,20 @@ class LeanDecoder:
         for site in ("attn_input", "o_proj_input"):
             if site in layer.sites:
                 layer.t[site] = getattr(w, INPUT_SITES[site]).t().contiguous()
-        # mlp_input's copy waits for the prefill: a layer whose MLP is then compacted reads the
-        # compact copy instead (see _compact_mlps)
-        if layer.sites & {"gate_act", "mlp_intermediate"}:
-            layer.t["down"] = w.down.t().contiguous()
+        # the MLP's copies wait for the prefill: a layer whose MLP is then compacted reads the
+        # compact MLP instead (see _compact_mlps)
         return layer
 
-    def _mlp_input_t(self, layer: Layer) -> torch.Tensor:
-        """gate_up^T for an input-sparse MLP (gate only under gate_act: up is then read by
-        rows, for the kept neurons)."""
-        weight = layer.w.gate_up
-        if "gate_act" in layer.sites:
-            weight = weight[: self.d_ff]
-        return weight.t().contiguous()
+    def _full_mlp_t(self, layer: Layer) -> None:
+        """The transposed copies a layer's MLP reads when it runs without a compact MLP, built
+        when first needed: gate_up^T for an input-sparse MLP (gate only under gate_act: up is
+        then read by rows, for the kept neurons), down^T for a sparse intermediate."""
+        if "mlp_input" in layer.sites and "mlp_input" not in layer.t:
+            gate_up = layer.w.gate_up
+            weight = gate_up[: self.d_ff] if "gate_act" in layer.sites else gate_up
+            layer.t["mlp_input"] = weight.t().contiguous()
+        if layer.sites & {"gate_act", "mlp_intermediate"} and "down" not in layer.t:
+            layer.t["down"] = layer.w.down.t().contiguous()
 
     def _bases(self) -> None:
         """R^T of every rotated site (its readers' weights already read x R)."""
@@ -342,10 +343,9 @@ class LeanDecoder:
                 if layer.compact is not None:  # kept for the next set (a refresh step)
                     layer.parked = (layer.compact, layer.compact_t, layer.slots)
                 layer.compact = layer.compact_t = layer.slots = None
-                if "mlp_input" in layer.sites and "mlp_input" not in layer.t:
-                    layer.t["mlp_input"] = self._mlp_input_t(layer)
+                self._full_mlp_t(layer)  # kept once built (CLADA's refresh steps come back)
                 continue
-            layer.t.pop("mlp_input", None)  # the compact copy below stands in for it
+            layer.t.pop("mlp_input", None)  # the compact gate_up^T stands in for it
             if layer.compact is None and layer.parked is not None:
                 layer.compact, layer.compact_t, layer.slots = layer.parked
             layer.parked = None
