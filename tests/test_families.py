@@ -264,17 +264,16 @@ def test_kernel_mode_decodes_as_simulated_mode(kind, name, backend, monkeypatch)
     Gemma 3's sandwich norms, sliding windows shorter than the prompt, two RoPE tables; Phi-3's
     fused projections) and decodes the same tokens with allclose logits."""
     from moyu_exp.kernels import native
-    from tests.test_kernels import VARIANTS, assert_same_decode, kernel, simulated
+    from tests.test_kernels import assert_same_decode, kernel, ready, simulated
 
     if backend == "torch":
         monkeypatch.setattr(native, "load", lambda: None)
     elif native.load() is None:
         pytest.skip("no C compiler")
     family = tiny(kind)
-    name, extra = VARIANTS.get(name, (name, []))
-    small = ("calibration.tokens=1024", "calibration.seq_len=256", *extra)
-    expected = simulated(family, attach(name, family, "sparsity=0.5", *small))
-    got, decoder, _ = kernel(family, attach(name, family, "sparsity=0.5", *small))
+    small = ("calibration.tokens=1024", "calibration.seq_len=256")
+    expected = simulated(family, ready(name, family, 0.5, *small))
+    got, decoder, _ = kernel(family, ready(name, family, 0.5, *small))
     assert decoder.backend.startswith(backend)
     assert_same_decode(expected, got)
 
