@@ -345,7 +345,6 @@ class LeanDecoder:
                 layer.compact = layer.compact_t = layer.slots = None
                 self._full_mlp_t(layer)  # kept once built (CLADA's refresh steps come back)
                 continue
-            layer.t.pop("mlp_input", None)  # the compact gate_up^T stands in for it
             if layer.compact is None and layer.parked is not None:
                 layer.compact, layer.compact_t, layer.slots = layer.parked
             layer.parked = None
