@@ -2,7 +2,9 @@
 
 Entries are keyed by a hash of what determines their content, and every write is atomic (a
 temporary name in the same folder, then ``os.replace``), so a killed process never leaves a
-half-written file behind under a final name.
+half-written file behind under a final name. Entries that are expensive to build (a converted
+model, calibration) are built under an exclusive lock, so parallel jobs on a cold cache (a joblib
+or SLURM sweep, parallel tests) build each once and the others wait for it.
 """
 
 from __future__ import annotations
@@ -17,6 +19,11 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # Windows: no locks; parallel jobs may then build an entry twice
+    fcntl = None
 
 log = logging.getLogger(__name__)
 
@@ -74,23 +81,53 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
         raise
 
 
-def cached_tensors(kind: str, key: str, compute) -> tuple[dict, bool]:
-    """Tensors stored as ``calibration/<kind>-<key>.safetensors``: read, or computed and written.
-
-    Returns (tensors, hit). An unreadable file (truncated, say) is rebuilt, with a warning.
-    """
-    from safetensors import SafetensorError
-    from safetensors.torch import load, save
-
-    path = root() / "calibration" / f"{kind}-{key}.safetensors"
-    if path.is_file():
+@contextlib.contextmanager
+def exclusive(entry: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the cache entry ``entry`` (a hidden ``.lock`` file beside it) for
+    the block; the OS releases it if the process dies. Build an entry inside this block after
+    checking again that no other process built it while this one waited."""
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    with open(entry.parent / f".{entry.name}.lock", "a") as handle:
+        if fcntl is not None:
+            fcntl.flock(handle, fcntl.LOCK_EX)
         try:
-            return load(path.read_bytes()), True
-        except (SafetensorError, OSError, ValueError) as err:
-            log.warning("cache file %s is unreadable (%s); rebuilding it", path, err)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in compute().items()}
-    write_bytes_atomic(path, save(tensors))
+            yield
+        finally:
+            if fcntl is not None:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def cached_tensors(kind: str, key: str, compute) -> tuple[dict, bool]:
+    """Tensors stored as ``calibration/<kind>-<key>.safetensors``: read, or computed and written
+    (once, when parallel jobs ask for the same entry). Returns (tensors, hit). An unreadable file
+    (truncated, say) is rebuilt, with a warning."""
+    path = root() / "calibration" / f"{kind}-{key}.safetensors"
+    found = _read_tensors(path)
+    if found is not None:
+        return found, True
+    with exclusive(path):
+        found = _read_tensors(path, quiet=True)  # written by another job while this one waited
+        if found is not None:
+            return found, True
+        from safetensors.torch import save
+
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in compute().items()}
+        write_bytes_atomic(path, save(tensors))
     return tensors, False
+
+
+def _read_tensors(path: Path, quiet: bool = False) -> dict | None:
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    if not path.is_file():
+        return None
+    try:
+        return load(path.read_bytes())
+    except (SafetensorError, OSError, ValueError) as err:
+        if not quiet:
+            log.warning("cache file %s is unreadable (%s); rebuilding it", path, err)
+        return None
 
 
 def _umask() -> int:

@@ -136,16 +136,18 @@ def assembled_file(package: str, gguf_file: str, assemble: str, install: str | N
     if importlib.util.find_spec(package) is None or importlib.util.find_spec(module_name) is None:
         raise _not_installed(package, install)
     target = cache.root() / "gguf" / gguf_file
-    if not target.is_file():
-        log.info("assembling %s with %s (once)", target, assemble)
-        writer = getattr(importlib.import_module(module_name), function)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{gguf_file}.", suffix=".tmp"))
-        try:
-            writer(tmp / gguf_file)
-            os.replace(tmp / gguf_file, target)  # nothing half-written under the final name
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+    if target.is_file():
+        return target
+    with cache.exclusive(target):  # parallel jobs on a cold cache assemble it once
+        if not target.is_file():
+            log.info("assembling %s with %s (once)", target, assemble)
+            writer = getattr(importlib.import_module(module_name), function)
+            tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{gguf_file}.", suffix=".tmp"))
+            try:
+                writer(tmp / gguf_file)
+                os.replace(tmp / gguf_file, target)  # nothing half-written under the final name
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
@@ -181,12 +183,16 @@ def load_embedded(
     ckpt = cache.root() / "models" / f"{name}-{digest[:16]}-tf{transformers.__version__}"
     hit = _checkpoint_complete(ckpt)
     if not hit:
-        convert_gguf(gguf_path, ckpt, source_digest=digest)
+        with cache.exclusive(ckpt):  # parallel jobs on a cold cache convert it once
+            hit = _checkpoint_complete(ckpt)
+            if not hit:
+                convert_gguf(gguf_path, ckpt, source_digest=digest)
     try:
         model, tokenizer = _load_checkpoint(ckpt, dtype, device)
     except (OSError, ValueError, RuntimeError) as err:  # damaged in a way sizes do not show
         log.warning("cached checkpoint %s cannot be loaded (%s); converting it again", ckpt, err)
-        convert_gguf(gguf_path, ckpt, source_digest=digest)
+        with cache.exclusive(ckpt):
+            convert_gguf(gguf_path, ckpt, source_digest=digest)
         model, tokenizer = _load_checkpoint(ckpt, dtype, device)
         hit = False
     info = {

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -182,6 +183,22 @@ def test_a_truncated_calibration_file_is_rebuilt(tiny, caplog) -> None:
     assert meta["cache"] == "miss" and "unreadable" in caplog.text
     assert again.keys() == good.keys()
     assert all(torch.equal(again[k], good[k]) for k in good)
+
+
+def test_parallel_jobs_build_a_cache_entry_once() -> None:
+    """Two jobs asking for the same cold entry: one builds it, the other waits and reads it."""
+    calls = []
+
+    def compute() -> dict[str, torch.Tensor]:
+        calls.append(1)
+        time.sleep(0.5)  # the other job asks while this one is building
+        return {"t": torch.arange(4.0)}
+
+    with ThreadPoolExecutor(2) as pool:
+        outcomes = list(pool.map(lambda _: cache.cached_tensors("lock", "k", compute), range(2)))
+    assert len(calls) == 1
+    assert sorted(hit for _, hit in outcomes) == [False, True]
+    assert all(torch.equal(tensors["t"], torch.arange(4.0)) for tensors, _ in outcomes)
 
 
 def test_a_truncated_point_is_recomputed(tmp_path) -> None:
