@@ -16,7 +16,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
-from moyu_exp.errors import ConfigError
+from moyu_exp.errors import ConfigError, missing_value
 
 __all__ = ["ConfigError", "build", "check_sparsity", "register_configs", "validate"]
 
@@ -394,7 +394,13 @@ def check_sparsity(value: float, key: str = "sparsity") -> None:
 
 
 def validate(cfg: DictConfig) -> None:
-    """Range checks that types cannot express. Raises :class:`ConfigError` with one line."""
+    """Mandatory keys left unset, and range checks that types cannot express. Raises
+    :class:`ConfigError` with one line."""
+    from omegaconf import OmegaConf
+
+    missing = sorted(OmegaConf.missing_keys(cfg))  # e.g. model.path of model=hf
+    if missing:
+        raise ConfigError(missing_value(missing[0]))
     check_ranges("", cfg, RANGES)
     if "sparsity" in cfg.strategy:
         check_sparsity(cfg.strategy.sparsity, "strategy.sparsity")

@@ -60,6 +60,11 @@ def is_config_mistake(err: BaseException) -> bool:
     return isinstance(err, ConfigError | CompactHydraException) or _config_value_error(err)
 
 
+def missing_value(key: str) -> str:
+    """The one line for a mandatory key (``???``) left unset."""
+    return f"{key} is missing (???): give it on the command line, e.g. {key}=..."
+
+
 def one_line(err: BaseException) -> str:
     """What went wrong and what is accepted, in one line, for a config or input mistake."""
     from hydra.errors import MissingConfigException, OverrideParseException
@@ -71,8 +76,7 @@ def one_line(err: BaseException) -> str:
             "read and write (hydra.run.dir=..., hydra.sweep.dir=..., MOYU_CACHE_DIR, data_dir)"
         )
     if type(err).__name__ == "MissingMandatoryValue":
-        key = getattr(err, "full_key", None) or "a key"
-        return f"{key} is missing (???): give it on the command line, e.g. {key}=..."
+        return missing_value(getattr(err, "full_key", None) or "a key")
     if _config_value_error(err):
         key = getattr(err, "full_key", None)
         return f"{key}: {_first(str(err))}" if key else _first(str(err))

@@ -226,8 +226,17 @@ def read(path: Path) -> Results:
     return validate(json.loads(Path(path).read_text()))
 
 
-def build(*, status: str, config: dict[str, Any], error: str | None = None, **fields: Any):
-    """A results payload: the fixed header, the given fields, then config and env."""
+def build(
+    *,
+    status: str,
+    config: dict[str, Any],
+    error: str | None = None,
+    runtime: bool = True,
+    **fields: Any,
+):
+    """A results payload: the fixed header, the given fields, then config and env (without
+    torch's threads and device when ``runtime`` is false: a run that failed before it started
+    need not import torch to say so)."""
     return {
         "schema": SCHEMA,
         "status": status,
@@ -236,30 +245,33 @@ def build(*, status: str, config: dict[str, Any], error: str | None = None, **fi
         "sparsity": config.get("sparsity"),
         **fields,
         "config": config,
-        "env": environment(),
+        "env": environment(runtime),
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
 
 
 @cache
-def environment() -> dict[str, Any]:
-    import torch
-
+def environment(runtime: bool = True) -> dict[str, Any]:
+    """Package versions, Python, platform and git commit; with ``runtime``, also the device and
+    torch's thread count (which import torch)."""
     versions = {}
     for name in PACKAGES:
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             versions[name] = None
-    return {
+    env = {
         "packages": versions,
         "python": platform.python_version(),
         "platform": platform.platform(),
         "git_sha": _git_sha(),
-        "device": _device_name(),
-        "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
     }
+    if runtime:
+        import torch
+
+        env.update(device=_device_name(), torch_threads=torch.get_num_threads())
+    return env
 
 
 def _git_sha() -> str | None:

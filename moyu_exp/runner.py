@@ -78,7 +78,8 @@ def failures_recorded(cfg: DictConfig, run_dir: Path) -> Iterator[None]:
     except Exception as err:
         config = results.redact(OmegaConf.to_container(cfg, resolve=False, enum_to_str=True))
         error = f"{type(err).__name__}: {err}"
-        results.write(run_dir, results.build(status="failed", config=config, error=error))
+        payload = results.build(status="failed", config=config, error=error, runtime=False)
+        results.write(run_dir, payload)
         raise
 
 

@@ -834,35 +834,44 @@ def adapter_for(model: torch.nn.Module) -> GatedMLPAdapter:
     )
 
 
-def resolve_layers(spec: object, num_layers: int) -> list[int]:
-    """Layer selection: ``"all"``, a list of indices, or a slice string such as ``"1:-1"``."""
+def parse_layers(spec: object) -> slice | list[int]:
+    """A layer selection as written (``"all"``, a list of indices, or a slice string such as
+    ``"1:-1"``) as a slice or a list; a one-line ConfigError when it is neither. Checked when a
+    strategy is built, before any model loads; :func:`resolve_layers` applies it to a model."""
     if spec is None or spec == "all":
-        return list(range(num_layers))
+        return slice(None)
     if isinstance(spec, str) and ":" in spec:
-        parts = spec.split(":")
         try:
-            bounds = [int(p) if p.strip() else None for p in parts]
+            bounds = [int(p) if p.strip() else None for p in spec.split(":")]
         except ValueError:
-            bounds = None
-        if bounds is None or len(bounds) > 3:
+            bounds = []
+        if not 2 <= len(bounds) <= 3 or (len(bounds) == 3 and bounds[2] == 0):
             raise ConfigError(
                 f"layers='{spec}' is not a slice: use 'all', a list such as [0,1], or 'start:stop'"
             )
-        selected = list(range(num_layers))[slice(*bounds)]
-        if not selected:
-            raise ConfigError(f"layers='{spec}' selects no layer of a {num_layers}-layer model")
-        return selected
+        return slice(*bounds)
     if isinstance(spec, int | str):
         spec = [spec]
     try:
-        indices = [int(i) for i in spec]  # type: ignore[union-attr]
+        return [int(i) for i in spec]  # type: ignore[union-attr]
     except (TypeError, ValueError):
         raise ConfigError(
             f"layers={spec!r} is not valid: use 'all', a list such as [0,1], or 'start:stop'"
         ) from None
-    bad = [i for i in indices if not -num_layers <= i < num_layers]
+
+
+def resolve_layers(spec: object, num_layers: int) -> list[int]:
+    """The indices of the layers ``spec`` (see :func:`parse_layers`) selects in a model of
+    ``num_layers`` layers."""
+    selection = parse_layers(spec)
+    if isinstance(selection, slice):
+        selected = list(range(num_layers))[selection]
+        if not selected and num_layers:
+            raise ConfigError(f"layers='{spec}' selects no layer of a {num_layers}-layer model")
+        return selected
+    bad = [i for i in selection if not -num_layers <= i < num_layers]
     if bad:
         raise ConfigError(
             f"layers {bad} out of range: the model has {num_layers} layers (0..{num_layers - 1})"
         )
-    return sorted({i % num_layers for i in indices})
+    return sorted({i % num_layers for i in selection})

@@ -8,6 +8,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from moyu_exp.config import ConfigError
 from moyu_exp.sites import SITES, adapter_for, resolve_layers
+from moyu_exp.strategies.topk import TopK
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma"]
 
@@ -75,7 +76,15 @@ def test_layer_specs(spec, expected) -> None:
     assert resolve_layers(spec, 5) == expected
 
 
-@pytest.mark.parametrize("spec", [[5], [-6], "a:b", "4:2", ["x"]])
+@pytest.mark.parametrize("spec", [[5], [-6], "a:b", "4:2", ["x"], "0:4:0", "1:2:3:4"])
 def test_bad_layer_specs_are_config_errors(spec) -> None:
     with pytest.raises(ConfigError, match="layers"):
         resolve_layers(spec, 5)
+
+
+@pytest.mark.parametrize("spec", ["a:b", ["x"], "0:4:0"])
+def test_a_malformed_layer_spec_fails_when_the_strategy_is_built(spec) -> None:
+    """Before any model loads: its syntax needs no model, only its range does."""
+    with pytest.raises(ConfigError, match="layers"):
+        TopK(sparsity=0.5, layers=spec)
+    TopK(sparsity=0.5, layers=[9])  # out of range only for a model with fewer layers

@@ -3,20 +3,24 @@ on the embedded text and along generated continuations."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig
 
 from moyu_exp import datasets
-from moyu_exp.evaluation import fidelity, generation, harness
-from moyu_exp.models import LoadedModel
-from moyu_exp.strategies import Attachment
+
+if TYPE_CHECKING:
+    from moyu_exp.models import LoadedModel
+    from moyu_exp.strategies import Attachment
 
 
 def run(
     loaded: LoadedModel, cfg: DictConfig, live: Attachment, seed: int
 ) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
     """Evaluate the model as it is now (with ``live`` attached): metrics and per-task details."""
+    # imported here: checking a config (``check``) should not cost lm-eval's and torch's imports
+    from moyu_exp.evaluation import fidelity, generation, harness
+
     metrics: dict[str, dict[str, float]] = {}
     details: dict[str, Any] = {}
     if cfg.tasks:
@@ -54,7 +58,8 @@ def check(cfg: DictConfig) -> None:
     """Fail fast (before loading any model) on unknown task names and missing local files."""
     from moyu_exp.evaluation.tasks import LOCAL_FILES, check_task_name
 
-    for name in cfg.tasks:
-        check_task_name(name)
+    for name in cfg.tasks:  # the files first: checking a name may index lm-eval's tasks
         if cfg.data_dir and name in LOCAL_FILES:
             datasets.require_data_file(cfg.data_dir, LOCAL_FILES[name][0], f"eval task {name}")
+    for name in cfg.tasks:
+        check_task_name(name)

@@ -31,7 +31,13 @@ from moyu_exp.errors import ConfigError
 from moyu_exp.lazy import lazy_import
 from moyu_exp.masking import KernelRule, topk_mask
 from moyu_exp.registry import registrar
-from moyu_exp.sites import SPARSE_SITES, adapter_for, check_sites, resolve_layers
+from moyu_exp.sites import (
+    SPARSE_SITES,
+    adapter_for,
+    check_sites,
+    parse_layers,
+    resolve_layers,
+)
 from moyu_exp.strategies.protocol import PROTOCOLS, SELECTING
 
 if TYPE_CHECKING:
@@ -80,6 +86,7 @@ class Strategy:
 
     def __post_init__(self) -> None:
         check_sites(list(self.sites), self.allowed_sites, self.name)
+        parse_layers(self.layers)  # its syntax now; its range once the model is known
         check_fields(self, "strategy.", self.RANGES)
         check_choice("strategy.prefill", self.prefill, PROTOCOLS)
         if self.sequence_level and self.prefill not in SELECTING:
