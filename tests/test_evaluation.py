@@ -30,6 +30,16 @@ def test_embedded_eval_reports_perplexity_and_fidelity(tiny) -> None:
     assert stats.site_sparsity == pytest.approx(0.5)
 
 
+def test_lm_evals_environment_report_is_built_once_per_process(tiny) -> None:
+    """It runs ``pip list`` and friends; a sweep evaluates every point in one process."""
+    from torch.utils import collect_env
+
+    run_eval(tiny, "strategy=dense", "eval.fidelity=false")
+    run_eval(tiny, "strategy=dense", "eval.fidelity=false")
+    report = collect_env.get_pretty_env_info.cache_info()
+    assert report.misses == 1 and report.hits >= 1
+
+
 def test_dense_fidelity_is_perfect(tiny) -> None:
     metrics, _, _ = run_eval(tiny, "strategy=dense")
     assert metrics["fidelity"]["kl"] == 0.0

@@ -8,6 +8,7 @@ right-pads its batches), so padding is never counted in the achieved sparsity.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -198,6 +199,17 @@ def sparse_fraction(counts: list[int] | None) -> float | None:
     return counts[0] / counts[1] if counts and counts[1] else None
 
 
+@functools.cache
+def environment_report_once() -> None:
+    """``simple_evaluate`` adds torch's environment report to every result; building it runs
+    ``pip list`` and other commands (about 0.5 s here, more in a large environment), and a sweep
+    evaluates every point in one process. The report cannot change within a process and we keep
+    none of it (results.json has its own ``env``), so it is built once per process."""
+    from torch.utils import collect_env
+
+    collect_env.get_pretty_env_info = functools.cache(collect_env.get_pretty_env_info)
+
+
 def clean_metrics(result: dict[str, Any]) -> dict[str, float]:
     """``{"acc,none": 0.6, "alias": ...}`` -> ``{"acc": 0.6}``; other filters keep their suffix."""
     cleaned = {}
@@ -225,6 +237,7 @@ def evaluate(
     """Run lm-eval tasks on the (sparsified) model: ({task: {metric: value}}, per-task details)."""
     from lm_eval import simple_evaluate
 
+    environment_report_once()
     specs = [task_spec(name, data_dir) for name in tasks]
     lm = MoyuLM(loaded, live, batch_size=batch_size, prompt_fraction=prompt_fraction)
     if limit is not None and limit >= 1:
