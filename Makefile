@@ -6,7 +6,8 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 ARGS ?=
-PYTEST_ARGS ?=
+# one test worker per CPU (at most four), each with its share of the threads
+PYTEST_ARGS ?= -n logical --maxprocesses 4 --dist loadgroup
 
 .PHONY: run test lint install
 

@@ -21,6 +21,18 @@ SHARED_DATA = Path(os.environ.get("MOYU_TEST_DATA_DIR", ROOT.parent / "shared" /
 
 register_configs()
 
+
+def pytest_configure(config) -> None:
+    """Parallel workers (``pytest -n``) share the cores: each, and every process it starts, gets
+    its share of threads (oversubscribed OpenMP threads make everything several times slower)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        threads = max(1, (cores or 1) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+
+
 TINY = [
     "model=tiny_llama",
     "bench=quick",
@@ -73,10 +85,18 @@ _CACHE: list[Path] = []
 
 
 def _session_cache(factory) -> Path:
-    """One cache per test session, unless MOYU_TEST_CACHE_DIR points at a warm one."""
+    """One cache per test session (shared by parallel workers, which build each entry once under
+    the cache's locks), unless MOYU_TEST_CACHE_DIR points at a warm one."""
     if not _CACHE:
         warm = os.environ.get("MOYU_TEST_CACHE_DIR")
-        _CACHE.append(Path(warm) if warm else factory.mktemp("moyu_cache"))
+        if warm:
+            _CACHE.append(Path(warm))
+        elif os.environ.get("PYTEST_XDIST_WORKER"):
+            shared = factory.getbasetemp().parent / "moyu_cache"  # the run's, not the worker's
+            shared.mkdir(exist_ok=True)
+            _CACHE.append(shared)
+        else:
+            _CACHE.append(factory.mktemp("moyu_cache"))
     return _CACHE[0]
 
 

@@ -18,7 +18,7 @@ from moyu_exp.masking import KernelRule, apply_rule
 from moyu_exp.meter import SparsityMeter
 from moyu_exp.sites import adapter_for
 from moyu_exp.strategies import STRATEGIES, keep_count
-from tests.conftest import TINY, attach, compose_config
+from tests.conftest import TINY, attach, calibration_sizes, compose_config
 
 # strategies with a kernel path, by their default config, plus variants of other paths
 KERNEL_STRATEGIES = [
@@ -235,7 +235,10 @@ def test_a_strategy_without_a_kernel_path_is_refused(tiny) -> None:
 
 
 def test_kernel_bench_mode_writes_speed_and_bytes(tmp_path) -> None:
-    cfg = compose_config(*TINY, "strategy=teal", "sparsity=0.5", "eval=none", "bench.mode=kernel")
+    sized = calibration_sizes("teal", ())
+    cfg = compose_config(
+        *TINY, "strategy=teal", "sparsity=0.5", "eval=none", "bench.mode=kernel", *sized
+    )
     runner.run(cfg, tmp_path)
     saved = json.loads((tmp_path / "results.json").read_text())
     bench_out = saved["bench"]

