@@ -14,7 +14,7 @@ from enum import StrEnum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from moyu_exp.errors import ConfigError, missing_value
 
@@ -396,8 +396,6 @@ def check_sparsity(value: float, key: str = "sparsity") -> None:
 def validate(cfg: DictConfig) -> None:
     """Mandatory keys left unset, and range checks that types cannot express. Raises
     :class:`ConfigError` with one line."""
-    from omegaconf import OmegaConf
-
     missing = sorted(OmegaConf.missing_keys(cfg))  # e.g. model.path of model=hf
     if missing:
         raise ConfigError(missing_value(missing[0]))

@@ -250,28 +250,34 @@ def build(
     }
 
 
-@cache
 def environment(runtime: bool = True) -> dict[str, Any]:
     """Package versions, Python, platform and git commit; with ``runtime``, also the device and
-    torch's thread count (which import torch)."""
+    torch's thread count (which import torch). Each part is gathered once per process."""
+    return {**_static_environment(), **(_runtime_environment() if runtime else {})}
+
+
+@cache
+def _static_environment() -> dict[str, Any]:
     versions = {}
     for name in PACKAGES:
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             versions[name] = None
-    env = {
+    return {
         "packages": versions,
         "python": platform.python_version(),
         "platform": platform.platform(),
         "git_sha": _git_sha(),
         "cpu_count": os.cpu_count(),
     }
-    if runtime:
-        import torch
 
-        env.update(device=_device_name(), torch_threads=torch.get_num_threads())
-    return env
+
+@cache
+def _runtime_environment() -> dict[str, Any]:
+    import torch
+
+    return {"device": _device_name(), "torch_threads": torch.get_num_threads()}
 
 
 def _git_sha() -> str | None:
