@@ -1,4 +1,5 @@
-"""Figures of a comparison: accuracy/sparsity trade-off curves and the speed Pareto plots.
+"""Figures of a comparison: accuracy/sparsity trade-off curves, the speed Pareto plots and the
+generation-fidelity curves.
 
 Whether a metric is better high or low comes from the results themselves (lm-eval's
 ``higher_is_better`` of each task, and the fidelity metrics' own), passed in as ``directions``
@@ -208,5 +209,47 @@ def generality(
     if handles:
         fig.legend(handles, labels, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(models))
     fig.suptitle("the same methods on each model", y=1.08)
+    fig.tight_layout()
+    save_png(fig, path)
+
+
+SMOOTHING = 9  # distances in the centred running mean of the generation curves
+
+
+def running_mean(values: list[float], window: int = SMOOTHING) -> list[float]:
+    """The centred running mean of ``values`` over ``window`` entries (fewer at the ends)."""
+    half = window // 2
+    return [
+        sum(values[max(0, i - half) : i + half + 1]) / len(values[max(0, i - half) : i + half + 1])
+        for i in range(len(values))
+    ]
+
+
+def generation(curves: list[dict[str, Any]], path: Path, edges: tuple[int, ...]) -> None:
+    """KL(dense || sparse) and top-1 agreement against the distance along the generated
+    continuation, a column per model, a line per run (``curves``: dicts with label, model,
+    kl and top1, one value per distance), smoothed over SMOOTHING distances; the buckets'
+    ``edges`` as dotted lines."""
+    models = list(dict.fromkeys(c["model"] for c in curves))
+    fig, axes = plt.subplots(
+        2, len(models), figsize=(6.4 * len(models), 7.2), squeeze=False, sharex="col"
+    )
+    for column, model in enumerate(models):
+        kl_ax, top1_ax = axes[0][column], axes[1][column]
+        for curve in (c for c in curves if c["model"] == model):
+            distance = range(1, len(curve["kl"]) + 1)
+            (line,) = kl_ax.plot(distance, running_mean(curve["kl"]), label=curve["label"])
+            top1_ax.plot(distance, running_mean(curve["top1"]), color=line.get_color())
+        kl_ax.set_yscale("log")
+        kl_ax.set_ylabel("KL(dense || sparse), nats (lower is better)")
+        top1_ax.set_ylabel("top-1 agreement (higher is better)")
+        top1_ax.set_xlabel("distance along the dense model's greedy continuation (tokens)")
+        kl_ax.set_title(model)
+        for ax in (kl_ax, top1_ax):
+            for edge in edges:
+                ax.axvline(edge + 0.5, color="grey", lw=0.8, ls=":")
+            ax.grid(alpha=0.3)
+        kl_ax.legend(fontsize=8)
+    fig.suptitle(f"Generation fidelity by distance (running mean over {SMOOTHING} tokens)")
     fig.tight_layout()
     save_png(fig, path)

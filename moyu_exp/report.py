@@ -7,8 +7,9 @@ line) and ``pareto.png`` (the first headline metric against the measured paired 
 kernel-mode points and against the bytes-bound ideal speedup of every point, each with its
 frontier), and prints the table. When the points span several models (``+sweep=generality``),
 labels name the model and ``generality.png`` / ``generality.txt`` put each method's numbers on
-every model side by side. The same code aggregates a sweep when it ends
-(:mod:`moyu_exp.sweep`).
+every model side by side; points that measured generation fidelity (``eval.generation``) get
+``generation.png``, their KL and top-1 agreement against the distance along the generated text.
+The same code aggregates a sweep when it ends (:mod:`moyu_exp.sweep`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import csv
 import io
 import itertools
 import math
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -327,13 +329,49 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-OUTPUTS = ("summary.csv", "tradeoff.png", "pareto.png")
+def figures(table: list[dict[str, Any]]) -> list[str]:
+    """The figures :func:`summarize` draws for these rows (generation.png: when some point
+    measured generation fidelity)."""
+    generation = any(key.startswith("generation/") for row in table for key in row)
+    return ["tradeoff.png", "pareto.png", *(["generation.png"] if generation else [])]
+
+
+def generation_edges(table: list[dict[str, Any]]) -> tuple[int, ...]:
+    """The distances that end the generation buckets but the last (columns generation/kl_1_16,
+    generation/kl_17_64, ...: 16, 64)."""
+    highs = {
+        int(key.rsplit("_", 1)[1])
+        for row in table
+        for key in row
+        if re.fullmatch(r"generation/kl_\d+_\d+", key)
+    }
+    return tuple(sorted(highs))[:-1]
+
+
+def generation_curves(
+    payloads: list[dict[str, Any]], table: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """The generation-fidelity curves of the points that measured them (``eval.generation``),
+    labelled as in ``table`` (with the sparsity and the decode steps' model-level sparsity), in
+    the table's order."""
+    by_dir = {p.get("run_dir"): p for p in payloads}
+    out = []
+    for row in table:
+        payload = by_dir.get(row["run_dir"]) or {}
+        curves = ((payload.get("eval_details") or {}).get("generation") or {}).get("by_distance")
+        if row.get("status") != "ok" or not curves:
+            continue
+        level = row.get("generation/model_sparsity")
+        shown = "" if level is None else f", model-level {level:.2f}"
+        label = f"{row['method']} (s={_short(row['sparsity'])}{shown})"
+        out.append({"label": label, "model": row["model"], **curves})
+    return out
 
 
 def summarize(dirs: list[Path], out: Path) -> tuple[list[dict[str, Any]], dict[str, bool]]:
-    """Write summary.csv, tradeoff.png and pareto.png for ``dirs`` into ``out``; return the rows
-    and the metrics' directions. When the summary is unchanged and the figures exist, nothing is
-    redrawn."""
+    """Write summary.csv, tradeoff.png and pareto.png (and generation.png, when some point has
+    generation curves) for ``dirs`` into ``out``; return the rows and the metrics' directions.
+    When the summary is unchanged and the figures exist, nothing is redrawn."""
     from moyu_exp.cache import write_bytes_atomic
 
     payloads = collect(dirs)
@@ -341,7 +379,9 @@ def summarize(dirs: list[Path], out: Path) -> tuple[list[dict[str, Any]], dict[s
     better = directions(payloads)
     summary = csv_bytes(table)
     current = out / "summary.csv"
-    if all((out / name).is_file() for name in OUTPUTS) and current.read_bytes() == summary:
+    curves = generation_curves(payloads, table)
+    outputs = ["summary.csv", "tradeoff.png", "pareto.png", *(["generation.png"] if curves else [])]
+    if all((out / name).is_file() for name in outputs) and current.read_bytes() == summary:
         return table, better
     from moyu_exp import plots
 
@@ -354,6 +394,8 @@ def summarize(dirs: list[Path], out: Path) -> tuple[list[dict[str, Any]], dict[s
         write_bytes_atomic(
             out / "generality.txt", format_generality(models, wide_metrics, wide).encode()
         )
+    if curves:
+        plots.generation(curves, out / "generation.png", generation_edges(table))
     write_bytes_atomic(current, summary)
     return table, better
 
@@ -391,7 +433,8 @@ def main(argv: list[str] | None = None) -> int:
     models, metrics, wide = generality(table)
     if wide:
         print(f"\n{format_generality(models, metrics, wide)}")
-    extra = f", {out / 'generality.png'}, {out / 'generality.txt'}" if wide else ""
+    extra = "".join(f", {out / name}" for name in figures(table)[2:] if (out / name).is_file())
+    extra += f", {out / 'generality.png'}, {out / 'generality.txt'}" if wide else ""
     if args.levels:
         from moyu_exp import plots
         from moyu_exp.cache import write_bytes_atomic

@@ -79,6 +79,7 @@ class TaskDetails(TypedDict, total=False):
     version: Any
     higher_is_better: dict[str, bool]
     sparse_scored_fraction: float | None  # scored positions that ran sparse (the protocol)
+    by_distance: dict[str, list[float]]  # generation: KL and top-1 at each generated distance
 
 
 class Probe(TypedDict):

@@ -1,7 +1,8 @@
 """Sweeps: the Hydra callback that aggregates a multirun, and per-job device placement.
 
 When a multirun ends, :class:`AggregateCallback` writes ``summary.csv``, ``tradeoff.png`` and
-``pareto.png`` into the sweep dir (see :mod:`moyu_exp.report`) and logs them to W&B as one
+``pareto.png`` (and ``generation.png`` when the points measured generation fidelity) into the
+sweep dir (see :mod:`moyu_exp.report`) and logs them to W&B as one
 aggregate run in the sweep's group (a ``wandb.Table``, line and scatter plots, the images). It
 also counts failed points; the command's exit code reports them.
 """
@@ -32,7 +33,8 @@ class AggregateCallback(Callback):
         FAILED[:] = failed
         text = report.format_table(table)
         log.info("sweep summary (%d points, %d failed):\n%s", len(table), len(failed), text)
-        log.info("wrote %s/summary.csv, tradeoff.png, pareto.png", sweep_dir)
+        figures = ", ".join(report.figures(table))
+        log.info("wrote %s/summary.csv, %s", sweep_dir, figures)
         logger = config.get("logger")
         if logger is not None and logger.name != "none" and str(logger.mode) != "disabled":
             log_aggregate(table, directions, logger, sweep_dir)
@@ -98,7 +100,7 @@ def log_aggregate(
             logged[f"frontier/{speed}"] = wandb.plot.line(
                 front, speed, metric, title=f"Pareto frontier: {metric} vs {speed}"
             )
-        for image in ("tradeoff.png", "pareto.png"):
+        for image in report.figures(table):
             if (sweep_dir / image).is_file():
                 logged[image.removesuffix(".png")] = wandb.Image(str(sweep_dir / image))
         run.log(logged)

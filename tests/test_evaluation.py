@@ -71,6 +71,11 @@ def test_generation_fidelity_is_reported_by_distance(tiny) -> None:
     assert gen["model_sparsity"] == pytest.approx(0.125, abs=0.01)  # topk: down_proj rows
     assert details["generation"]["higher_is_better"]["top1_17_64"] is True
     assert not meter.measured  # the generation has its own meter, not the eval's
+    curves = details["generation"]["by_distance"]  # what report's generation.png draws
+    assert len(curves["kl"]) == len(curves["top1"]) == 20
+    assert sum(curves["kl"]) / 20 == pytest.approx(gen["kl"])
+    assert sum(curves["kl"][16:]) / 4 == pytest.approx(gen["kl_17_64"])
+    assert sum(curves["top1"][:16]) / 16 == pytest.approx(gen["top1_1_16"])
 
 
 def test_dense_generation_is_perfect(tiny) -> None:
@@ -86,10 +91,10 @@ def test_sequence_level_generation_drifts_only_after_the_prompt(tiny) -> None:
     docs = ["The lighthouse keeper rose before dawn to trim the wicks and polish the lens."]
     strategy = build(compose_config(*TINY, "strategy=griffin", "sparsity=0.7").strategy)
     with strategy.attach(tiny.model) as live:
-        first = generation.measure(tiny, live, docs, prompts=1, prompt_tokens=10, tokens=1)
-        later = generation.measure(tiny, live, docs, prompts=1, prompt_tokens=10, tokens=17)
+        first, _ = generation.measure(tiny, live, docs, prompts=1, prompt_tokens=10, tokens=1)
+        later, curves = generation.measure(tiny, live, docs, prompts=1, prompt_tokens=10, tokens=17)
     assert first["kl"] == 0.0 and first["top1_agreement"] == 1.0
-    assert later["kl_17_64"] > 0
+    assert later["kl_17_64"] > 0 and curves["kl"][0] == 0.0 and curves["kl"][16] > 0
 
 
 def test_one_configuration_never_gets_anothers_scores(tiny, shared_data) -> None:
@@ -187,3 +192,24 @@ def test_a_generation_run_ends_with_its_numbers(tmp_path) -> None:
     assert (
         f"over 2 x 20 generated tokens (model-level sparsity {gen['model_sparsity']:.3f})" in text
     )
+
+
+def test_report_draws_the_generation_curves(tmp_path) -> None:
+    from moyu_exp import report, runner
+
+    for strategy in ("griffin", "topk"):
+        overrides = (f"strategy={strategy}", "sparsity=0.5", *GENERATION, "bench=none")
+        runner.run(compose_config(*TINY, *overrides), tmp_path / strategy)
+    table, _ = report.summarize([tmp_path], tmp_path)
+    curves = report.generation_curves(report.collect([tmp_path]), table)
+    assert [c["label"].split(" (")[0] for c in curves] == ["griffin", "topk"]
+    topk = next(r for r in table if r["strategy"] == "topk")
+    assert (
+        curves[1]["label"] == f"topk (s=0.5, model-level {topk['generation/model_sparsity']:.2f})"
+    )
+    assert len(curves[0]["kl"]) == 20 and report.generation_edges(table) == (16,)
+    figure = tmp_path / "generation.png"
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    figure.unlink()  # a figure missing from an unchanged summary is drawn again
+    report.summarize([tmp_path], tmp_path)
+    assert figure.is_file()

@@ -42,7 +42,7 @@ def run(
         details["fidelity"] = {"higher_is_better": fidelity.HIGHER_IS_BETTER}
     if cfg.generation:
         documents = datasets.embedded(split="evaluation")
-        metrics["generation"] = generation.measure(
+        metrics["generation"], curves = generation.measure(
             loaded,
             live,
             documents,
@@ -50,7 +50,10 @@ def run(
             prompt_tokens=cfg.generation_prompt_tokens,
             tokens=cfg.generation_tokens,
         )
-        details["generation"] = {"higher_is_better": generation.HIGHER_IS_BETTER}
+        details["generation"] = {
+            "higher_is_better": generation.HIGHER_IS_BETTER,
+            "by_distance": curves,
+        }
     return metrics, details
 
 

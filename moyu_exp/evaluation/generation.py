@@ -7,7 +7,9 @@ model greedily generates ``tokens`` tokens; the sparse model (the attached strat
 protocol: the prompt is a fresh prefill, every later token a decode step through the KV cache)
 is then fed the same tokens, and at each distance d (the d-th generated token) KL(p_dense ||
 p_sparse) in nats and top-1 agreement are recorded. Reported overall and per distance bucket
-(1-16, 17-64, 65-256), with the model-level sparsity of the positions that ran sparse.
+(1-16, 17-64, 65-256), with the model-level sparsity of the positions that ran sparse; the
+per-distance means themselves (the curves ``report`` draws in ``generation.png``) go into the
+run's details.
 """
 
 from __future__ import annotations
@@ -51,8 +53,10 @@ def measure(
     prompts: int,
     prompt_tokens: int,
     tokens: int,
-) -> dict[str, Any]:
-    """KL and top-1 agreement by distance along the dense model's own continuations."""
+) -> tuple[dict[str, Any], dict[str, list[float]]]:
+    """KL and top-1 agreement along the dense model's own continuations: the metrics (overall
+    and per bucket) and the curves, {"kl": [...], "top1": [...]}, the mean over prompts at
+    each distance 1..``tokens``."""
     model = loaded.model
     starts = prompts_from(loaded, documents, prompts, prompt_tokens)
     if not starts:
@@ -87,4 +91,4 @@ def measure(
     summary = meter.summary()
     if "model_sparsity" in summary and meter.measured:
         out["model_sparsity"] = summary["model_sparsity"]
-    return out
+    return out, {"kl": kl.tolist(), "top1": agree.tolist()}
