@@ -8,19 +8,46 @@ with status ``failed``) and the sweep goes on; the exit code is 1 if any point f
 
 from __future__ import annotations
 
-import logging
 import os
+import signal
 import sys
-from pathlib import Path
+from typing import NoReturn
 
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
-from omegaconf import DictConfig
+from moyu_exp.errors import interrupted, on_interrupt
 
-from moyu_exp import console, runner, sweep
-from moyu_exp.config import register_configs
-from moyu_exp.errors import is_config_mistake, is_known, one_line
+INTERRUPTED = "moyu_exp: interrupted; the point in progress wrote nothing (rerun to resume)"
+
+
+def exit_interrupted() -> NoReturn:
+    """One line and exit 130, once the stack has unwound (results are written atomically, so
+    nothing is half-written). Without the interpreter's shutdown: after an interrupt inside
+    torch's import its half-built modules can crash it (seen: a segfault after the message)."""
+    print(INTERRUPTED, file=sys.stderr, flush=True)
+    if "logging" in sys.modules:
+        sys.modules["logging"].shutdown()  # flush the run's log file
+    sys.stdout.flush()
+    os._exit(130)
+
+
+if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not if Ctrl-C is ignored
+    signal.signal(signal.SIGINT, on_interrupt)
+
+try:  # Ctrl-C among these imports (seconds: Hydra, our modules) ends as one during a run does
+    import logging
+    from pathlib import Path
+
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import DictConfig
+
+    from moyu_exp import console, runner, sweep
+    from moyu_exp.config import register_configs
+    from moyu_exp.errors import is_config_mistake, is_known, one_line
+
+    register_configs()
+except KeyboardInterrupt:
+    exit_interrupted()
 
 log = logging.getLogger("moyu_exp")
 
@@ -29,8 +56,6 @@ CONF = "conf" if (Path(__file__).parent / "conf").is_dir() else "../conf"
 # Hydra prints compose errors itself unless HYDRA_FULL_ERROR=1; we set it to format them in one
 # line, and remember here whether the user had asked for full tracebacks.
 USER_FULL_ERROR = "MOYU_USER_HYDRA_FULL_ERROR"
-
-register_configs()
 
 
 def _fail(err: BaseException) -> None:
@@ -54,6 +79,8 @@ def hydra_entry(cfg: DictConfig) -> str | float:
     try:
         payload = runner.run(cfg, run_dir, group=Path(hc.sweep.dir).name if multirun else None)
     except Exception as err:
+        if interrupted(err):  # a lazy import's error after a Ctrl-C
+            raise KeyboardInterrupt from err
         if not multirun:
             _fail(err)  # exits here, before Hydra adds its own report of the failed job
         log.error("point failed (%s): %s", run_dir.name, f"{type(err).__name__}: {err}")
@@ -74,12 +101,10 @@ def main() -> None:
     try:
         hydra_entry()
     except KeyboardInterrupt:
-        print(
-            "moyu_exp: interrupted; the point in progress wrote nothing (rerun to resume)",
-            file=sys.stderr,
-        )
-        sys.exit(130)
+        exit_interrupted()
     except Exception as err:
+        if interrupted(err):
+            exit_interrupted()
         _fail(err)
     if sweep.FAILED:
         print(f"moyu_exp: {len(sweep.FAILED)} sweep point(s) failed:", file=sys.stderr)

@@ -52,6 +52,40 @@ def is_known(err: BaseException) -> bool:
     return isinstance(err, KNOWN) or _refused_path(err) or type(err).__name__ == "OutOfMemoryError"
 
 
+class Interrupts:
+    seen = False  # Ctrl-C was pressed in this process (set by on_interrupt)
+
+
+def on_interrupt(_signum, _frame) -> None:
+    """Python's own Ctrl-C handler that remembers it ran (the CLI installs it): an interrupt
+    inside torch's or transformers' imports can come out as one of their errors without the
+    KeyboardInterrupt (seen: AttributeError "module 'torch' has no attribute 'ops'")."""
+    Interrupts.seen = True
+    raise KeyboardInterrupt
+
+
+def check_interrupt() -> None:
+    """Raise the KeyboardInterrupt of a Ctrl-C that a library swallowed (torch's import can
+    turn it into a missing optional part and go on): called between a run's phases."""
+    if Interrupts.seen:
+        raise KeyboardInterrupt
+
+
+def interrupted(err: BaseException) -> bool:
+    """Whether ``err`` came out of a Ctrl-C: one was pressed (under :func:`on_interrupt`) or a
+    KeyboardInterrupt is among its causes and contexts."""
+    if Interrupts.seen:
+        return True
+    seen: set[int] = set()
+    cause: BaseException | None = err
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, KeyboardInterrupt):
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return False
+
+
 def is_config_mistake(err: BaseException) -> bool:
     """Hydra composition errors, omegaconf's errors about config values, and our own config
     checks (exit code 2)."""

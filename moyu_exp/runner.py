@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from moyu_exp import points, results
 from moyu_exp.config import build, validate
+from moyu_exp.errors import check_interrupt, interrupted
 
 
 def run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[str, Any]:
@@ -55,6 +56,8 @@ def run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[str, A
             )
             payload = results.build(status="ok", config=config, **header, **fields)
         except Exception as err:
+            if interrupted(err):  # Ctrl-C, surfaced as a library's error: not a failed point
+                raise
             error = f"{type(err).__name__}: {err}"
             payload = results.build(
                 status="failed", config=config, error=error, **header, timings=timings
@@ -76,6 +79,8 @@ def failures_recorded(cfg: DictConfig, run_dir: Path) -> Iterator[None]:
     try:
         yield
     except Exception as err:
+        if interrupted(err):
+            raise
         config = results.redact(OmegaConf.to_container(cfg, resolve=False, enum_to_str=True))
         error = f"{type(err).__name__}: {err}"
         payload = results.build(status="failed", config=config, error=error, runtime=False)
@@ -166,6 +171,8 @@ def seed_everything(seed: int) -> None:
 
 @contextlib.contextmanager
 def stopwatch(timings: dict[str, float], phase: str) -> Iterator[None]:
+    """Time a phase into ``timings``; a Ctrl-C that a library swallowed stops the run here."""
+    check_interrupt()
     start = time.perf_counter()
     try:
         yield

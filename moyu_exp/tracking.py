@@ -117,8 +117,14 @@ def start(
             run_dir,
         )
         run = init("offline")
-    with run:
+    try:
         yield WandbTracker(run)
+    except BaseException:
+        # what `with run:` does, without the traceback W&B prints there: the CLI reports the
+        # error (or the Ctrl-C) in one line
+        run.finish(exit_code=1)
+        raise
+    run.finish()
 
 
 def wandb_mode(cfg: DictConfig) -> str:

@@ -300,8 +300,7 @@ def test_interrupting_a_run_leaves_no_half_written_results(tmp_path) -> None:
         # a background job of a shell inherits SIGINT ignored: give the run Ctrl-C back
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
-    # Ctrl-C once the evaluation runs: among the imports an interrupt is not reliably ours to
-    # report (seen: transformers' import error, and once a run that went on to finish); pressed
+    # Ctrl-C once the evaluation runs (an interrupt among the imports: the test above), pressed
     # again, as a user would, if the process is still running
     stderr: list[str] = []
     reader = threading.Thread(target=lambda: stderr.extend(proc.stderr), daemon=True)
@@ -322,6 +321,42 @@ def test_interrupting_a_run_leaves_no_half_written_results(tmp_path) -> None:
     again = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]
     assert json.loads((run_dir / "results.json").read_text())["status"] == "ok"
+
+
+@pytest.mark.parametrize("where", ["imports", "swallowed"])
+def test_a_ctrl_c_before_the_run_starts_ends_in_one_line(tmp_path, where) -> None:
+    """Among the CLI's imports, or inside a library's import that turns it into its own error
+    (seen: torch's AttributeError, transformers' ModuleNotFoundError, an abort at shutdown)."""
+    run_dir = tmp_path / "run"
+    args = (where, "model=tiny_llama", "logger=none", f"hydra.run.dir={run_dir}")
+    out = run_module(*args, module="tests.interrupted_cli")
+    assert out.returncode == 130, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last == "moyu_exp: interrupted; the point in progress wrote nothing (rerun to resume)"
+    assert not (run_dir / "results.json").exists()  # not recorded as a failed point
+
+
+def test_a_swallowed_ctrl_c_stops_the_run_at_its_next_phase(tmp_path, monkeypatch) -> None:
+    from moyu_exp import errors
+
+    monkeypatch.setattr(errors.Interrupts, "seen", True)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run(compose_config(*TINY), tmp_path)
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_interrupts_are_found_among_causes_and_contexts() -> None:
+    from moyu_exp.errors import interrupted
+
+    try:
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as err:
+            raise ModuleNotFoundError("Could not import module 'PreTrainedModel'") from err
+    except ModuleNotFoundError as err:
+        assert interrupted(err)
+    assert not interrupted(RuntimeError("bench exploded"))
 
 
 def test_results_that_cannot_be_written_keep_the_earlier_ones(tmp_path, monkeypatch) -> None:

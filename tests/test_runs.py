@@ -117,6 +117,23 @@ def test_wandb_offline_run_is_written_and_finished(tmp_path) -> None:
     assert summary["status"] == "ok"
 
 
+def test_a_failing_wandb_run_is_finished_without_a_traceback(tmp_path, monkeypatch, capfd) -> None:
+    """The CLI reports a failure in one line; W&B's own `with run:` would print its traceback."""
+    from moyu_exp import bench
+
+    def broken(*_args, **_kwargs):
+        raise RuntimeError("bench exploded")
+
+    monkeypatch.setattr(bench, "run", broken)
+    with pytest.raises(RuntimeError, match="bench exploded"):
+        runner.run(compose_config(*TINY, "logger=wandb", "eval=none"), tmp_path)
+    assert "Traceback" not in capfd.readouterr().err
+    (run_file,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
+    exits = [r.exit for r in wandb_records.records(run_file) if r.HasField("exit")]
+    assert len(exits) == 1 and exits[0].exit_code == 1  # finished, as failed
+    assert wandb_records.summary(run_file)["status"] == "failed"
+
+
 def test_logger_none_writes_no_wandb_files(tmp_path) -> None:
     runner.run(compose_config(*TINY, "logger=none"), tmp_path)
     assert not (tmp_path / "wandb").exists()
