@@ -227,19 +227,26 @@ def running_mean(values: list[float], window: int = SMOOTHING) -> list[float]:
 
 def generation(curves: list[dict[str, Any]], path: Path, edges: tuple[int, ...]) -> None:
     """KL(dense || sparse) and top-1 agreement against the distance along the generated
-    continuation, a column per model, a line per run (``curves``: dicts with label, model,
-    kl and top1, one value per distance), smoothed over SMOOTHING distances; the buckets'
-    ``edges`` as dotted lines."""
+    continuation, a column per model, a line per run (``curves``: dicts with label, method,
+    model, kl and top1, one value per distance; a method keeps its colour in every column),
+    smoothed over SMOOTHING distances; the buckets' ``edges`` as dotted lines."""
     models = list(dict.fromkeys(c["model"] for c in curves))
+    methods = list(dict.fromkeys(c["method"] for c in curves))  # one colour each, every column
     fig, axes = plt.subplots(
         2, len(models), figsize=(6.4 * len(models), 7.2), squeeze=False, sharex="col"
     )
     for column, model in enumerate(models):
         kl_ax, top1_ax = axes[0][column], axes[1][column]
+        drawn: list[str] = []
         for curve in (c for c in curves if c["model"] == model):
             distance = range(1, len(curve["kl"]) + 1)
-            (line,) = kl_ax.plot(distance, running_mean(curve["kl"]), label=curve["label"])
-            top1_ax.plot(distance, running_mean(curve["top1"]), color=line.get_color())
+            style = {
+                "color": f"C{methods.index(curve['method']) % 10}",
+                "ls": ("-", "--", ":", "-.")[drawn.count(curve["method"]) % 4],  # its next run
+            }
+            drawn.append(curve["method"])
+            kl_ax.plot(distance, running_mean(curve["kl"]), label=curve["label"], **style)
+            top1_ax.plot(distance, running_mean(curve["top1"]), **style)
         kl_ax.set_yscale("log")
         kl_ax.set_ylabel("KL(dense || sparse), nats (lower is better)")
         top1_ax.set_ylabel("top-1 agreement (higher is better)")

@@ -364,7 +364,7 @@ def generation_curves(
         level = row.get("generation/model_sparsity")
         shown = "" if level is None else f", model-level {level:.2f}"
         label = f"{row['method']} (s={_short(row['sparsity'])}{shown})"
-        out.append({"label": label, "model": row["model"], **curves})
+        out.append({"label": label, "method": row["method"], "model": row["model"], **curves})
     return out
 
 

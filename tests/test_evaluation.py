@@ -202,7 +202,7 @@ def test_report_draws_the_generation_curves(tmp_path) -> None:
         runner.run(compose_config(*TINY, *overrides), tmp_path / strategy)
     table, _ = report.summarize([tmp_path], tmp_path)
     curves = report.generation_curves(report.collect([tmp_path]), table)
-    assert [c["label"].split(" (")[0] for c in curves] == ["griffin", "topk"]
+    assert [c["method"] for c in curves] == ["griffin", "topk"]  # one colour per method
     topk = next(r for r in table if r["strategy"] == "topk")
     assert (
         curves[1]["label"] == f"topk (s=0.5, model-level {topk['generation/model_sparsity']:.2f})"
