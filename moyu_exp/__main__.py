@@ -8,12 +8,14 @@ with status ``failed``) and the sweep goes on; the exit code is 1 if any point f
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
+from pathlib import Path
 from typing import NoReturn
 
-from moyu_exp.errors import interrupted, on_interrupt
+from moyu_exp.errors import interrupted, is_config_mistake, is_known, on_interrupt, one_line
 
 INTERRUPTED = "moyu_exp: interrupted; the point in progress wrote nothing (rerun to resume)"
 
@@ -23,8 +25,7 @@ def exit_interrupted() -> NoReturn:
     nothing is half-written). Without the interpreter's shutdown: after an interrupt inside
     torch's import its half-built modules can crash it (seen: a segfault after the message)."""
     print(INTERRUPTED, file=sys.stderr, flush=True)
-    if "logging" in sys.modules:
-        sys.modules["logging"].shutdown()  # flush the run's log file
+    logging.shutdown()  # flush the run's log file
     sys.stdout.flush()
     os._exit(130)
 
@@ -33,9 +34,6 @@ if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not if Ctrl
     signal.signal(signal.SIGINT, on_interrupt)
 
 try:  # Ctrl-C among these imports (seconds: Hydra, our modules) ends as one during a run does
-    import logging
-    from pathlib import Path
-
     import hydra
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
@@ -43,7 +41,6 @@ try:  # Ctrl-C among these imports (seconds: Hydra, our modules) ends as one dur
 
     from moyu_exp import console, runner, sweep
     from moyu_exp.config import register_configs
-    from moyu_exp.errors import is_config_mistake, is_known, one_line
 
     register_configs()
 except KeyboardInterrupt:

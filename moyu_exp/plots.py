@@ -219,10 +219,8 @@ SMOOTHING = 9  # distances in the centred running mean of the generation curves
 def running_mean(values: list[float], window: int = SMOOTHING) -> list[float]:
     """The centred running mean of ``values`` over ``window`` entries (fewer at the ends)."""
     half = window // 2
-    return [
-        sum(values[max(0, i - half) : i + half + 1]) / len(values[max(0, i - half) : i + half + 1])
-        for i in range(len(values))
-    ]
+    spans = (values[max(0, i - half) : i + half + 1] for i in range(len(values)))
+    return [sum(span) / len(span) for span in spans]
 
 
 def generation(curves: list[dict[str, Any]], path: Path, edges: tuple[int, ...]) -> None:

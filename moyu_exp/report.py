@@ -329,11 +329,14 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+FIGURES = ("tradeoff.png", "pareto.png")  # drawn for every comparison
+
+
 def figures(table: list[dict[str, Any]]) -> list[str]:
     """The figures :func:`summarize` draws for these rows (generation.png: when some point
     measured generation fidelity)."""
     generation = any(key.startswith("generation/") for row in table for key in row)
-    return ["tradeoff.png", "pareto.png", *(["generation.png"] if generation else [])]
+    return [*FIGURES, *(["generation.png"] if generation else [])]
 
 
 def generation_edges(table: list[dict[str, Any]]) -> tuple[int, ...]:
@@ -380,7 +383,7 @@ def summarize(dirs: list[Path], out: Path) -> tuple[list[dict[str, Any]], dict[s
     summary = csv_bytes(table)
     current = out / "summary.csv"
     curves = generation_curves(payloads, table)
-    outputs = ["summary.csv", "tradeoff.png", "pareto.png", *(["generation.png"] if curves else [])]
+    outputs = ["summary.csv", *FIGURES, *(["generation.png"] if curves else [])]
     if all((out / name).is_file() for name in outputs) and current.read_bytes() == summary:
         return table, better
     from moyu_exp import plots
@@ -433,7 +436,9 @@ def main(argv: list[str] | None = None) -> int:
     models, metrics, wide = generality(table)
     if wide:
         print(f"\n{format_generality(models, metrics, wide)}")
-    extra = "".join(f", {out / name}" for name in figures(table)[2:] if (out / name).is_file())
+    extra = "".join(
+        f", {out / name}" for name in figures(table)[len(FIGURES) :] if (out / name).is_file()
+    )
     extra += f", {out / 'generality.png'}, {out / 'generality.txt'}" if wide else ""
     if args.levels:
         from moyu_exp import plots
