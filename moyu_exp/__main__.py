@@ -40,7 +40,7 @@ try:  # Ctrl-C among these imports (seconds: Hydra, our modules) ends as one dur
     from omegaconf import DictConfig
 
     from moyu_exp import console, runner, sweep
-    from moyu_exp.config import register_configs
+    from moyu_exp.config import CONF_DIR, register_configs
 
     register_configs()
 except KeyboardInterrupt:
@@ -48,8 +48,7 @@ except KeyboardInterrupt:
 
 log = logging.getLogger("moyu_exp")
 
-# conf/ sits beside the package in a checkout and inside it in a wheel.
-CONF = "conf" if (Path(__file__).parent / "conf").is_dir() else "../conf"
+CONF = str(CONF_DIR)
 # Hydra prints compose errors itself unless HYDRA_FULL_ERROR=1; we set it to format them in one
 # line, and remember here whether the user had asked for full tracebacks.
 USER_FULL_ERROR = "MOYU_USER_HYDRA_FULL_ERROR"

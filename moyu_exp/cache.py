@@ -16,7 +16,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -97,23 +97,67 @@ def exclusive(entry: Path) -> Iterator[None]:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def cached_tensors(kind: str, key: str, compute) -> tuple[dict, bool]:
+def entry(kind: str, key: str) -> Path:
+    """The file of a tensor cache entry: ``calibration/<kind>-<key>.safetensors``."""
+    return root() / "calibration" / f"{kind}-{key}.safetensors"
+
+
+def cached_tensors(
+    kind: str,
+    key: str,
+    compute: Callable[[], dict],
+    valid: Callable[[dict], bool] | None = None,
+    meta: Callable[[], dict[str, str]] | None = None,
+) -> tuple[dict, bool]:
     """Tensors stored as ``calibration/<kind>-<key>.safetensors``: read, or computed and written
     (once, when parallel jobs ask for the same entry). Returns (tensors, hit). An unreadable file
-    (truncated, say) is rebuilt, with a warning."""
-    path = root() / "calibration" / f"{kind}-{key}.safetensors"
+    (truncated, say) is rebuilt, with a warning; so is one that ``valid`` refuses (an entry that
+    can grow, such as a greedy path searched only as far as an earlier run needed). ``meta``
+    gives string metadata stored with a computed entry (:func:`read_meta`)."""
+    path = entry(kind, key)
+
+    def usable(found: dict | None) -> bool:
+        return found is not None and (valid is None or valid(found))
+
     found = _read_tensors(path)
-    if found is not None:
+    if usable(found):
         return found, True
     with exclusive(path):
         found = _read_tensors(path, quiet=True)  # written by another job while this one waited
-        if found is not None:
+        if usable(found):
             return found, True
-        from safetensors.torch import save
-
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in compute().items()}
-        write_bytes_atomic(path, save(tensors))
+        tensors = write_cached(kind, key, compute(), meta() if meta is not None else None)
     return tensors, False
+
+
+def read_cached(kind: str, key: str) -> dict | None:
+    """The tensors of an entry, or None (missing or unreadable)."""
+    return _read_tensors(entry(kind, key), quiet=True)
+
+
+def write_cached(kind: str, key: str, tensors: dict, meta: dict[str, str] | None = None) -> dict:
+    """Store an entry atomically; returns the tensors as stored (on the CPU, contiguous)."""
+    from safetensors.torch import save
+
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    write_bytes_atomic(entry(kind, key), save(tensors, metadata=meta))
+    return tensors
+
+
+def read_meta(kind: str, key: str) -> dict[str, str]:
+    """The string metadata stored with an entry ({} if none)."""
+    return safetensors_meta(entry(kind, key))
+
+
+def safetensors_meta(path: Path) -> dict[str, str]:
+    """A safetensors file's header metadata, read without its tensors ({} if none)."""
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size))
+    except (OSError, ValueError):
+        return {}
+    return header.get("__metadata__") or {}
 
 
 def _read_tensors(path: Path, quiet: bool = False) -> dict | None:

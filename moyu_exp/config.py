@@ -11,6 +11,7 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 from enum import StrEnum
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -176,6 +177,9 @@ class CalibrationConfig:
 
     tokens: int = 16384
     seq_len: int = 2048
+    # use the calibration shipped with the package for the built-in models when it matches
+    # (false: compute it here; moyu_exp.shipped)
+    shipped: bool = True
 
 
 @dataclass
@@ -270,6 +274,20 @@ def register_configs() -> None:
     for group, schemas in groups.items():
         for name, node in schemas.items():
             cs.store(group=f"schema/{group}", name=name, node=node)
+
+
+# conf/ sits beside the package in a checkout and inside it in a wheel.
+_PACKAGE = Path(__file__).parent
+CONF_DIR = _PACKAGE / "conf" if (_PACKAGE / "conf").is_dir() else _PACKAGE.parent / "conf"
+
+
+def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """The config ``python -m moyu_exp <overrides>`` composes (for scripts and tests)."""
+    from hydra import compose, initialize_config_dir
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
 
 
 def build(cfg: DictConfig, **kwargs: Any) -> Any:

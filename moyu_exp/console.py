@@ -107,9 +107,12 @@ def _calibration(calibration: dict[str, Any]) -> list[str]:
     if not calibration:
         return []
     how = "read from the cache" if calibration.get("cache") == "hit" else "computed and cached"
+    parts = calibration.get("parts") or {}
+    if parts:
+        how += " (" + ", ".join(f"{kind} {origin}" for kind, origin in parts.items()) + ")"
     return [
         f"  calibrated  {calibration.get('tokens_used')} tokens of '{calibration.get('dataset')}'"
-        f" in {calibration.get('rows')} row(s): {how}"
+        f" in {calibration.get('rows')} row(s), digest {calibration.get('token_digest')}: {how}"
     ]
 
 

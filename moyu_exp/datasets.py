@@ -5,18 +5,21 @@ Each loader returns a list of documents (strings).
 - ``embedded``: this project's own English prose, shipped in ``moyu_exp/data/`` and identical on
   every machine: its ``calibration`` split (~1.8K SmolLM2 tokens), and its ``evaluation`` split,
   the text of ``eval=embedded`` (never used for calibration).
-- ``pydoc``: CPython's own documentation, present wherever Python is: the language reference
-  topics of ``pydoc_data``, then the docstrings of a fixed list of standard-library modules
-  (~1M characters, ~220K SmolLM2 tokens; its exact text follows the Python version, and the
-  calibration cache is keyed by the text itself).
+- ``pydoc``: CPython's own documentation as this Python has it: the language reference topics
+  of ``pydoc_data``, then the docstrings of a fixed list of standard-library modules (~1M
+  characters, ~220K SmolLM2 tokens; its exact text follows the Python version).
 - ``default`` (the default calibration source): the embedded calibration prose first, then the
-  CPython documentation, so that ``calibration.tokens`` (16,384) is really reached, disjoint from
-  the evaluation text.
+  same CPython documentation as frozen in ``data/cpython_docs.json.gz`` (from CPython 3.11.7;
+  PSF licence), so that ``calibration.tokens`` (16,384) is really reached, disjoint from the
+  evaluation text, and identical on every Python version (which the shipped greedy paths of the
+  built-in models need: :mod:`moyu_exp.shipped`). ``python -m moyu_exp.datasets --freeze``
+  rewrites the snapshot from the running Python.
 - ``wikitext2``: WikiText-2 test documents from a local ``data_dir``.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
@@ -86,10 +89,34 @@ def _module_docs(module_name: str) -> str:
     return "\n\n".join(d for d in docs if d).strip()
 
 
+FROZEN_DOCS = DATA / "cpython_docs.json.gz"
+
+
+def frozen_pydoc() -> list[str]:
+    """:func:`pydoc_topics` as frozen in the package (the same text on every Python)."""
+    with gzip.open(FROZEN_DOCS, "rt", encoding="utf-8") as f:
+        return json.load(f)["documents"]
+
+
+def freeze_pydoc() -> None:
+    """Rewrite the frozen snapshot from this Python's documentation (a maintainer's step: it
+    changes the default calibration tokens, so the shipped calibration must be regenerated)."""
+    import sys
+
+    payload = {
+        "source": f"CPython {sys.version.split()[0]}: pydoc_data.topics, then the docstrings "
+        "of moyu_exp.datasets.STDLIB_MODULES",
+        "documents": pydoc_topics(),
+    }
+    with gzip.GzipFile(FROZEN_DOCS, "wb", mtime=0) as f:
+        f.write(json.dumps(payload, ensure_ascii=False).encode())
+
+
 def calibration_text(name: str = "default") -> list[str]:
     """The default calibration source: the embedded calibration prose, then CPython's
-    documentation (documents are taken in order until the token budget is met)."""
-    return embedded(split="calibration") + pydoc_topics()
+    documentation as frozen in the package (documents are taken in order until the token
+    budget is met)."""
+    return embedded(split="calibration") + frozen_pydoc()
 
 
 def wikitext2(name: str = "wikitext2", data_dir: str | None = None, max_documents: int = 16):
@@ -114,3 +141,13 @@ def require_data_file(data_dir: str | None, relative: str, needed_by: str) -> Pa
             "layout as in ../shared/data/README.md)"
         )
     return path
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m moyu_exp.datasets")
+    parser.add_argument("--freeze", action="store_true", help=freeze_pydoc.__doc__)
+    if parser.parse_args().freeze:
+        freeze_pydoc()
+        print(f"wrote {FROZEN_DOCS}")

@@ -7,6 +7,7 @@ Strategies restore the model exactly after every point, which is what makes the 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib
 import importlib.util
 import logging
@@ -76,6 +77,31 @@ def load(cfg: DictConfig) -> LoadedModel:
     _LOADED.clear()  # keep one model resident: sweeps iterate points, not models
     _LOADED[key] = loaded
     return loaded
+
+
+_WEIGHTS_SEEN: dict[int, tuple[list, str]] = {}
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """A digest of every parameter and buffer of ``model`` as it is now (names, dtypes, shapes,
+    bytes): what calibration is keyed by, so a changed model never reuses another's statistics.
+    Hashed once (about 0.3 s a GB) and again only when a tensor was replaced or changed in place
+    (its version counter moved)."""
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    seen = [(t, t._version) for _, t in tensors]
+    known = _WEIGHTS_SEEN.get(id(model))
+    same = known is not None and len(known[0]) == len(seen)
+    if same and all(a is b and v == w for (a, v), (b, w) in zip(known[0], seen, strict=True)):
+        return known[1]
+    digest = hashlib.sha256()
+    for name, tensor in tensors:
+        data = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}:{data.dtype}:{tuple(data.shape)};".encode())
+        digest.update(data.reshape(-1).view(torch.uint8).numpy().data)
+    fingerprint = digest.hexdigest()[:20]
+    _WEIGHTS_SEEN.clear()  # one model resident at a time (see load)
+    _WEIGHTS_SEEN[id(model)] = (seen, fingerprint)
+    return fingerprint
 
 
 @contextlib.contextmanager

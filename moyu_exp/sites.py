@@ -138,6 +138,59 @@ class GatedMLPAdapter:
         """The norm whose output the attention ("attn") or the MLP ("mlp") reads."""
         return layer.input_layernorm if part == "attn" else layer.post_attention_layernorm
 
+    # ------------------------------------------------- a block in parts (TEAL's search)
+    def runs_attention_spans(self, layer: torch.nn.Module) -> bool:
+        """Whether :meth:`attention_span` can run this block's attention over a span of
+        positions (the attention takes transformers' ``cache`` and a mask it is handed)."""
+        return layer.self_attn.config._attn_implementation in ("sdpa", "eager")
+
+    def attention_span(
+        self,
+        layer: torch.nn.Module,
+        normed: torch.Tensor,
+        kwargs: dict,
+        low: int,
+        high: int,
+        cache: Any,
+    ) -> None:
+        """Run the attention of ``layer`` on positions [low, high) of its normalised input
+        ``normed`` (kwargs: what the block was called with for the whole sequence), reading the
+        keys and values of earlier positions from ``cache`` and appending its own."""
+        span = {k: v for k, v in kwargs.items() if k not in ("use_cache", "past_key_values")}
+        cos, sin = kwargs["position_embeddings"]
+        span["position_embeddings"] = (cos[:, low:high], sin[:, low:high])
+        mask = kwargs.get("attention_mask")
+        if mask is None:  # a plain causal sequence (sdpa): position low + i sees keys <= it
+            mask = torch.ones(high - low, high, dtype=torch.bool, device=normed.device)
+            span["attention_mask"] = mask.tril(diagonal=low)[None, None]
+        else:
+            span["attention_mask"] = mask[..., low:high, :high]
+        for name in ("position_ids", "cache_position"):
+            if span.get(name) is not None:
+                span[name] = span[name][..., low:high]
+        span["cache"] = cache
+        layer.self_attn(hidden_states=normed[:, low:high].contiguous(), **span)
+
+    def branch_residual(
+        self, layer: torch.nn.Module, part: str, x: torch.Tensor, output: torch.Tensor
+    ) -> torch.Tensor:
+        """``x`` plus a branch's ``output`` ("attn" or "mlp"), through the norm the block puts
+        after that branch, if any."""
+        post = self.post_norm(layer, part)
+        return x + (output if post is None else post(output))
+
+    def runs_mlp_parts(self, layer: torch.nn.Module) -> bool:
+        """Whether the MLP is act(gate(x)) * up(x) -> down, as :meth:`gate_up_linears` and
+        :meth:`mlp_activation` describe it."""
+        return True
+
+    def gate_up_linears(self, layer: torch.nn.Module) -> tuple[Any, Any]:
+        """The gate and up projections (the fused one and None where they are one linear)."""
+        return layer.mlp.gate_proj, layer.mlp.up_proj
+
+    def mlp_activation(self, layer: torch.nn.Module) -> torch.nn.Module:
+        return layer.mlp.act_fn
+
     @staticmethod
     def norm_gain(norm: torch.nn.Module) -> torch.Tensor:
         """The elementwise gain a norm applies: its weight, or 1 + weight for Gemma's norms."""
@@ -327,6 +380,12 @@ class FusedProjectionAdapter(GatedMLPAdapter):
         gate, up = layer.mlp.gate_up_proj.weight.chunk(2, dim=0)
         return gate, up
 
+    def gate_up_linears(self, layer: torch.nn.Module) -> tuple[Any, Any]:
+        return layer.mlp.gate_up_proj, None
+
+    def mlp_activation(self, layer: torch.nn.Module) -> torch.nn.Module:
+        return layer.mlp.activation_fn
+
     def linears(self, layer: torch.nn.Module) -> list[torch.nn.Linear]:
         attn, mlp = layer.self_attn, layer.mlp
         return [attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj]
@@ -418,6 +477,9 @@ class RoutedExpertsAdapter(GatedMLPAdapter):
 
     def mlp_up(self, layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         raise self._no_linear("gate_act")
+
+    def runs_mlp_parts(self, layer: torch.nn.Module) -> bool:
+        return False  # routed experts: the block's own MLP runs
 
     def gate_up_weights(self, layer: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         raise self._no_linear("mlp_intermediate")
@@ -624,6 +686,12 @@ class NonGatedMLPAdapter(GatedMLPAdapter):
         if not getattr(layer, "do_layer_norm_before", True):  # OPT-350m: the norm comes last
             return norm(h + self._mlp(layer, h))
         return h + self._mlp(layer, norm(h))
+
+    def runs_attention_spans(self, layer: torch.nn.Module) -> bool:
+        return False  # their attention modules take other arguments: the whole block runs
+
+    def runs_mlp_parts(self, layer: torch.nn.Module) -> bool:
+        return False
 
     def _mlp(self, layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         hidden = self._part(layer, self.activation)(self._part(layer, self.mlp_in)(x))

@@ -145,6 +145,19 @@ def tiny():
 
 
 @pytest.fixture
+def own_tiny():
+    """A tiny random LLaMA of this test's own, outside the process's model cache: a test may
+    change its weights without the others seeing it."""
+    from moyu_exp.config import build
+
+    cfg = compose_config(*TINY).model
+    loaded = build(cfg)
+    loaded.model.eval()
+    loaded.info["name"] = cfg.name
+    return loaded
+
+
+@pytest.fixture
 def tiny_batch(tiny) -> torch.Tensor:
     ids = tiny.tokenizer(["The quick brown fox jumps over the lazy dog."] * 2).input_ids
     return torch.tensor(ids)

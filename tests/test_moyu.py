@@ -74,12 +74,12 @@ def test_allocate_spends_sparsity_where_the_error_grows_least() -> None:
 def test_greedy_attention_levels_are_teals_path_and_reuse_its_search(
     tiny, tiny_batch, tmp_path, monkeypatch
 ) -> None:
-    from moyu_exp.strategies import teal
+    from moyu_exp.strategies import greedy as search
 
     monkeypatch.setenv("MOYU_CACHE_DIR", str(tmp_path / "empty_cache"))
-    original, searched = teal.greedy_path, []
+    original, searched = search.greedy_path, []
     monkeypatch.setattr(
-        teal, "greedy_path", lambda s, *a: searched.append(s.layer) or original(s, *a)
+        search, "greedy_path", lambda s, *a: searched.append(s.layer) or original(s, *a)
     )
     with attach("teal", tiny, "sparsity=0.4") as live:  # TEAL as published: its greedy path
         published = {i: live.strategy.site_levels(live.calibration, i) for i in (0, 1)}

@@ -191,7 +191,8 @@ def test_teal_greedy_path_reaches_the_target_and_runs_the_paper_protocol(tiny) -
     for layer in (0, 1):
         path = live.calibration[f"greedy.{layer}"]
         assert path[0].tolist() == [0.0] * 5
-        assert torch.all(path[1:, 0] >= path[:-1, 0]) and path[-1, 0] >= 0.9 - 1e-6
+        # at least as far as the target (test_calibration: no further than it needs)
+        assert torch.all(path[1:, 0] >= path[:-1, 0]) and path[-1, 0] >= 0.5
 
 
 # ---------------------------------------------------------------------------- WINA
@@ -203,10 +204,11 @@ def test_teal_greedy_path_reaches_the_target_and_runs_the_paper_protocol(tiny) -
         ["strategy.sites=[o_proj_input,up_input]"],  # the attention input is not rotated
     ],
 )
-def test_wina_transform_leaves_the_function_unchanged(sites, tiny, tiny_batch) -> None:
+def test_wina_transform_leaves_the_function_unchanged(sites, own_tiny, tiny_batch) -> None:
     """Rotation folded into the weights, sites expressed in the rotated basis: with every entry
     kept the model computes what it did (up to rounding), and it is restored exactly. With
     some projections not sites, their readers get the folded gain without the rotation."""
+    tiny = own_tiny  # its gains change below: not the model other tests share
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():  # gains other than 1 (a random init has none), so folding shows
         for name, param in tiny.model.named_parameters():
@@ -307,9 +309,9 @@ def test_wina_paths_searched_before_the_gain_fix_are_not_reused() -> None:
         cfg = compose_config("strategy=wina", "sparsity=0.5", *overrides)
         return build(cfg.strategy).calibration_key()
 
-    partial = key("strategy.sites=[k_input,gate_input,mlp_intermediate]")
+    partial = key("strategy.sites=[k_input,gate_input,mlp_intermediate]")["greedy"]
     assert partial.get("gain_folded_for_every_reader") is True
-    assert "gain_folded_for_every_reader" not in key()  # all seven: the cached paths stay valid
+    assert "gain_folded_for_every_reader" not in key()["greedy"]  # all seven: paths stay valid
     assert "gain_folded_for_every_reader" not in key(
         "strategy.sites=[k_input,gate_input]", "strategy.transform=false"
-    )
+    )["greedy"]

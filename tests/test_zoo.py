@@ -168,32 +168,37 @@ def test_calibration_is_cached_by_what_determines_it(tiny) -> None:
 
 
 def test_dense_mode_calibrates_once_for_every_sparsity(tiny) -> None:
-    dense = ["strategy=teal", "strategy.threshold_mode=dense"]
+    dense = ["strategy=teal", "strategy.threshold_mode=dense", "strategy.allocation=uniform"]
     first = calibrate_with(tiny, *dense, "sparsity=0.3")
     second = calibrate_with(tiny, *dense, "sparsity=0.8")
     assert (second["key"], second["cache"]) == (first["key"], "hit")
+    # with TEAL's greedy levels the key is the same too; a lower target reads the same paths
+    greedy = ["strategy=teal", "strategy.threshold_mode=dense"]
+    high = calibrate_with(tiny, *greedy, "sparsity=0.8")
+    low = calibrate_with(tiny, *greedy, "sparsity=0.3")
+    assert (low["key"], low["cache"]) == (high["key"], "hit")
 
 
 def test_greedy_path_is_computed_once_for_every_sparsity(tiny, tmp_path, monkeypatch) -> None:
-    from moyu_exp.strategies import teal
+    from moyu_exp.strategies import greedy as search
 
     monkeypatch.setenv("MOYU_CACHE_DIR", str(tmp_path / "empty_cache"))
     calls = []
-    original = teal.greedy_path
-    monkeypatch.setattr(teal, "greedy_path", lambda *a: calls.append(1) or original(*a))
+    original = search.greedy_path
+    monkeypatch.setattr(search, "greedy_path", lambda *a: calls.append(1) or original(*a))
     greedy = ["strategy=teal", "strategy.allocation=greedy", "strategy.threshold_mode=progressive"]
-    first = calibrate_with(tiny, *greedy, "sparsity=0.3")
-    second = calibrate_with(tiny, *greedy, "sparsity=0.5")
+    first = calibrate_with(tiny, *greedy, "sparsity=0.5")
+    second = calibrate_with(tiny, *greedy, "sparsity=0.3")
     assert len(calls) == 2 and first["key"] != second["key"]  # new thresholds, one path a layer
 
 
 def test_an_interrupted_greedy_search_resumes_at_its_first_unfinished_layer(
     tiny, tmp_path, monkeypatch
 ) -> None:
-    from moyu_exp.strategies import teal
+    from moyu_exp.strategies import greedy as search
 
     monkeypatch.setenv("MOYU_CACHE_DIR", str(tmp_path / "empty_cache"))
-    original, calls = teal.greedy_path, []
+    original, calls = search.greedy_path, []
 
     def killed_in_layer_1(search, *args):
         calls.append(search.layer)
@@ -201,7 +206,7 @@ def test_an_interrupted_greedy_search_resumes_at_its_first_unfinished_layer(
             raise KeyboardInterrupt
         return original(search, *args)
 
-    monkeypatch.setattr(teal, "greedy_path", killed_in_layer_1)
+    monkeypatch.setattr(search, "greedy_path", killed_in_layer_1)
     greedy = ["strategy=teal", "strategy.allocation=greedy", "sparsity=0.5"]
     with pytest.raises(KeyboardInterrupt):
         calibrate_with(tiny, *greedy)
@@ -216,7 +221,7 @@ def test_teal_greedy_path_reaches_the_target_model_wide(tiny) -> None:
         path = live.calibration[f"greedy.{layer}"]
         assert path[0].tolist() == [0.0] * 5
         assert torch.all(path[1:, 0] >= path[:-1, 0])  # model-wide sparsity only grows
-        assert path[-1, 0] >= 0.9 - 1e-6
+        assert path[-1, 0] >= 0.5  # at least as far as the target
     levels = live.strategy.site_levels(live.calibration, 0)
     assert set(levels) == {"attn_input", "o_proj_input", "mlp_input", "mlp_intermediate"}
     assert len(set(levels.values())) > 1  # greedy differs from uniform

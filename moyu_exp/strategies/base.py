@@ -114,6 +114,11 @@ class Strategy:
             "layers": self.layers,
         }
 
+    def serves(self, calibration: dict) -> bool:
+        """Whether a stored calibration state serves this configuration (a greedy path that
+        an earlier run searched only as far as its own sparsity needed may not)."""
+        return True
+
     def calibration_tokens(self, requested: int) -> int:
         """How many calibration tokens to gather (``calibration.tokens``, or more if the method
         needs them, e.g. to train a predictor)."""

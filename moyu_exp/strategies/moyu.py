@@ -88,6 +88,7 @@ from moyu_exp.lazy import lazy_import
 from moyu_exp.masking import KernelRule
 from moyu_exp.sites import adapter_for, hooked
 from moyu_exp.strategies.base import Strategy, keep_count, register, topk_mask
+from moyu_exp.strategies.greedy import paths_reach
 from moyu_exp.strategies.sequence import SITE, SequenceLevel, prompt_energy
 from moyu_exp.strategies.teal import TEAL_SITES, Teal, path_levels, published_paths
 
@@ -156,6 +157,15 @@ class Moyu(SequenceLevel):
         """Whether the attention levels come from TEAL's greedy path."""
         return self.attn_allocation == "greedy" and self.attn_sparsity != 0.0
 
+    @property
+    def attn_target(self) -> float:
+        """The attention sites' target: ``attn_sparsity``, or the sparsity when it is None."""
+        return self.sparsity if self.attn_sparsity is None else self.attn_sparsity
+
+    def serves(self, calibration: dict) -> bool:
+        """A stored state serves this configuration when TEAL's paths (if read) reach it."""
+        return paths_reach(calibration, self.attn_target)
+
     def _teal_path_key(self) -> dict[str, Any] | None:
         """What TEAL's greedy path depends on, when it is read (else None)."""
         if not self.reads_teal_path:
@@ -179,7 +189,7 @@ class Moyu(SequenceLevel):
                 "profile", params, lambda: self._profile(model, batches, layers, state)
             )
         if self.reads_teal_path:
-            state = state | published_paths(model, batches, self.layers, cached)
+            state = state | published_paths(model, batches, self.layers, self.attn_target, cached)
         return state
 
     def _profile(self, model, batches, layers, stats) -> dict[str, torch.Tensor]:
@@ -284,7 +294,7 @@ class Moyu(SequenceLevel):
         target sparsity) on both, or with ``attn_allocation=greedy`` the levels TEAL's greedy
         path gives the two at that block sparsity. Sparsity 0: the dense model."""
         sites = [site for site in self.sites if site in ATTENTION_SITES]
-        target = self.sparsity if self.attn_sparsity is None else self.attn_sparsity
+        target = self.attn_target
         if self.sparsity == 0.0 or target == 0.0:
             return dict.fromkeys(sites, 0.0)
         if self.attn_allocation == "uniform":

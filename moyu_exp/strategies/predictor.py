@@ -28,13 +28,16 @@ from tqdm.auto import tqdm
 
 from moyu_exp.activations import observe
 from moyu_exp.config import FRACTION, Range
+from moyu_exp.costs import announce
 from moyu_exp.lazy import lazy_import
+from moyu_exp.sites import adapter_for
 from moyu_exp.strategies.base import Strategy, keep_count, register, topk_mask
 
 torch = lazy_import("torch")
 
 SITE = "mlp_intermediate"
 INPUT = "block_input"
+EPOCHS = 12  # epochs a layer's training is expected to take (early stopping), for estimates
 
 
 @register("predictor")
@@ -63,30 +66,84 @@ class Predictor(Strategy):
     kernel_support = False  # its scores come from a hook the lean decoder does not run
 
     def calibration_key(self) -> dict[str, Any]:
-        params = [
-            self.rank,
-            self.train_tokens,
-            self.validation_fraction,
-            self.max_epochs,
-            self.patience,
-            self.lr,
-            self.batch_size,
-            self.seed,
-        ]
-        return super().calibration_key() | {"sparsity": self.sparsity, "training": params}
+        return super().calibration_key() | {"training": self.training_params()}
 
     def calibration_tokens(self, requested: int) -> int:
         return max(requested, math.ceil(self.train_tokens / (1 - self.validation_fraction)))
 
+    def training_params(self) -> dict[str, Any]:
+        """What one layer's trained predictor depends on besides the model and the tokens."""
+        return {
+            "version": self.calibration_version,
+            "sparsity": self.sparsity,
+            "rank": self.rank,
+            "train_tokens": self.train_tokens,
+            "validation_fraction": self.validation_fraction,
+            "max_epochs": self.max_epochs,
+            "patience": self.patience,
+            "lr": self.lr,
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+        }
+
     def calibrate(self, model, batches, cached) -> dict[str, torch.Tensor]:
+        """One predictor per layer, each cached as soon as it is trained (an interrupted
+        training resumes at the first layer it had not finished)."""
         layers = self.layer_ids(model)
-        features, labels = training_pairs(model, batches, layers, self.sparsity)
+        params = self.training_params()
+        todo = [layer for layer in layers if cached.stored(f"layer-{layer}", params) is None]
+        features, labels = {}, {}
+        if todo:
+            tokens = sum(b.numel() for b in batches)
+            announce(
+                f"predictor training ({len(todo)} layers)",
+                self.training_estimate(model, batches, len(todo), tokens),
+                "a smaller strategy.train_tokens (or strategy.max_epochs)",
+            )
+            features, labels = training_pairs(model, batches, todo, self.sparsity)
         state = {}
         for layer in tqdm(layers, desc="predictor training (layers)", leave=False):
-            result = train(features[layer], labels[layer], self)
-            state[f"w1.{layer}"], state[f"w2.{layer}"] = result.w1, result.w2
-            state[f"recall.{layer}"] = torch.tensor([result.recall, result.epochs])
+
+            def fit(layer: int = layer) -> dict[str, torch.Tensor]:
+                result = train(features.pop(layer), labels.pop(layer), self)
+                return {
+                    f"w1.{layer}": result.w1,
+                    f"w2.{layer}": result.w2,
+                    f"recall.{layer}": torch.tensor([result.recall, result.epochs]),
+                }
+
+            state |= cached(f"layer-{layer}", params, fit)
         return state
+
+    def training_estimate(self, model, batches, layers: int, tokens: int) -> float:
+        """Seconds the data pass and the training of ``layers`` layers should take here: a
+        timed forward of 256 calibration tokens and a timed training step, scaled up (an
+        expected EPOCHS epochs per layer: early stopping usually ends sooner than max_epochs)."""
+        import time
+
+        sample = batches[0][:, :256]
+        start = time.perf_counter()
+        with torch.inference_mode():
+            adapter_for(model).backbone(model)(sample, use_cache=False)
+        forward = (time.perf_counter() - start) * tokens / sample.numel()
+        d = adapter_for(model).dim(model, "block_input")
+        d_ff = adapter_for(model).dim(model, SITE)
+        with torch.inference_mode(False), torch.enable_grad():
+            x = torch.randn(self.batch_size, d)
+            y = (torch.rand(self.batch_size, d_ff) < 0.5).float()
+            w1 = torch.randn(self.rank, d, requires_grad=True)
+            w2 = torch.randn(d_ff, self.rank, requires_grad=True)
+            optimizer = torch.optim.Adam([w1, w2], lr=self.lr)
+            start = time.perf_counter()
+            for _ in range(3):
+                loss = torch.nn.functional.binary_cross_entropy_with_logits(scores(x, w1, w2), y)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+            step = (time.perf_counter() - start) / 3
+        steps = math.ceil(self.train_tokens / self.batch_size)
+        epochs = min(EPOCHS, self.max_epochs)
+        return forward + layers * epochs * steps * step
 
     def prepare(self, model, adapter, layers, calibration) -> SimpleNamespace:
         param = next(model.parameters())

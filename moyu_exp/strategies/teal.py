@@ -19,18 +19,19 @@ As published (FasterDecoding/TEAL), by default:
 
 Departures: TEAL's code gives q, k and v (and gate and up) separate levels; here one level, and
 so one mask, serves each shared input (what one input-sparse kernel per input can use), and
-greedy steps are sized by the weights each shared input gates. The greedy path is computed once
-(for every sparsity up to ``greedy_max``) and cached; a target picks the closest row, as
-TEAL's lookup does. ``threshold_mode=progressive`` (calibrating in execution order, which meets
-the target sparsity) is an option, not TEAL's protocol.
+greedy steps are sized by the weights each shared input gates. A layer's greedy path is searched
+as far as the target needs (at most ``greedy_max``), continued when a higher target comes, and
+cached; a target picks the closest row, as TEAL's lookup does. For the built-in models the paths
+up to ``greedy_max`` ship with the package (:mod:`moyu_exp.shipped`), as TEAL ships its lookup
+tables; ``calibration.shipped=false`` searches them here. ``threshold_mode=progressive``
+(calibrating in execution order, which meets the target sparsity) is an option, not TEAL's
+protocol.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
-
-from tqdm.auto import tqdm
 
 from moyu_exp.activations import (
     ValueSample,
@@ -40,10 +41,11 @@ from moyu_exp.activations import (
     threshold_at,
 )
 from moyu_exp.config import FRACTION, Range, check_choice
+from moyu_exp.costs import announce
 from moyu_exp.errors import ConfigError
 from moyu_exp.lazy import lazy_import
 from moyu_exp.strategies.base import Strategy, register
-from moyu_exp.strategies.greedy import BlockSearch, greedy_path
+from moyu_exp.strategies.greedy import SEARCH_VERSION, BlockSearch, ModelPaths, paths_reach
 from moyu_exp.strategies.threshold import ThresholdStrategy
 
 torch = lazy_import("torch")
@@ -90,13 +92,20 @@ class Teal(ThresholdStrategy):
             )
 
     def greedy_params(self) -> dict[str, Any]:
+        """What a layer's greedy path depends on besides the model, the tokens and the layer
+        (not which other layers are sparse: the search reads the dense model's block inputs;
+        nor how far it goes: a path is searched as far as a target needs, and continued)."""
         return {
+            "search": SEARCH_VERSION,
+            "version": self.calibration_version,
             "sites": list(self.sites),
-            "layers": self.layers,
             "step": self.greedy_step,
-            "max": self.greedy_max,
             "thresholds": self.thresholds,
         }
+
+    def shipped_part(self) -> tuple[str, dict[str, Any]]:
+        """(owner, parameters) of the per-layer greedy path parts (:mod:`moyu_exp.shipped`)."""
+        return self.name, self.greedy_params()
 
     def calibration_key(self) -> dict[str, Any]:
         key = super().calibration_key() | {
@@ -105,15 +114,39 @@ class Teal(ThresholdStrategy):
         }
         return key | ({"greedy": self.greedy_params()} if self.allocation == "greedy" else {})
 
+    def serves(self, calibration: dict) -> bool:
+        """A stored state serves this sparsity when its greedy paths reach it."""
+        return paths_reach(calibration, self.sparsity)
+
     def calibrate_first(self, model, batches, cached) -> dict[str, torch.Tensor]:
         """TEAL's histograms (when asked for) and the greedy paths, both of the dense model and
-        the same for every sparsity (cached once)."""
+        the same for every sparsity (a path is searched as far as this sparsity needs)."""
         state: dict[str, torch.Tensor] = {}
-        if not self.in_order or self.allocation == "greedy":
+        paths = self.model_paths(model, cached) if self.allocation == "greedy" else None
+        if paths is not None:
+            paths.plan(self.sparsity)
+            tokens = batches[0].shape[1]
+            seconds = paths.estimate(model, len(batches), tokens, sparse_fraction=0.5)
+            announce(
+                f"TEAL's greedy search ({len(paths.todo)} layers)",
+                seconds,
+                "strategy.allocation=uniform",
+            )
+        if not self.in_order or paths is not None:
             state |= self.dense_stats(model, batches, cached)
-        if self.allocation == "greedy":
-            state |= greedy_paths(model, batches, self, state, cached)
+        if paths is not None:
+            state |= search_paths(model, batches, self, state, paths)
         return state
+
+    def model_paths(self, model, cached) -> ModelPaths:
+        return ModelPaths(
+            cached,
+            self.name,
+            self.greedy_params(),
+            self.layer_ids(model),
+            list(self.sites),
+            self.greedy_step,
+        )
 
     def dense_stats(self, model, batches, cached) -> dict[str, torch.Tensor]:
         """:func:`dense_statistics` of this configuration, cached once per model and text."""
@@ -124,6 +157,7 @@ class Teal(ThresholdStrategy):
             "dense-stats",
             params,
             lambda: dense_statistics(model, batches, self.sites, layers, histogram),
+            owner=self.name,
         )
 
     def site_levels(self, calibration: dict, layer: int) -> dict[str, float]:
@@ -201,44 +235,25 @@ def path_levels(path: torch.Tensor, target: float, sites: list[str]) -> dict[str
     return {site: float(level) for site, level in zip(sites, row[1:], strict=True)}
 
 
-def published_paths(model, batches, layers: Any, cached) -> dict[str, torch.Tensor]:
+def published_paths(model, batches, layers: Any, reach: float, cached) -> dict[str, torch.Tensor]:
     """TEAL's greedy paths as ``strategy=teal`` computes them by default (its four sites, the
-    dense model's quantile thresholds), cached as TEAL's own parts: another method that reads
-    them (MOYU's attention levels) shares TEAL's search rather than running it again.
+    dense model's quantile thresholds), up to ``reach``, stored as TEAL's own parts: another
+    method that reads them (MOYU's attention levels) shares TEAL's search (and its shipped
+    paths) rather than running it again.
     Returns {"greedy.<layer>": rows [weighted sparsity, level of each of TEAL_SITES]}."""
-    teal = Teal(layers=layers)
-
-    def as_teal(label: str, params: dict[str, Any], compute) -> dict[str, torch.Tensor]:
-        return cached(label, params, compute, owner=teal.name)
-
-    stats = teal.dense_stats(model, batches, as_teal)
-    return greedy_paths(model, batches, teal, stats, as_teal)
+    state = Teal(layers=layers, sparsity=reach).calibrate_first(model, batches, cached)
+    return {k: v for k, v in state.items() if k.startswith("greedy.")}
 
 
-def greedy_paths(model, batches, teal: Teal, stats: dict, cached) -> dict[str, torch.Tensor]:
-    """Per layer, TEAL's greedy path as rows [weighted sparsity, level of each site]. Each
-    layer's path is cached as soon as it is found, so an interrupted search (hours on a CPU)
-    resumes at the first layer it had not finished."""
-    params = teal.greedy_params()
-    layers = teal.layer_ids(model)
-    paths: dict[str, torch.Tensor] = {}
-    inputs: dict[int, tuple] | None = None
-    with torch.inference_mode():
-        sites = list(teal.sites)
-        for layer in tqdm(layers, desc="TEAL greedy search (layers)", leave=False):
+def search_paths(model, batches, teal: Teal, stats: dict, paths: ModelPaths):
+    """Per layer, TEAL's greedy path as rows [weighted sparsity, level of each site]."""
+    inputs = capture_block_inputs(model, list(paths.todo), torch.cat(batches)) if paths.todo else {}
 
-            def search_layer(layer=layer) -> dict[str, torch.Tensor]:
-                nonlocal inputs
-                if inputs is None:  # the dense block inputs, captured once when first needed
-                    inputs = capture_block_inputs(model, layers, torch.cat(batches, dim=0))
+    def make_search(layer: int, captured: tuple) -> BlockSearch:
+        def sparsify(site: str, level: float, x: torch.Tensor) -> torch.Tensor:
+            threshold = teal.dense_threshold(stats, site, layer, level)
+            return x.masked_fill(x.abs() < threshold, 0.0)
 
-                def sparsify(site: str, level: float, x: torch.Tensor) -> torch.Tensor:
-                    threshold = teal.dense_threshold(stats, site, layer, level)
-                    return x.masked_fill(x.abs() < threshold, 0.0)
+        return BlockSearch(model, layer, paths.sites, captured, sparsify)
 
-                search = BlockSearch(model, layer, sites, inputs.pop(layer), sparsify)
-                path = greedy_path(search, sites, teal.greedy_step, teal.greedy_max)
-                return {f"greedy.{layer}": path}
-
-            paths |= cached(f"greedy-{layer}", params | {"layer": layer}, search_layer)
-        return paths
+    return paths.run(model, inputs, make_search, "TEAL greedy search")

@@ -40,17 +40,16 @@ from dataclasses import dataclass, field, fields
 from types import SimpleNamespace
 from typing import Any, ClassVar
 
-from tqdm.auto import tqdm
-
 from moyu_exp.activations import capture_block_inputs
 from moyu_exp.config import FRACTION, Range, check_choice
+from moyu_exp.costs import announce
 from moyu_exp.errors import ConfigError
 from moyu_exp.lazy import lazy_import
 from moyu_exp.masking import KernelRule, apply_rule
 from moyu_exp.sites import adapter_for
 from moyu_exp.strategies.attachment import patched
 from moyu_exp.strategies.base import Strategy, register, topk_rule
-from moyu_exp.strategies.greedy import BlockSearch, greedy_path
+from moyu_exp.strategies.greedy import SEARCH_VERSION, BlockSearch, ModelPaths, paths_reach
 
 torch = lazy_import("torch")
 
@@ -123,21 +122,55 @@ class Wina(Strategy):
     def needs_calibration(self) -> bool:  # type: ignore[override]
         return self.allocation == "greedy" and self.sparsity > 0.0
 
-    def calibration_key(self) -> dict[str, Any]:
-        key = super().calibration_key() | {
+    def greedy_params(self) -> dict[str, Any]:
+        """What a layer's greedy path depends on besides the model, the tokens and the layer
+        (not which other layers are sparse: the search reads the dense model's block inputs;
+        nor how far it goes: a path is searched as far as a target needs, and continued)."""
+        params = {
+            "search": SEARCH_VERSION,
+            "version": self.calibration_version,
+            "sites": list(self.sites),
+            "step": self.greedy_step,
             "transform": self.transform,
             "prefill_fraction": self.prefill_fraction,
-            "greedy": [self.greedy_step, self.greedy_max, self.greedy_rows, self.greedy_seq_len],
+            "rows": self.greedy_rows,
+            "seq_len": self.greedy_seq_len,
         }
         partial = any(0 < len(set(s) & set(self.sites)) < len(s) for s, _ in ROTATED.values())
         if self.transform and partial:  # paths searched before the other readers got the gain
-            key["gain_folded_for_every_reader"] = True  # are stale: a new key
-        return key
+            params["gain_folded_for_every_reader"] = True  # are stale: a new key
+        return params
+
+    def shipped_part(self) -> tuple[str, dict[str, Any]]:
+        """(owner, parameters) of the per-layer greedy path parts (:mod:`moyu_exp.shipped`)."""
+        return self.name, self.greedy_params()
+
+    def calibration_key(self) -> dict[str, Any]:
+        return super().calibration_key() | {"greedy": self.greedy_params()}
+
+    def serves(self, calibration: dict) -> bool:
+        """A stored state serves this sparsity when its greedy paths reach it."""
+        return paths_reach(calibration, self.sparsity)
 
     # ------------------------------------------------------------------ calibration
     def calibrate(self, model, batches, cached) -> dict[str, torch.Tensor]:
-        """The greedy paths (one per layer, serving every sparsity up to greedy_max)."""
-        return greedy_paths(model, batches, self)
+        """The greedy paths (one per layer, searched as far as this sparsity needs)."""
+        paths = ModelPaths(
+            cached,
+            self.name,
+            self.greedy_params(),
+            self.layer_ids(model),
+            list(self.sites),
+            self.greedy_step,
+        ).plan(self.sparsity)
+        ids = search_rows(batches, self.greedy_rows, self.greedy_seq_len)
+        seconds = paths.estimate(model, ids.shape[0], ids.shape[1], self.prefill_fraction)
+        announce(
+            f"WINA's greedy search ({len(paths.todo)} layers)",
+            seconds,
+            "strategy.allocation=uniform",
+        )
+        return greedy_paths(model, ids, self, paths)
 
     def site_levels(self, calibration: dict | None, layer: int) -> dict[str, float]:
         if self.allocation == "uniform" or calibration is None:
@@ -220,7 +253,16 @@ def column_norms(linears) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------ greedy allocation
-def greedy_paths(model, batches, wina: Wina) -> dict[str, torch.Tensor]:
+def search_rows(batches, rows: int, seq_len: int) -> torch.Tensor:
+    """The search's token rows: the first ``rows`` x ``seq_len`` calibration tokens."""
+    ids = torch.cat([b.reshape(-1) for b in batches])
+    rows = min(rows, max(1, len(ids) // seq_len))
+    return ids[: rows * seq_len].reshape(rows, -1)
+
+
+def greedy_paths(
+    model, ids: torch.Tensor, wina: Wina, paths: ModelPaths
+) -> dict[str, torch.Tensor]:
     """Per layer, TEAL's greedy path with WINA's top-k (in the transformed block when
     ``transform``): rows [weighted sparsity, level of each site]."""
     adapter = adapter_for(model)
@@ -234,30 +276,26 @@ def greedy_paths(model, batches, wina: Wina) -> dict[str, torch.Tensor]:
         }
     )
     state = uniform.prepare(model, adapter, layers, None)
-    paths = {}
     with torch.inference_mode():
-        ids = torch.cat([b.reshape(-1) for b in batches])
-        rows = min(wina.greedy_rows, max(1, len(ids) // wina.greedy_seq_len))
-        ids = ids[: rows * wina.greedy_seq_len].reshape(rows, -1)
-        inputs = capture_block_inputs(model, layers, ids)
+        # the dense model's block inputs, before the transform is patched in
+        inputs = capture_block_inputs(model, list(paths.todo), ids) if paths.todo else {}
         with patched(uniform.patches(state, model, adapter, layers)):
-            for layer in tqdm(layers, desc="WINA greedy search (layers)", leave=False):
+
+            def make_search(layer: int, captured: tuple) -> BlockSearch:
                 scales = {s: state.rules[(s, layer)].scale for s in sites}
                 bases = {s: b for s in sites if (b := uniform.basis(state, s, layer)) is not None}
 
-                def sparsify(site: str, level: float, x: torch.Tensor, scales=scales):
+                def sparsify(site: str, level: float, x: torch.Tensor):
                     return apply_rule(x, topk_rule(level, x.shape[-1], scales[site]), None)[0]
 
-                search = BlockSearch(
+                return BlockSearch(
                     model,
                     layer,
                     sites,
-                    inputs.pop(layer),
+                    captured,
                     sparsify,
                     sparse_fraction=wina.prefill_fraction,
                     bases=bases,
                 )
-                paths[f"greedy.{layer}"] = greedy_path(
-                    search, sites, wina.greedy_step, wina.greedy_max
-                )
-    return paths
+
+            return paths.run(model, inputs, make_search, "WINA greedy search")

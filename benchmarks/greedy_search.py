@@ -1,0 +1,123 @@
+"""TEAL's (or WINA's) greedy search on a few layers: the plain evaluation against the staged one.
+
+For each layer the search runs twice in one process on the same captured inputs: with the plain
+evaluation (the block's own modules on the whole sequence for every trial: how the search ran
+before the staged one) and with the staged one (:class:`moyu_exp.strategies.greedy.BlockSearch`:
+dense prefix keys and values once, queries of the error window only, o_proj input, gate/up
+outputs and activation kept across trials). It prints the seconds per layer of each, their
+ratio, and the largest relative difference between the two paths' rows (they should be equal).
+With ``--shipped`` it also compares the fresh rows with the shipped file's for those layers.
+
+    python benchmarks/greedy_search.py                      # SmolLM2, TEAL, layers 0 and 1
+    python benchmarks/greedy_search.py --method wina --layers 0 29
+    python benchmarks/greedy_search.py --model gemma3_270m --layers 0 17 --shipped --staged-only
+    python benchmarks/greedy_search.py --model tiny --family gemma2 --reach 0.5
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from unittest import mock
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2_135m")
+    parser.add_argument("--family", help="model=tiny's family (llama, gemma2, ...)")
+    parser.add_argument("--method", default="teal", choices=["teal", "wina"])
+    parser.add_argument("--layers", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--reach", type=float, default=0.9, help="sparsity the paths go to")
+    parser.add_argument("--staged-only", action="store_true", help="skip the plain evaluation")
+    parser.add_argument("--shipped", action="store_true", help="compare with the shipped rows")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from moyu_exp import calibration, models, shipped
+    from moyu_exp.cache import content_key
+    from moyu_exp.config import build, compose_config
+    from moyu_exp.strategies import greedy
+
+    overrides = [f"model={args.model}", f"strategy={args.method}"]
+    overrides += [f"model.family={args.family}"] if args.family else []
+    cfg = compose_config(overrides)
+    cfg.strategy.sparsity = args.reach
+    cfg.strategy.layers = list(args.layers)
+    loaded = models.load(cfg.model)
+    torch.set_grad_enabled(False)
+    seq_len = min(cfg.calibration.seq_len, calibration.context_length(loaded.model))
+    batches = calibration.token_batches(
+        loaded.tokenizer, build(cfg.dataset), cfg.calibration.tokens, seq_len
+    )
+    data_key = content_key(
+        calibration.VERSION,
+        models.weights_fingerprint(loaded.model),
+        calibration.token_digest(batches),
+    )
+    print(f"{args.model} {args.method}: layers {args.layers}, paths to {args.reach}", flush=True)
+    modes = [True] if args.staged_only else [False, True]
+    paths: dict[bool, dict[int, torch.Tensor]] = {}
+    seconds: dict[bool, dict[int, float]] = {}
+    original = greedy.greedy_path
+    for staged in modes:
+        times: dict[int, float] = {}
+
+        def timed(search, *rest, times=times):
+            start = time.perf_counter()
+            rows = original(search, *rest)
+            times[search.layer] = time.perf_counter() - start
+            return rows
+
+        strategy = build(cfg.strategy)
+        with (
+            tempfile.TemporaryDirectory() as cache_dir,
+            mock.patch.dict("os.environ", {"MOYU_CACHE_DIR": cache_dir}),
+            mock.patch.object(greedy, "greedy_path", timed),
+            mock.patch.object(greedy, "STAGED", staged),
+        ):
+            parts = calibration.Parts(data_key, strategy.name, use_shipped=False)
+            state = strategy.calibrate(loaded.model, batches, parts)
+        paths[staged] = {i: state[f"greedy.{i}"] for i in args.layers}
+        seconds[staged] = times
+    print("layer | rows | plain s | staged s | plain/staged | largest relative difference")
+    for layer in args.layers:
+        staged_rows = paths[True][layer]
+        line = f"{layer} | {len(staged_rows)} | "
+        if not args.staged_only:
+            plain_rows = paths[False][layer]
+            diff = relative_difference(plain_rows, staged_rows)
+            ratio = seconds[False][layer] / seconds[True][layer]
+            line += f"{seconds[False][layer]:.1f} | {seconds[True][layer]:.1f} | {ratio:.2f} | "
+            line += f"{diff:.2e}"
+        else:
+            line += f"- | {seconds[True][layer]:.1f} | - | -"
+        print(line, flush=True)
+    if args.shipped:
+        owner, params = build(cfg.strategy).shipped_part()
+        for layer in args.layers:
+            label = f"greedy-{layer}"
+            found = shipped.find(content_key(data_key, owner, label, params | {"layer": layer}))
+            if found is None:
+                print(f"layer {layer}: no shipped path matches this model, tokens and search")
+                continue
+            ship, fresh = found["path"], paths[True][layer]
+            same = min(len(ship), len(fresh))
+            largest = float((ship[:same, 1:] - fresh[:same, 1:]).abs().max())
+            print(
+                f"layer {layer}: shipped {len(ship)} rows, fresh {len(fresh)}; "
+                f"largest level difference over the first {same} rows {largest:.2e}"
+            )
+    return 0
+
+
+def relative_difference(a, b) -> float:
+    """The largest |a - b| / max(|a|, 1e-12) between two paths' rows (inf if shapes differ)."""
+    if a.shape != b.shape:
+        return float("inf")
+    return float(((a - b).abs() / a.abs().clamp_min(1e-12)).max())
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
