@@ -11,8 +11,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from moyu_exp.families import adapter_for, hooked
 from moyu_exp.lazy import lazy_import
-from moyu_exp.sites import adapter_for, hooked
 
 torch = lazy_import("torch")
 
@@ -29,13 +29,28 @@ def run_with_hooks(
     desc: str = "calibration",
 ) -> None:
     """Run ``batches`` through the model's decoder stack (no LM head) with each function hooked
-    at its (site, layer) (see :func:`moyu_exp.sites.hooked`); a function may observe its tensor
+    at its (site, layer) (see :func:`moyu_exp.families.hooked`); a function may observe its tensor
     or return a changed one."""
     items = fns.items() if isinstance(fns, dict) else fns
     backbone = adapter_for(model).backbone(model)
     with hooked(model, items), torch.inference_mode():
         for batch in tqdm(batches, desc=desc, leave=False):
             backbone(batch, use_cache=False)
+
+
+def forward_seconds(model, batches: list[torch.Tensor], sample: int = 256) -> float:
+    """About how long one forward pass of the decoder stack over ``batches`` takes here: a
+    timed forward of ``sample`` of their tokens, scaled to all of them."""
+    import time
+
+    ids = batches[0][:1, :sample]
+    backbone = adapter_for(model).backbone(model)
+    with torch.inference_mode():
+        backbone(ids, use_cache=False)  # warm (first-call costs are not the pass's)
+        start = time.perf_counter()
+        backbone(ids, use_cache=False)
+    tokens = sum(b.numel() for b in batches)
+    return (time.perf_counter() - start) * tokens / ids.numel()
 
 
 def observe(model, batches, keys: Iterable[tuple[str, int]], tap: Tap, desc="calibration"):

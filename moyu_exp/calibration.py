@@ -36,6 +36,7 @@ from omegaconf import DictConfig
 
 from moyu_exp import cache, shipped
 from moyu_exp.config import build
+from moyu_exp.costs import announce
 from moyu_exp.models import LoadedModel, weights_fingerprint
 from moyu_exp.strategies import Strategy
 
@@ -180,6 +181,8 @@ def prepare(
         log.info("calibrating %s on %d tokens of '%s'", strategy.name, tokens, cfg.dataset.name)
         with torch.inference_mode():
             ids = [b.to(loaded.device) for b in batches]
+            seconds = strategy.calibration_estimate(loaded.model, ids, parts)
+            announce(f"calibrating {strategy.name}", seconds, strategy.cheaper_calibration)
             return strategy.calibrate(loaded.model, ids, parts)
 
     state, hit = cache.cached_tensors(

@@ -359,3 +359,18 @@ def test_predictor_training_is_cached_per_layer_and_resumes(tiny, empty_cache, m
     done = calibrate(*args)
     assert trained == [0] and done.meta["parts"]["layer"] == "cache 1, computed 1"
     assert {"w1.0", "w1.1", "recall.0", "recall.1"} <= set(done.state)
+
+
+def test_every_calibration_over_a_minute_says_its_cost_first(
+    tiny, empty_cache, caplog, monkeypatch
+) -> None:
+    """Not only the searches: a calibration of forward passes (here CATS, as if each pass took
+    an hour) says its estimate and the option that avoids it before it starts."""
+    from moyu_exp.strategies.cats import Cats
+
+    monkeypatch.setattr(Cats, "calibration_passes", 1e6)
+    with caplog.at_level(logging.INFO, logger="moyu_exp"):
+        calibrate("strategy=cats")
+    lines = [r.getMessage() for r in caplog.records if "on this machine" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].startswith("calibrating cats: about")
+    assert "fewer calibration.tokens avoids it" in lines[0]

@@ -11,8 +11,9 @@ import torch
 
 from moyu_exp import runner
 from moyu_exp.config import ConfigError
+from moyu_exp.families import adapter_for, hooked
 from moyu_exp.models import TINY_FAMILIES, load
-from moyu_exp.sites import PROJECTION_SITES, SPARSE_SITES, adapter_for, hooked
+from moyu_exp.sites import PROJECTION_SITES, SPARSE_SITES
 from moyu_exp.strategies import keep_count
 from tests.conftest import attach, compose_config
 

@@ -12,11 +12,11 @@ import torch
 from moyu_exp import runner
 from moyu_exp.config import ConfigError, build
 from moyu_exp.decode import ModelStepper, greedy
+from moyu_exp.families import adapter_for
 from moyu_exp.kernels import native
 from moyu_exp.kernels.decoder import LeanDecoder
 from moyu_exp.masking import KernelRule, apply_rule
 from moyu_exp.meter import SparsityMeter
-from moyu_exp.sites import adapter_for
 from moyu_exp.strategies import STRATEGIES, keep_count
 from tests.conftest import TINY, attach, calibration_sizes, compose_config
 

@@ -12,7 +12,7 @@ import torch
 from moyu_exp import calibration, datasets, evaluation
 from moyu_exp.config import ConfigError, build
 from moyu_exp.evaluation.harness import MoyuLM
-from moyu_exp.sites import adapter_for
+from moyu_exp.families import adapter_for
 from moyu_exp.strategies import STRATEGIES, keep_count
 from moyu_exp.strategies.protocol import Positions, TokenRoles
 from tests.conftest import TINY, attach, compose_config

@@ -24,7 +24,7 @@ def test_every_split_spends_the_budget(d, out, sparsity) -> None:
 
 @pytest.mark.parametrize("site", ["attn_input", "o_proj_input", "mlp_input", "mlp_intermediate"])
 def test_readers_add_the_low_rank_path_of_what_the_mask_drops(tiny, tiny_batch, site) -> None:
-    from moyu_exp.sites import hooked
+    from moyu_exp.families import hooked
 
     key = (site, 1)
     live = attach("rsparse", tiny, "sparsity=0.5", "strategy.rank_share=0.3")
@@ -106,7 +106,7 @@ def test_the_search_picks_the_least_error_split(tiny) -> None:
 
 
 def live_readers(tiny, site: str, layer: int):
-    from moyu_exp.sites import adapter_for
+    from moyu_exp.families import adapter_for
 
     adapter = adapter_for(tiny.model)
     return adapter.readers(adapter.layers(tiny.model)[layer], site)

@@ -7,7 +7,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from moyu_exp.config import ConfigError
-from moyu_exp.sites import SITES, adapter_for, resolve_layers
+from moyu_exp.families import adapter_for
+from moyu_exp.sites import SITES, resolve_layers
 from moyu_exp.strategies.topk import TopK
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma"]

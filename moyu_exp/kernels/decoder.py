@@ -1,4 +1,5 @@
-"""A lean batch-1 greedy decoder (LLaMA, Qwen, Gemma, Phi-3 blocks) that runs the sparse kernels.
+"""A lean batch-1 greedy decoder that runs the sparse kernels, for every family whose adapter
+describes its blocks (:class:`moyu_exp.families.DecoderSpec`).
 
 Why not the model's own forward: at batch 1 a generic forward spends most of its time in Python
 and dispatch (about 75 ms per token for SmolLM2 on this CPU, for ~540 MB of fp32 weights), so
@@ -28,8 +29,6 @@ from moyu_exp.lazy import lazy_import
 
 torch = lazy_import("torch")
 
-# model types whose decode step the lean decoder expresses (the adapter supplies the structure)
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")
 INPUT_SITES = {"attn_input": "qkv", "o_proj_input": "o", "mlp_input": "gate_up"}
 QKV_SITES = ("q_input", "k_input", "v_input")  # one projection's own input (CHESS+, WINA)
 UNSUPPORTED_SITES = ("gate_input", "up_input")
@@ -37,14 +36,14 @@ UNSUPPORTED_SITES = ("gate_input", "up_input")
 
 @dataclass
 class LayerWeights:
-    ln1: torch.Tensor  # the norms' gains (Gemma's 1 + w folded in)
+    ln1: torch.Tensor  # the norms' gains (as the adapter gives them)
     ln2: torch.Tensor
     qkv: torch.Tensor  # (d_q + 2 d_kv, d)
     o: torch.Tensor  # (d, d_q)
     gate_up: torch.Tensor  # (2 d_ff, d)
     down: torch.Tensor  # (d, d_ff)
-    qkv_bias: torch.Tensor | None = None  # Qwen2's q/k/v biases
-    post1: torch.Tensor | None = None  # Gemma 2/3's norms after the attention and the MLP
+    qkv_bias: torch.Tensor | None = None  # q/k/v biases, where the projections have them
+    post1: torch.Tensor | None = None  # norms after the attention and the MLP (sandwich)
     post2: torch.Tensor | None = None
     q_norm: torch.Tensor | None = None  # per-head norms of q and k before RoPE
     k_norm: torch.Tensor | None = None
@@ -55,54 +54,39 @@ class LayerWeights:
 class DecoderWeights:
     """The model's weights in the decoder's layouts (fused q/k/v and gate/up), RoPE tables for
     ``max_tokens`` positions, and the kernels that run them; built once per model and bench.
-    The site adapter says where everything is (norms, their gains, q/k norms, sliding windows,
-    the activation, the embedding scale), so one decode step serves every supported family."""
+    The family adapter's :class:`DecoderSpec` says where everything is (norms' gains, q/k
+    norms, sliding windows, the activation, the embedding scale), so one decode step serves
+    every family that has one."""
 
     def __init__(self, model, max_tokens: int):
-        from moyu_exp.sites import adapter_for
+        from moyu_exp.families import adapter_for
 
-        config = model.config
-        if config.model_type not in SUPPORTED:
-            raise ConfigError(
-                f"bench.mode=kernel supports model types {', '.join(SUPPORTED)}, "
-                f"not '{config.model_type}'"
-            )
-        if getattr(config, "final_logit_softcapping", None) or getattr(
-            config, "attn_logit_softcapping", None
-        ):
-            raise ConfigError(
-                "bench.mode=kernel has no logit soft-capping: use bench.mode=simulated"
-            )
-        adapter = adapter_for(model)
-        self.d, self.d_ff = config.hidden_size, config.intermediate_size
-        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
-        self.head_dim = getattr(config, "head_dim", None) or self.d // self.heads
-        self.eps = config.rms_norm_eps
+        self.adapter = adapter_for(model)
+        spec = self.adapter.decoder_spec(model)  # or a one-line error: kernel mode cannot
+        self.d, self.d_ff = spec.d, spec.d_ff
+        self.heads, self.kv_heads, self.head_dim = spec.heads, spec.kv_heads, spec.head_dim
+        self.eps = spec.eps
         self.max_tokens = max_tokens
         param = next(model.parameters())
         self.dtype, self.device = param.dtype, param.device
-        widest = max(2 * self.d_ff, self.d, config.vocab_size)
+        widest = max(2 * self.d_ff, self.d, spec.vocab)
         self.kernels = kernels_for(self.device, self.dtype, max_tokens, widest)
-        self.act = adapter.activation(model)
+        self.act = spec.activation
         act = self.kernels.dtype  # activations (fp32 for the native kernels)
         with torch.no_grad():
-            blocks = adapter.layers(model)
-            parts = [adapter.decode_parts(model, block) for block in blocks]
-            self.scale = parts[0].scale
-            self.layers = [self._layer(adapter, p, act) for p in parts]
-            self.embed = model.get_input_embeddings().weight
-            scale = adapter.embedding_scale(model)
+            self.scale = spec.blocks[0].scale
+            self.layers = [self._layer(p, act) for p in spec.blocks]
+            self.embed = spec.embedding
+            scale = spec.embedding_scale
             self.embed_scale = None if scale is None else scale.to(self.embed.dtype)
-            self.norm = adapter.norm_gain(adapter.final_norm(model)).to(act).contiguous()
-            self.head = model.get_output_embeddings().weight.contiguous()
+            self.norm = spec.final_norm.to(act).contiguous()
+            self.head = spec.head.contiguous()
             positions = torch.arange(max_tokens, device=self.device)
             self.rope = {
                 kind: (cos.to(act).contiguous(), sin.to(act).contiguous())
-                for kind, (cos, sin) in adapter.rope_tables(model, positions).items()
+                for kind, (cos, sin) in spec.rope(positions).items()
             }
-        if any(t[0].shape[-1] != self.head_dim for t in self.rope.values()):
-            raise ConfigError("bench.mode=kernel has no partial RoPE: use bench.mode=simulated")
-        # LLaMA's plain block: what the natively fused whole step runs
+        # the plain block (no extras): what the natively fused whole step runs
         self.plain = (
             self.act == "silu"
             and self.embed_scale is None
@@ -120,9 +104,9 @@ class DecoderWeights:
     def sin(self) -> torch.Tensor:
         return self.rope[self.layers[0].rope][1]
 
-    def _layer(self, adapter, parts, act) -> LayerWeights:
-        def gain(norm):
-            return None if norm is None else adapter.norm_gain(norm).to(act).contiguous()
+    def _layer(self, parts, act) -> LayerWeights:
+        def gain(value):
+            return None if value is None else value.to(act).contiguous()
 
         biases = [linear.bias for linear in parts.qkv]
         window = (
@@ -216,7 +200,7 @@ class LeanDecoder:
         if self.k.name != "native" or not self.fuse:
             return
         self.flush()
-        if not self.w.plain:  # Gemma's and Qwen's extras run through the Python step
+        if not self.w.plain:  # blocks with extras run through the Python step
             self.fused = None
             return
         if any(layer.sites & set(QKV_SITES) for layer in self.layers):
@@ -316,10 +300,10 @@ class LeanDecoder:
         out = self.model(ids.to(self.w.device), use_cache=True)
         cache = getattr(out, cache_kwarg(self.model))
         tokens = ids.shape[1]
-        for i, layer_cache in enumerate(cache.layers):
-            held = layer_cache.keys.shape[2]  # a sliding-window layer holds only its last keys
-            self.keys[i, :, tokens - held : tokens] = layer_cache.keys[0].to(self.keys.dtype)
-            self.values[i, :, tokens - held : tokens] = layer_cache.values[0].to(self.values.dtype)
+        for i, (keys, values) in enumerate(self.w.adapter.prefill_cache(cache)):
+            held = keys.shape[2]  # a sliding-window layer holds only its last keys
+            self.keys[i, :, tokens - held : tokens] = keys[0].to(self.keys.dtype)
+            self.values[i, :, tokens - held : tokens] = values[0].to(self.values.dtype)
         self.pos = tokens
         if self.live is not None:
             self._compact_mlps()
@@ -406,7 +390,7 @@ class LeanDecoder:
             return logits.clone()
         k, pos, w = self.k, self.pos, self.w
         h = w.embed[token].to(k.dtype)
-        if w.embed_scale is not None:  # Gemma scales its embeddings (in the weights' dtype)
+        if w.embed_scale is not None:  # scaled embeddings (in the weights' dtype)
             h = (w.embed[token] * w.embed_scale).to(k.dtype)
         for i, layer in enumerate(self.layers):
             lw = layer.w
@@ -440,7 +424,7 @@ class LeanDecoder:
         return logits
 
     def _qk_norms(self, lw: LayerWeights, qkv: torch.Tensor) -> torch.Tensor:
-        """Qwen3's and Gemma 3's per-head RMSNorm of q and k (before RoPE)."""
+        """The per-head RMSNorm of q and k (before RoPE), where the block has one."""
         w = self.w
         d_q, d_kv = w.heads * w.head_dim, w.kv_heads * w.head_dim
         norm = torch.nn.functional.rms_norm  # per head (the native norm is over the whole row)

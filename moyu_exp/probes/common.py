@@ -5,8 +5,8 @@ from __future__ import annotations
 from moyu_exp import datasets
 from moyu_exp.activations import run_with_hooks
 from moyu_exp.decode import ModelStepper, greedy
+from moyu_exp.families import adapter_for, hooked
 from moyu_exp.lazy import lazy_import
-from moyu_exp.sites import adapter_for, hooked
 from moyu_exp.strategies.griffin import Griffin
 from moyu_exp.strategies.topk import TopK
 

@@ -13,10 +13,10 @@ from typing import ClassVar
 
 from moyu_exp.activations import capture_block_inputs
 from moyu_exp.config import SPARSITY, Range
+from moyu_exp.families import adapter_for
 from moyu_exp.lazy import lazy_import
 from moyu_exp.probes import common, figures
 from moyu_exp.probes.base import Probe, ProbeOutput, register
-from moyu_exp.sites import adapter_for
 from moyu_exp.strategies import STRATEGIES
 
 torch = lazy_import("torch")

@@ -11,10 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from moyu_exp.decode import ModelStepper, greedy
+from moyu_exp.families import hooked
 from moyu_exp.lazy import lazy_import
 from moyu_exp.probes import common, figures
 from moyu_exp.probes.base import Probe, ProbeOutput, register
-from moyu_exp.sites import hooked
 from moyu_exp.strategies import STRATEGIES
 
 torch = lazy_import("torch")

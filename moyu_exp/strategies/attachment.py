@@ -2,7 +2,7 @@
 
 ``with strategy.attach(model, calibration) as live:`` builds the strategy's state for this model
 (:meth:`Strategy.prepare`), asks it once for the rule of every (site, layer) and installs one
-hook per (site, layer) through :func:`moyu_exp.sites.hooked`. Each hook applies the rule (or the
+hook per (site, layer) through :func:`moyu_exp.families.hooked`. Each hook applies the rule (or the
 strategy's mask) to the positions that run sparse and counts into ``live.meter``; callers that
 measure a phase (evaluation, bench, the lean decoder) swap in their own meter with
 :meth:`Attachment.measuring` and get back what they measured. Leaving the block removes every
@@ -23,10 +23,10 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from moyu_exp.errors import ConfigError
+from moyu_exp.families import adapter_for, hooked
 from moyu_exp.lazy import lazy_import
 from moyu_exp.masking import apply_mask, apply_rule
 from moyu_exp.meter import SparsityMeter
-from moyu_exp.sites import adapter_for, hooked
 from moyu_exp.strategies.protocol import Positions, TokenRoles
 
 if TYPE_CHECKING:

@@ -28,16 +28,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from moyu_exp.config import SPARSITY, Range, check_choice, check_fields
 from moyu_exp.errors import ConfigError
+from moyu_exp.families import adapter_for
 from moyu_exp.lazy import lazy_import
 from moyu_exp.masking import KernelRule, topk_mask
 from moyu_exp.registry import registrar
-from moyu_exp.sites import (
-    SPARSE_SITES,
-    adapter_for,
-    check_sites,
-    parse_layers,
-    resolve_layers,
-)
+from moyu_exp.sites import SPARSE_SITES, check_sites, parse_layers, resolve_layers
 from moyu_exp.strategies.protocol import PROTOCOLS, SELECTING
 
 if TYPE_CHECKING:
@@ -71,6 +66,10 @@ class Strategy:
     allowed_sites: ClassVar[tuple[str, ...]] = SPARSE_SITES
     needs_calibration: ClassVar[bool] = False
     calibration_version: ClassVar[int] = 1  # bump when a method's statistic changes
+    # what its calibration costs, in forward passes over the calibration tokens (measured on
+    # SmolLM2; slower steps that estimate themselves, such as TEAL's search, are not in it)
+    calibration_passes: ClassVar[float] = 1.0
+    cheaper_calibration: ClassVar[str] = "fewer calibration.tokens"  # the option that avoids it
     sequence_level: ClassVar[bool] = False
     compact_mlp: ClassVar[bool] = False  # decode-time neuron set known before each step
     # its masks come from tensors other than the site's own rows (a predictor reading the block
@@ -113,6 +112,15 @@ class Strategy:
             "sites": list(self.sites),
             "layers": self.layers,
         }
+
+    def calibration_estimate(self, model: torch.nn.Module, batches: list, cached) -> float:
+        """Seconds :meth:`calibrate` should take on this machine (forward passes over the
+        calibration tokens, timed on a slice of them), for the line said before it starts."""
+        from moyu_exp.activations import forward_seconds
+
+        if not self.calibration_passes:
+            return 0.0
+        return self.calibration_passes * forward_seconds(model, batches)
 
     def serves(self, calibration: dict) -> bool:
         """Whether a stored calibration state serves this configuration (a greedy path that

@@ -19,8 +19,8 @@ from typing import Any, ClassVar
 
 from moyu_exp.activations import observe
 from moyu_exp.config import FRACTION, Range
+from moyu_exp.families import adapter_for
 from moyu_exp.lazy import lazy_import
-from moyu_exp.sites import adapter_for
 from moyu_exp.strategies.base import KernelRule, Strategy, register
 
 torch = lazy_import("torch")
@@ -39,6 +39,7 @@ class Cett(Strategy):
     RANGES: ClassVar[dict[str, Range]] = {**Strategy.RANGES, "target": FRACTION}
     allowed_sites = (SITE,)
     needs_calibration = True
+    calibration_passes = 2.0  # one pass, and the bisections cost about another
 
     @classmethod
     def key_sparsity(cls, sparsity: float) -> float | str:

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from moyu_exp.families import adapter_for
 from moyu_exp.lazy import lazy_import
-from moyu_exp.sites import adapter_for
 from moyu_exp.strategies.base import register
 from moyu_exp.strategies.threshold import ThresholdStrategy
 

@@ -37,8 +37,9 @@ from collections.abc import Callable
 
 from tqdm.auto import tqdm
 
+from moyu_exp.families import adapter_for, hooked
 from moyu_exp.lazy import lazy_import
-from moyu_exp.sites import ATTENTION_SITES, adapter_for, hooked
+from moyu_exp.sites import ATTENTION_SITES
 from moyu_exp.strategies.attachment import RotationCache
 
 torch = lazy_import("torch")
@@ -428,7 +429,7 @@ class ModelPaths:
         projections = sum(lin.weight.numel() for lin in adapter.readers(block, "attn_input"))
         scores = 2 * 2 * adapter.dim(model, "o_proj_input") * (tokens**2 - dense_until**2) / 2
         attention = 2 * rows * (tokens - dense_until) * projections + rows * scores
-        if block.self_attn.config._attn_implementation == "eager":
+        if adapter.eager_attention(block):
             attention *= EAGER_ATTENTION_COST
         per_site = MLP_EVALS_PER_SITE * t_mlp + ATTENTION_EVALS_PER_SITE * attention / rate
         return self.steps_left(model) * per_site * len(self.sites)

@@ -64,6 +64,7 @@ class Larosa(Strategy):
     }
     allowed_sites = TEAL_SITES
     calibration_version = 1
+    calibration_passes = 1.3  # one pass and the eigendecompositions
 
     @property
     def rotated(self) -> bool:

@@ -84,9 +84,9 @@ from tqdm.auto import tqdm
 from moyu_exp.activations import ValueSample, observe, threshold_at
 from moyu_exp.config import AT_LEAST_0, SPARSITY, Range, check_choice
 from moyu_exp.errors import ConfigError
+from moyu_exp.families import adapter_for, hooked
 from moyu_exp.lazy import lazy_import
 from moyu_exp.masking import KernelRule
-from moyu_exp.sites import adapter_for, hooked
 from moyu_exp.strategies.base import Strategy, keep_count, register, topk_mask
 from moyu_exp.strategies.greedy import paths_reach
 from moyu_exp.strategies.sequence import SITE, SequenceLevel, prompt_energy
@@ -101,6 +101,7 @@ ALLOCATIONS = ("profile", "uniform")
 ATTENTION_ALLOCATIONS = ("uniform", "greedy")
 BANDS = 20  # allocation levels 0, 0.05, ..., 0.95 of a layer's neurons
 PROFILE_SEGMENTS = 32  # calibration segments (prompt + continuation) the profile reads
+PROFILE_PASSES = 3.0  # what the profile costs, in passes over the calibration tokens (SmolLM2)
 GAIN_LEVEL = 0.5  # where each layer's end-to-end KL scales its local error energies
 GAIN_SEGMENTS = 4  # segments of that measurement (one forward per layer)
 PROFILE_VERSION = 4  # 1: relative local error; 2: its square; 3: scaled to the KL; 4: apart
@@ -173,24 +174,42 @@ class Moyu(SequenceLevel):
         teal = Teal(layers=self.layers)
         return {"version": teal.calibration_version, **teal.greedy_params()}
 
-    def calibrate(self, model, batches, cached) -> dict[str, torch.Tensor]:
-        layers = self.layer_ids(model)
-        params = {"layers": layers, "tables": list(THRESHOLD_SITES)}
-        state = cached("statistics", params, lambda: statistics(model, batches, layers))
+    def _parts(self, layers: list[int]) -> dict[str, dict[str, Any]]:
+        """The calibration parts this configuration reads: {label: parameters}."""
+        parts = {"statistics": {"layers": layers, "tables": list(THRESHOLD_SITES)}}
         if self.allocation == "profile":
-            params = {
+            parts["profile"] = {
                 "layers": layers,
                 "prior_tokens": self.prior_tokens,
                 "output_weighted": self.output_weighted,
                 "profile_tokens": self.profile_tokens,
                 "version": PROFILE_VERSION,
             }
-            state = state | cached(
-                "profile", params, lambda: self._profile(model, batches, layers, state)
-            )
+        return parts
+
+    def calibrate(self, model, batches, cached) -> dict[str, torch.Tensor]:
+        layers = self.layer_ids(model)
+        parts = self._parts(layers)
+        compute = {
+            "statistics": lambda: statistics(model, batches, layers),
+            "profile": lambda: self._profile(model, batches, layers, state),
+        }
+        state: dict[str, torch.Tensor] = {}
+        for label, params in parts.items():
+            state = state | cached(label, params, compute[label])
         if self.reads_teal_path:
             state = state | published_paths(model, batches, self.layers, self.attn_target, cached)
         return state
+
+    def calibration_estimate(self, model, batches, cached) -> float:
+        """The parts not stored yet: the statistics' pass, the profile's (about three passes:
+        its segments run at every band); TEAL's search says its own cost."""
+        from moyu_exp.activations import forward_seconds
+
+        passes = {"statistics": 1.0, "profile": PROFILE_PASSES}
+        parts = self._parts(self.layer_ids(model))
+        todo = sum(passes[lb] for lb, params in parts.items() if cached.stored(lb, params) is None)
+        return todo * forward_seconds(model, batches) if todo else 0.0
 
     def _profile(self, model, batches, layers, stats) -> dict[str, torch.Tensor]:
         """Per layer, what its cost curve needs (see the module docstring and :meth:`profile`):

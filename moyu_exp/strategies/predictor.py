@@ -29,8 +29,8 @@ from tqdm.auto import tqdm
 from moyu_exp.activations import observe
 from moyu_exp.config import FRACTION, Range
 from moyu_exp.costs import announce
+from moyu_exp.families import adapter_for
 from moyu_exp.lazy import lazy_import
-from moyu_exp.sites import adapter_for
 from moyu_exp.strategies.base import Strategy, keep_count, register, topk_mask
 
 torch = lazy_import("torch")
@@ -62,6 +62,7 @@ class Predictor(Strategy):
     allowed_sites = (SITE,)
     masks_from_elsewhere = True
     needs_calibration = True
+    calibration_passes = 0.0  # its training estimate (data pass included) says the cost
     calibration_version = 2  # 1: MLP input, plain BCE, fixed epochs
     kernel_support = False  # its scores come from a hook the lean decoder does not run
 

@@ -33,9 +33,9 @@ from typing import Any, ClassVar
 
 from moyu_exp.activations import observe, threshold_at
 from moyu_exp.config import Range
+from moyu_exp.families import adapter_for
 from moyu_exp.lazy import lazy_import
 from moyu_exp.masking import KernelRule
-from moyu_exp.sites import adapter_for
 from moyu_exp.strategies.base import Strategy, register
 from moyu_exp.strategies.teal import TEAL_SITES, dense_statistics
 
@@ -60,6 +60,7 @@ class RSparse(Strategy):
     allowed_sites = TEAL_SITES
     needs_calibration = True
     calibration_version = 1
+    calibration_passes = 2.5  # the dense tables' pass, the search's pass and the SVDs
 
     def calibration_key(self) -> dict[str, Any]:
         search = {

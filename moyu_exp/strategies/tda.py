@@ -26,6 +26,8 @@ from moyu_exp.strategies.sequence import SITE, SequenceLevel, prompt_norms
 
 torch = lazy_import("torch")
 
+PROMPTS_PER_FORWARD = 16  # calibration prompts run side by side (each row its own prompt)
+
 
 @register("tda")
 @dataclass(eq=False)
@@ -34,23 +36,26 @@ class Tda(SequenceLevel):
     prompt_tokens: int = 128
 
     needs_calibration = True
-    calibration_version = 2  # 1 used the raw (unnormalised) RMS
+    calibration_version = 3  # 2: one prompt a forward; 1 used the raw (unnormalised) RMS
 
     def calibration_key(self) -> dict[str, Any]:
         return super().calibration_key() | {"prompt_tokens": self.prompt_tokens}
 
     def calibrate(self, model, batches: list[torch.Tensor], cached) -> dict[str, torch.Tensor]:
+        """The per-layer quantile tables of a_j over the calibration text cut into prompts of
+        ``prompt_tokens`` tokens, PROMPTS_PER_FORWARD prompts (independent rows) a forward."""
         layers = self.layer_ids(model)
         ids = torch.cat(batches, dim=1)
         n = ids.shape[1] // self.prompt_tokens
-        prompts = [ids[:, i * self.prompt_tokens : (i + 1) * self.prompt_tokens] for i in range(n)]
-        sample = ValueSample(calls=len(prompts))
+        prompts = ids[0, : n * self.prompt_tokens].reshape(n, self.prompt_tokens)
+        rows = list(prompts.split(PROMPTS_PER_FORWARD)) if n else batches
+        sample = ValueSample(calls=len(rows))
 
         def stat(_site: str, layer: int, z: torch.Tensor) -> None:
             everywhere = torch.ones(z.shape[:2], dtype=torch.bool, device=z.device)
             sample.add(layer, rms_over_prompt(z, everywhere))
 
-        observe(model, prompts or batches, [(SITE, layer) for layer in layers], stat)
+        observe(model, rows, [(SITE, layer) for layer in layers], stat)
         return {f"{SITE}.{layer}": sample.table(layer) for layer in layers}
 
     def prepare(self, model, adapter, layers, calibration) -> SimpleNamespace:

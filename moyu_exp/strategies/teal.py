@@ -74,6 +74,7 @@ class Teal(ThresholdStrategy):
         "greedy_max": FRACTION,
     }
     allowed_sites = TEAL_SITES
+    cheaper_calibration = "strategy.allocation=uniform"
     calibration_version = 3  # 2: greedy on 256 tokens, mean L2 over tokens
 
     def __post_init__(self) -> None:

@@ -44,9 +44,9 @@ from moyu_exp.activations import capture_block_inputs
 from moyu_exp.config import FRACTION, Range, check_choice
 from moyu_exp.costs import announce
 from moyu_exp.errors import ConfigError
+from moyu_exp.families import adapter_for
 from moyu_exp.lazy import lazy_import
 from moyu_exp.masking import KernelRule, apply_rule
-from moyu_exp.sites import adapter_for
 from moyu_exp.strategies.attachment import patched
 from moyu_exp.strategies.base import Strategy, register, topk_rule
 from moyu_exp.strategies.greedy import SEARCH_VERSION, BlockSearch, ModelPaths, paths_reach
@@ -93,6 +93,8 @@ class Wina(Strategy):
     }
     allowed_sites = (*PROJECTION_SITES, "attn_input", "mlp_input")
     calibration_version = 2
+    calibration_passes = 0.0  # its search says what it costs
+    cheaper_calibration = "strategy.allocation=uniform"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -155,6 +157,13 @@ class Wina(Strategy):
     # ------------------------------------------------------------------ calibration
     def calibrate(self, model, batches, cached) -> dict[str, torch.Tensor]:
         """The greedy paths (one per layer, searched as far as this sparsity needs)."""
+        uniform = Wina(
+            **{f.name: getattr(self, f.name) for f in fields(self) if f.init}
+            | {"allocation": "uniform", "sparsity": 0.5}
+        )
+        # the transformed model the search runs on (a family that cannot be transformed
+        # says so here, before any cost)
+        state = uniform.prepare(model, adapter_for(model), self.layer_ids(model), None)
         paths = ModelPaths(
             cached,
             self.name,
@@ -170,7 +179,7 @@ class Wina(Strategy):
             seconds,
             "strategy.allocation=uniform",
         )
-        return greedy_paths(model, ids, self, paths)
+        return greedy_paths(model, ids, uniform, state, paths)
 
     def site_levels(self, calibration: dict | None, layer: int) -> dict[str, float]:
         if self.allocation == "uniform" or calibration is None:
@@ -261,21 +270,14 @@ def search_rows(batches, rows: int, seq_len: int) -> torch.Tensor:
 
 
 def greedy_paths(
-    model, ids: torch.Tensor, wina: Wina, paths: ModelPaths
+    model, ids: torch.Tensor, uniform: Wina, state, paths: ModelPaths
 ) -> dict[str, torch.Tensor]:
     """Per layer, TEAL's greedy path with WINA's top-k (in the transformed block when
-    ``transform``): rows [weighted sparsity, level of each site]."""
+    ``transform``; ``uniform``, ``state``: WINA's configuration with uniform levels, prepared on
+    ``model``): rows [weighted sparsity, level of each site]."""
     adapter = adapter_for(model)
-    layers = wina.layer_ids(model)
-    sites = list(wina.sites)
-    uniform = Wina(
-        **{f.name: getattr(wina, f.name) for f in fields(wina) if f.init}
-        | {
-            "allocation": "uniform",
-            "sparsity": 0.5,
-        }
-    )
-    state = uniform.prepare(model, adapter, layers, None)
+    layers = uniform.layer_ids(model)
+    sites = list(uniform.sites)
     with torch.inference_mode():
         # the dense model's block inputs, before the transform is patched in
         inputs = capture_block_inputs(model, list(paths.todo), ids) if paths.todo else {}
@@ -294,7 +296,7 @@ def greedy_paths(
                     sites,
                     captured,
                     sparsify,
-                    sparse_fraction=wina.prefill_fraction,
+                    sparse_fraction=uniform.prefill_fraction,
                     bases=bases,
                 )
 

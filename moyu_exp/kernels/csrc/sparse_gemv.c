@@ -1,4 +1,4 @@
-/* Batch-1 decode kernels for LLaMA-style blocks on the CPU, called through ctypes.
+/* Batch-1 decode kernels for gated-MLP decoder blocks on the CPU, called through ctypes.
  *
  * Mat-vecs (weights fp32, or bf16 bit patterns in *_bf16; activations and sums fp32):
  *   dot:         out[r] = W[row(r)] . x, row(r) = idx[r] (output-sparse) or r (dense)
@@ -374,7 +374,7 @@ AXPY_RULE(axpy_rule_bf16, uint16_t, axpy_list_bf16)
 GATED_RULE(gated_rule_f32, float, dot_f32, axpy_list_f32)
 GATED_RULE(gated_rule_bf16, uint16_t, dot_bf16, axpy_list_bf16)
 
-/* out = x / sqrt(mean(x^2) + eps) * w, as LlamaRMSNorm in fp32 */
+/* out = x / sqrt(mean(x^2) + eps) * w: RMSNorm in fp32 */
 void rmsnorm(const float *x, const float *w, int64_t n, float eps, float *out) {
   double ss = 0.0;
   for (int64_t i = 0; i < n; i++) ss += (double)x[i] * x[i];
