@@ -27,8 +27,10 @@ run: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(BIN)/ruff check moyu_exp tests benchmarks
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check moyu_exp tests benchmarks
 	$(BIN)/ruff format --check moyu_exp tests benchmarks
+	$(BIN)/lint-imports

@@ -23,9 +23,6 @@ import json
 import sys
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-
-ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {  # tiny_llama shapes for timing at sizes we cannot download
     "1b": [
         "model.hidden_size=2048",
@@ -39,9 +36,8 @@ SHAPES = {  # tiny_llama shapes for timing at sizes we cannot download
 
 
 def config(model: str, dtype: str, shape: str | None, strategy: str, sparsity: float, extra=()):
-    from moyu_exp.config import register_configs
+    from moyu_exp.schemas import compose_config
 
-    register_configs()
     overrides = [
         f"model={model}",
         f"model.dtype={dtype}",
@@ -50,8 +46,7 @@ def config(model: str, dtype: str, shape: str | None, strategy: str, sparsity: f
         *(SHAPES[shape] if shape else []),
         *extra,
     ]
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose("config", overrides=overrides)
+    return compose_config(overrides)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from moyu_exp import calibration, models, shipped
     from moyu_exp.cache import content_key
-    from moyu_exp.config import build, compose_config
+    from moyu_exp.config import build
+    from moyu_exp.schemas import compose_config
     from moyu_exp.strategies import greedy
 
     overrides = [f"model={args.model}", f"strategy={args.method}"]

@@ -17,21 +17,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-
 from moyu_exp import runner
-from moyu_exp.config import register_configs
 from moyu_exp.evaluation.harness import clean_metrics
 from moyu_exp.evaluation.tasks import LOCAL_FILES, task_manager
 from moyu_exp.models import gguf_path
-
-CONF = Path(__file__).resolve().parents[1] / "conf"
+from moyu_exp.schemas import compose_config
 
 
 def model_config(model: str):
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("config", overrides=[f"model={model}"]).model
+    return compose_config([f"model={model}"]).model
 
 
 def plain_lm_eval(
@@ -73,7 +67,6 @@ def plain_lm_eval(
 
 
 def ours(model: str, task: str, data_dir: str, limit: int | None, batch_size: int):
-    register_configs()
     overrides = [
         f"model={model}",
         "strategy=dense",
@@ -85,8 +78,7 @@ def ours(model: str, task: str, data_dir: str, limit: int | None, batch_size: in
         "bench=none",
         "logger=none",
     ]
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=overrides)
+    cfg = compose_config(overrides)
     with tempfile.TemporaryDirectory() as tmp:
         payload = runner.run(cfg, Path(tmp))
     return payload["eval"][task]

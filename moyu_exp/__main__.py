@@ -40,7 +40,8 @@ try:  # Ctrl-C among these imports (seconds: Hydra, our modules) ends as one dur
     from omegaconf import DictConfig
 
     from moyu_exp import console, runner, sweep
-    from moyu_exp.config import CONF_DIR, register_configs
+    from moyu_exp.config import CONF_DIR
+    from moyu_exp.schemas import register_configs
 
     register_configs()
 except KeyboardInterrupt:

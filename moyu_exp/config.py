@@ -14,12 +14,11 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from moyu_exp.errors import ConfigError, missing_value
 
-__all__ = ["ConfigError", "build", "check_sparsity", "register_configs", "validate"]
+__all__ = ["ConfigError", "build", "check_sparsity", "validate"]
 
 
 class DType(StrEnum):
@@ -246,48 +245,9 @@ def schema_for(cls: type) -> type:
     return dataclasses.make_dataclass(f"{cls.__name__}Config", specs)
 
 
-def register_configs() -> None:
-    """Store the root schema and one schema per group option (idempotent)."""
-    from moyu_exp.probes import PROBES
-    from moyu_exp.strategies import STRATEGIES
-
-    cs = ConfigStore.instance()
-    cs.store(name="config_schema", node=Config)
-    groups: dict[str, dict[str, type]] = {
-        "model": {
-            "embedded": EmbeddedModelConfig,
-            "hf": HFModelConfig,
-            "tiny_llama": TinyLlamaConfig,
-        },
-        "dataset": {
-            "default": DefaultTextConfig,
-            "embedded": EmbeddedTextConfig,
-            "pydoc": PydocTextConfig,
-            "wikitext2": WikitextConfig,
-        },
-        "eval": {"eval": EvalConfig},
-        "bench": {"bench": BenchConfig},
-        "logger": {"logger": LoggerConfig},
-        "strategy": {name: schema_for(cls) for name, cls in STRATEGIES.items()},
-        "probe": {name: schema_for(cls) for name, cls in PROBES.items()},
-    }
-    for group, schemas in groups.items():
-        for name, node in schemas.items():
-            cs.store(group=f"schema/{group}", name=name, node=node)
-
-
 # conf/ sits beside the package in a checkout and inside it in a wheel.
 _PACKAGE = Path(__file__).parent
 CONF_DIR = _PACKAGE / "conf" if (_PACKAGE / "conf").is_dir() else _PACKAGE.parent / "conf"
-
-
-def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
-    """The config ``python -m moyu_exp <overrides>`` composes (for scripts and tests)."""
-    from hydra import compose, initialize_config_dir
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
 
 
 def build(cfg: DictConfig, **kwargs: Any) -> Any:

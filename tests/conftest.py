@@ -9,17 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from moyu_exp import models
-from moyu_exp.config import register_configs
+from moyu_exp import models, schemas
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 SHARED_DATA = Path(os.environ.get("MOYU_TEST_DATA_DIR", ROOT.parent / "shared" / "data"))
 
-register_configs()
+schemas.register_configs()
 
 
 def pytest_configure(config) -> None:
@@ -62,8 +60,7 @@ def run_module(
 
 
 def compose_config(*overrides: str) -> DictConfig:
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
+    return schemas.compose_config(overrides)
 
 
 @pytest.fixture(autouse=True)

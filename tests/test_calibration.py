@@ -10,7 +10,7 @@ import logging
 import pytest
 import torch
 
-from moyu_exp import cache, calibration, models, shipped
+from moyu_exp import cache, calibration, models, ship, shipped
 from moyu_exp.activations import capture_block_inputs
 from moyu_exp.config import build
 from moyu_exp.strategies import greedy
@@ -276,12 +276,12 @@ def test_the_shipped_files_match_the_code_and_the_yaml_defaults() -> None:
     """A shipped file is current while the keys the code computes, with the YAML defaults of
     its method, for the model and tokens it names, are the ones it holds: a changed search
     version, calibration version or default parameter fails here (regenerate with
-    ``python -m moyu_exp.shipped``)."""
+    ``python -m moyu_exp.ship``)."""
     files = shipped.files()
     names = {p.name for p, _ in files}
-    expected = {f"{m}-{s}.safetensors" for m in shipped.MODELS for s in shipped.METHODS}
+    expected = {f"{m}-{s}.safetensors" for m in ship.MODELS for s in ship.METHODS}
     assert names == expected
-    lines = shipped.check()
+    lines = ship.check()
     assert all(line.endswith(": current") for line in lines), "\n".join(lines)
     for _, meta in files:
         paths = json.loads(meta["keys"])
@@ -293,7 +293,7 @@ def test_the_shipped_files_match_the_code_and_the_yaml_defaults() -> None:
 def test_the_shipped_paths_reach_the_greedy_cap() -> None:
     for path, meta in shipped.files():
         keys = json.loads(meta["keys"])
-        cap = shipped.default_strategy(meta["method"]).greedy_max
+        cap = ship.default_strategy(meta["method"]).greedy_max
         for label, key in keys.items():
             rows = shipped.find(key)["path"]
             assert greedy.path_complete(rows, cap), f"{path.name} {label} stops at {rows[-1, 0]}"

@@ -11,8 +11,10 @@ import torch
 
 from moyu_exp import runner
 from moyu_exp.config import ConfigError
-from moyu_exp.families import adapter_for, hooked
-from moyu_exp.models import TINY_FAMILIES, load
+from moyu_exp.families import ADAPTERS, adapter_for, decoding_types, hooked, register
+from moyu_exp.families.gated import GatedMLPAdapter
+from moyu_exp.families.tiny import TINY_FAMILIES, model_type
+from moyu_exp.models import LoadedModel, byte_tokenizer, load
 from moyu_exp.sites import PROJECTION_SITES, SPARSE_SITES
 from moyu_exp.strategies import keep_count
 from tests.conftest import attach, compose_config
@@ -71,7 +73,12 @@ def logits(loaded) -> torch.Tensor:
 
 @pytest.mark.parametrize(("kind", "name"), CASES)
 def test_sparsity_zero_is_dense_and_the_model_comes_back(kind, name) -> None:
-    family = tiny(kind)
+    assert_dense_at_zero_and_restored(tiny(kind), name)
+
+
+def assert_dense_at_zero_and_restored(family, name: str) -> None:
+    """The family contract's first half: sparsity 0 gives the dense logits exactly, a sparse
+    attachment is finite, and leaving it restores weights, hooks and forwards bit-exactly."""
     dense = logits(family)
     state = {k: v.clone() for k, v in family.model.state_dict().items()}
     small = ("calibration.tokens=1024", "calibration.seq_len=256")
@@ -89,6 +96,10 @@ def test_sparsity_zero_is_dense_and_the_model_comes_back(kind, name) -> None:
 
 @pytest.mark.parametrize("site", [s for s in SPARSE_SITES if s != "gate_act"])
 def test_each_site_is_the_input_of_exactly_its_readers(family, site) -> None:
+    assert_site_is_its_readers_input(family, site)
+
+
+def assert_site_is_its_readers_input(family, site: str) -> None:
     """Replace the site's tensor with a marker: exactly the linears that read it see it."""
     model = family.model
     adapter = adapter_for(model)
@@ -242,7 +253,8 @@ def test_wina_without_its_transform_runs_on_a_parallel_block() -> None:
     assert_shared_wina_runs(tiny("gpt_neox"))
 
 
-KERNEL_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma3", "phi3")
+# the families kernel mode decodes, from the registry (Gemma 2's soft-capping is refused below)
+KERNEL_FAMILIES = [f for f in FAMILIES if model_type(f) in decoding_types() and f != "gemma2"]
 
 
 # every family: an output-sparse rule (top-k) on the native kernels; a gate rule (CATS) with SiLU
@@ -265,13 +277,17 @@ def test_kernel_mode_decodes_as_simulated_mode(kind, name, backend, monkeypatch)
     Gemma 3's sandwich norms, sliding windows shorter than the prompt, two RoPE tables; Phi-3's
     fused projections) and decodes the same tokens with allclose logits."""
     from moyu_exp.kernels import native
-    from tests.test_kernels import assert_same_decode, kernel, ready, simulated
 
     if backend == "torch":
         monkeypatch.setattr(native, "load", lambda: None)
     elif native.load() is None:
         pytest.skip("no C compiler")
-    family = tiny(kind)
+    assert_kernel_decodes_as_simulated(tiny(kind), name, backend)
+
+
+def assert_kernel_decodes_as_simulated(family, name: str, backend: str) -> None:
+    from tests.test_kernels import assert_same_decode, kernel, ready, simulated
+
     small = ("calibration.tokens=1024", "calibration.seq_len=256")
     expected = simulated(family, ready(name, family, 0.5, *small))
     got, decoder, _ = kernel(family, ready(name, family, 0.5, *small))
@@ -368,3 +384,63 @@ def test_thresholds_inside_routed_experts(name) -> None:
         logits(mixtral)
         assert live.meter.site_sparsity == pytest.approx(0.5, abs=0.1)
     assert torch.equal(logits(mixtral), dense)
+
+
+# ------------------------------------------------------- a family registered from here
+class _NewFamilyConfig(__import__("transformers").LlamaConfig):
+    model_type = "moyu_test_family"  # no adapter in the package knows it
+
+
+@pytest.fixture
+def new_family():
+    """A model type no built-in adapter knows, and the one module's worth of code that adds it:
+    an adapter registered from this file (removed afterwards)."""
+    from transformers import LlamaForCausalLM
+
+    with pytest.raises(ConfigError, match="'moyu_test_family' has no activation-site adapter"):
+        adapter_for(type("M", (), {"config": _NewFamilyConfig()})())
+    saved = list(ADAPTERS)
+    register(GatedMLPAdapter(model_types=("moyu_test_family",)))
+    tokenizer = byte_tokenizer()
+    config = _NewFamilyConfig(
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=260,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    yield LoadedModel(model, tokenizer, {"name": "tiny", "fingerprint": "new-family"})
+    ADAPTERS[:] = saved
+
+
+@pytest.mark.parametrize("name", ["topk", "griffin", "teal", "cats"])
+def test_a_family_registered_from_outside_the_package_passes_the_contract(new_family, name):
+    assert_dense_at_zero_and_restored(new_family, name)
+    for site in ("attn_input", "o_proj_input", "q_input", "mlp_input", "mlp_intermediate"):
+        assert_site_is_its_readers_input(new_family, site)
+    assert "moyu_test_family" in decoding_types()
+    assert_kernel_decodes_as_simulated(new_family, name, "native")
+
+
+def test_the_kernels_know_no_family_and_read_no_config() -> None:
+    """kernels/ reads the adapters' DecoderSpec only: no family's name, no model.config."""
+    import re
+    from pathlib import Path
+
+    import moyu_exp.kernels
+
+    families = r"llama|mistral|qwen\d*|gemma\d*|phi-?\d*|mixtral|opt|gpt[_-]?neox|neox"
+    pattern = re.compile(rf"\b({families})\b|model\.config", re.I)
+    folder = Path(moyu_exp.kernels.__file__).parent
+    found = [
+        f"{path.name}:{n}: {line.strip()}"
+        for path in sorted([*folder.rglob("*.py"), *folder.rglob("*.c")])
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if pattern.search(line)
+    ]
+    assert not found, "\n".join(found)

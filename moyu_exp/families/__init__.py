@@ -17,10 +17,17 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
-from moyu_exp.errors import ConfigError
 from moyu_exp.families.base import Adapter, BlockParts, DecoderSpec
 from moyu_exp.families.gated import FusedProjectionAdapter, GatedMLPAdapter, SandwichNormAdapter
 from moyu_exp.families.nongated import GPT_NEOX_ADAPTER, OPT_ADAPTER
+from moyu_exp.families.registry import (
+    ADAPTERS,
+    adapter_for,
+    decoder_spec,
+    decoding_types,
+    model_types,
+    register,
+)
 from moyu_exp.families.routed import RoutedExpertsAdapter
 from moyu_exp.lazy import lazy_import
 from moyu_exp.sites import SiteFn
@@ -28,25 +35,17 @@ from moyu_exp.sites import SiteFn
 torch = lazy_import("torch")
 
 __all__ = [
+    "ADAPTERS",
     "Adapter",
     "BlockParts",
     "DecoderSpec",
     "adapter_for",
+    "decoder_spec",
     "decoding_types",
     "hooked",
     "model_types",
     "register",
 ]
-
-ADAPTERS: list[Adapter] = []
-
-
-def register(adapter: Adapter) -> Adapter:
-    """Make ``adapter`` the one for its ``model_types`` (a later registration wins)."""
-    taken = set(adapter.model_types)
-    ADAPTERS[:] = [a for a in ADAPTERS if not taken & set(a.model_types)] + [adapter]
-    return adapter
-
 
 for _adapter in (
     GatedMLPAdapter(),
@@ -57,28 +56,6 @@ for _adapter in (
     RoutedExpertsAdapter(),
 ):
     register(_adapter)
-
-
-def model_types() -> list[str]:
-    """Every model type a registered adapter describes."""
-    return sorted(t for a in ADAPTERS for t in a.model_types)
-
-
-def decoding_types() -> list[str]:
-    """The model types kernel mode's lean decoder runs."""
-    return [t for a in ADAPTERS if a.decodes for t in a.model_types]
-
-
-def adapter_for(model: torch.nn.Module) -> Adapter:
-    """The adapter for ``model``'s architecture, or a one-line ConfigError."""
-    model_type = getattr(model.config, "model_type", type(model).__name__)
-    for adapter in ADAPTERS:
-        if model_type in adapter.model_types:
-            return adapter
-    raise ConfigError(
-        f"model type '{model_type}' has no activation-site adapter: "
-        f"supported types are {', '.join(model_types())}"
-    )
 
 
 @contextmanager

@@ -224,14 +224,9 @@ class Adapter:
 
     # ------------------------------------------------------------------- kernel mode
     def decoder_spec(self, model: torch.nn.Module) -> DecoderSpec:
-        """What the lean decoder reads of ``model``; a one-line ConfigError naming the
-        families it runs when it cannot run this one."""
-        from moyu_exp.families import decoding_types
-
-        raise ConfigError(
-            f"bench.mode=kernel supports model types {', '.join(decoding_types())}, "
-            f"not '{model.config.model_type}'"
-        )
+        """What the lean decoder reads of ``model`` (only where :attr:`decodes`); a one-line
+        ConfigError where a model of the family lacks what it runs (soft-capping, say)."""
+        raise ConfigError(f"bench.mode=kernel does not run '{model.config.model_type}' blocks")
 
     def prefill_cache(self, cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Each layer's (keys, values) of a prefill's KV cache, (batch, kv_heads, held

@@ -6,7 +6,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from moyu_exp.errors import ConfigError
-from moyu_exp.families.base import Adapter, Handles, first_arg_hook, unflattened
+from moyu_exp.families.base import Handles, first_arg_hook, unflattened
 from moyu_exp.families.gated import GatedMLPAdapter
 from moyu_exp.lazy import lazy_import
 from moyu_exp.meter import CostModel
@@ -61,8 +61,6 @@ class RoutedExpertsAdapter(GatedMLPAdapter):
     def runs_mlp_parts(self, layer: torch.nn.Module) -> bool:
         return False  # routed experts: the block's own MLP runs
 
-    def decoder_spec(self, model: torch.nn.Module):
-        return Adapter.decoder_spec(self, model)  # the lean decoder has no routed experts
 
     def gate_up_weights(self, layer: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         raise self._no_linear("mlp_intermediate")

@@ -81,3 +81,10 @@ def tiny_config(family: str, tokenizer, **shape):
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=True,
     )
+
+
+def model_type(family: str) -> str:
+    """The transformers model type of a tiny ``family`` model (what adapters are keyed by)."""
+    import transformers
+
+    return getattr(transformers, TINY_FAMILIES[family][0]).model_type

@@ -59,10 +59,10 @@ class DecoderWeights:
     every family that has one."""
 
     def __init__(self, model, max_tokens: int):
-        from moyu_exp.families import adapter_for
+        from moyu_exp.families import adapter_for, decoder_spec
 
         self.adapter = adapter_for(model)
-        spec = self.adapter.decoder_spec(model)  # or a one-line error: kernel mode cannot
+        spec = decoder_spec(model)  # or a one-line error: kernel mode cannot run this model
         self.d, self.d_ff = spec.d, spec.d_ff
         self.heads, self.kv_heads, self.head_dim = spec.heads, spec.kv_heads, spec.head_dim
         self.eps = spec.eps
