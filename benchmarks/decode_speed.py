@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             state, _ = calibration.prepare(strategy, loaded, cfg)
             with strategy.attach(loaded.model, state) as live, live.measuring() as meter:
                 timing = bench.paired(
-                    loaded, live, prompt, args.steps, args.rounds, args.burn_in, meter, False
+                    loaded, live, prompt, args.steps, args.rounds, args.burn_in, False
                 )
             row = {
                 "strategy": name,

@@ -31,9 +31,12 @@ from tqdm.auto import tqdm
 
 from moyu_exp import datasets
 from moyu_exp.decode import ModelStepper, steps, synchronize, timed_steps
-from moyu_exp.meter import SparsityMeter
 from moyu_exp.models import LoadedModel
 from moyu_exp.strategies import Attachment
+
+# what a paired measurement reports of its meter (the bytes the sets it decoded with read);
+# a point's results keep them in sparsity_detail.bench, where the rest of the meter is
+METER_FIELDS = ("weight_bytes_per_token", "dense_weight_bytes_per_token", "ideal_speedup")
 
 
 def prompt_ids(tokenizer, length: int) -> torch.Tensor:
@@ -82,21 +85,22 @@ def _peak_rss_mb() -> float:
 
 
 def run(loaded: LoadedModel, cfg: DictConfig, live: Attachment) -> dict[str, Any]:
-    """Time decoding of the model with ``live`` attached; counts go to ``live.meter``."""
+    """Time decoding of the model with ``live`` attached. The measured decode steps count into
+    the attachment's meter of the phase (``live.measuring()``); what they kept (bytes, the
+    ideal) is that meter's to report, so the timing holds only what the clock says."""
     if not cfg.enabled:
         return {}
     mode = str(getattr(cfg.mode, "value", cfg.mode))
     ids = prompt_ids(loaded.tokenizer, cfg.prompt_tokens).to(loaded.device)
-    meter = live.meter
     with torch.inference_mode(), live.measuring():
         loaded.model(ids[:, : min(8, ids.shape[1])])  # warm-up: allocator, kernels, lazy init
     with PeakMemory(loaded.device) as memory:
         if mode == "kernel":
-            timing = paired(
-                loaded, live, ids, cfg.decode_tokens, cfg.rounds, cfg.burn_in, meter=meter
-            )
+            timing = paired(loaded, live, ids, cfg.decode_tokens, cfg.rounds, cfg.burn_in)
+            for key in METER_FIELDS:  # sparsity_detail.bench holds them
+                timing.pop(key)
         else:
-            timing = simulated(loaded, live, ids, cfg, meter)
+            timing = simulated(loaded, live, ids, cfg)
     return {
         "mode": mode,
         "device": str(loaded.device),
@@ -109,7 +113,7 @@ def run(loaded: LoadedModel, cfg: DictConfig, live: Attachment) -> dict[str, Any
     }
 
 
-def simulated(loaded, live: Attachment, ids, cfg, meter: SparsityMeter) -> dict[str, Any]:
+def simulated(loaded, live: Attachment, ids, cfg) -> dict[str, Any]:
     """The model's own forward with the strategy's hooks and the KV cache; medians of repeats."""
     device = loaded.device
     prefill_s, decode_s = [], []
@@ -122,8 +126,7 @@ def simulated(loaded, live: Attachment, ids, cfg, meter: SparsityMeter) -> dict[
             synchronize(device)
             prefill_s.append(time.perf_counter() - start)
             token = steps(stepper, token, cfg.burn_in)
-        with live.measuring(meter):
-            decode_s.append(timed_steps(stepper, token, cfg.decode_tokens, device))
+        decode_s.append(timed_steps(stepper, token, cfg.decode_tokens, device))
     decode_median = statistics.median(decode_s)
     return {
         "repeats": cfg.repeats,
@@ -140,14 +143,13 @@ def paired(
     decode_tokens: int,
     rounds: int,
     burn_in: int,
-    meter: SparsityMeter | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Dense and sparse lean decoders on one prompt, windows alternating (see the module
-    docstring). The sparse windows' kept counts go to ``meter`` (default: a fresh one)."""
+    docstring). The sparse windows count into the attachment's current meter (the caller's
+    phase: ``with live.measuring():``); the prefill and the burn-in into a scratch one."""
     from moyu_exp.kernels.decoder import DecoderWeights, LeanDecoder
 
-    meter = meter if meter is not None else SparsityMeter(live.cost)
     model, device = loaded.model, loaded.device
     prompt_len = ids.shape[1]
     max_tokens = prompt_len + max(burn_in, decode_tokens) + 2
@@ -164,10 +166,9 @@ def paired(
         sparse_first = int(sparse.prefill(ids).argmax())
         synchronize(device)
         prefill_s = time.perf_counter() - start
-    for decoder, first in ((dense, dense_first), (sparse, sparse_first)):
-        steps(decoder, first, burn_in)
-    sparse.rewind(prompt_len)
-    sparse.meter = meter
+        for decoder, first in ((dense, dense_first), (sparse, sparse_first)):
+            steps(decoder, first, burn_in)
+        sparse.rewind(prompt_len)  # the burn-in's counts stay in the scratch meter
     dense_rates: list[float] = []
     sparse_rates: list[float] = []
     pair = [(dense, dense_first, dense_rates), (sparse, sparse_first, sparse_rates)]
@@ -178,7 +179,7 @@ def paired(
     sparse.flush()
     ratios = [s / d for s, d in zip(sparse_rates, dense_rates, strict=True)]
     q25, _, q75 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
-    summary = meter.summary()
+    summary = live.meter.summary()
     speedup = statistics.median(ratios)
     sparse_rate = statistics.median(sparse_rates)
     return {

@@ -62,7 +62,8 @@ def render(payload: dict[str, Any], run_dir: Path) -> str:
             lines += ["", table.rstrip(), ""]
         lines += _fidelity(payload)
         lines += _generation(payload)
-        lines += _timing(payload.get("bench") or {})
+        bench_detail = (payload.get("sparsity_detail") or {}).get("bench") or {}
+        lines += _timing(payload.get("bench") or {}, bench_detail.get("ideal_speedup"))
     lines += _phases(payload.get("timings") or {})
     lines += _where(payload, run_dir)
     return "\n".join(lines)
@@ -175,7 +176,8 @@ def _fidelity(payload: dict[str, Any]) -> list[str]:
     ]
 
 
-def _timing(bench: dict[str, Any]) -> list[str]:
+def _timing(bench: dict[str, Any], ideal: float | None = None) -> list[str]:
+    """The bench's line; ``ideal``: the bytes-bound ideal of the sets its decode steps kept."""
     if not bench:
         return []
     line = (
@@ -186,7 +188,7 @@ def _timing(bench: dict[str, Any]) -> list[str]:
         line += (
             f"; paired speedup {bench['speedup']:.2f}x (IQR {bench['speedup_iqr']:.2f}) over "
             f"dense {bench['dense_tokens_per_s']:.1f} tokens/s, ideal "
-            f"{bench['ideal_speedup']:.2f}x, efficiency {bench['efficiency']:.2f}"
+            f"{ideal or float('nan'):.2f}x, efficiency {bench['efficiency']:.2f}"
         )
     elif bench.get("mode") == "simulated":
         line += " (masked forward: accuracy, not speed; bench.mode=kernel times real skipping)"

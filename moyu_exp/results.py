@@ -26,7 +26,9 @@ from typing import Any, NotRequired, TypedDict
 from moyu_exp.cache import write_json_atomic
 from moyu_exp.errors import ResultsNotWritten
 
-SCHEMA = 2  # 2: model-level counts, per-phase meters, paired kernel speed, typed schema
+# 3: each field in one place (the bench's bytes and ideal in sparsity_detail.bench only; the
+# headline names its phase); 2: model-level counts, per-phase meters, paired kernel speed
+SCHEMA = 3
 
 
 class PhaseSparsity(TypedDict):
@@ -65,10 +67,7 @@ class Bench(TypedDict, total=False):
     speedup_q25: float
     speedup_q75: float
     speedup_iqr: float
-    weight_bytes_per_token: float
-    dense_weight_bytes_per_token: int
-    ideal_speedup: float
-    efficiency: float
+    efficiency: float  # speedup over sparsity_detail.bench.ideal_speedup
     kernel_backend: str
     peak_memory_mb: float
     memory_kind: str
@@ -97,10 +96,12 @@ class Results(TypedDict, total=False):
     error: str | None
     strategy: str | None
     sparsity: float | None
+    # the headline: sparsity_detail[headline_phase]'s (the evaluation's, else the bench's)
     achieved_sparsity: float | None  # model-level (share of block linear weights skipped)
     site_sparsity: float | None  # at the strategy's own sites
     weight_bytes_per_token: float | None
     ideal_speedup: float | None
+    headline_phase: str | None
     sparsity_detail: dict[str, PhaseSparsity]
     model: dict[str, Any]
     calibration: dict[str, Any] | None

@@ -113,14 +113,14 @@ def experiment(cfg: DictConfig, timings: dict[str, float]) -> dict[str, Any]:
     # the headline is the evaluation's, else the bench's; dense has nothing to count
     measured = [phase for phase, meter in meters.items() if meter.measured]
     measured = measured or ([] if strategy.sites else ["eval"])
-    headline = phases[measured[0]] if measured else None
-    headline = headline or {}
+    headline = (phases[measured[0]] if measured else None) or {}
     return {
         # model-level: the share of the blocks' linear weights a kernel skips per sparse token
         "achieved_sparsity": headline.get("model_sparsity"),
         "site_sparsity": headline.get("site_sparsity"),  # at the strategy's own sites
         "weight_bytes_per_token": headline.get("weight_bytes_per_token"),
         "ideal_speedup": headline.get("ideal_speedup"),
+        "headline_phase": measured[0] if measured else None,
         "sparsity_detail": phases,
         "model": {**loaded.info, "loads_in_process": models.load_count()},
         "calibration": calibrated,

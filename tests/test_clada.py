@@ -95,10 +95,10 @@ def generate(tiny, live, kernel: bool):
         if kernel:
             stepper = LeanDecoder(tiny.model, live, max_tokens=128)
             logits = [stepper.prefill(prompt(tiny))]
-            stepper.meter = meter
-            for _ in range(STEPS):
-                logits.append(stepper.step(int(logits[-1].argmax())))
-            stepper.flush()
+            with live.measuring(meter):
+                for _ in range(STEPS):
+                    logits.append(stepper.step(int(logits[-1].argmax())))
+                stepper.flush()
             return torch.stack(logits[1:]), meter, live.state
         stepper = ModelStepper(tiny.model)
         token = int(stepper.prefill(prompt(tiny)).argmax())

@@ -83,8 +83,16 @@ def test_results_record_the_sparse_share_of_scored_positions(tiny) -> None:
     assert details["embedded"]["sparse_scored_fraction"] == pytest.approx(0.5, abs=0.01)
 
 
-def test_every_yaml_default_is_the_dataclass_default() -> None:
-    """A strategy built in code (probes do) runs the protocol its YAML documents."""
+def test_every_default_lives_in_the_dataclass_alone() -> None:
+    """A strategy's (and a probe's) defaults are its dataclass's: its YAML only picks the schema,
+    so a strategy built in code (probes do) is the one the command line composes."""
+    import yaml
+
+    from tests.conftest import CONF
+
+    for group in ("strategy", "probe"):
+        for path in sorted((CONF / group).glob("*.yaml")):
+            assert set(yaml.safe_load(path.read_text())) == {"defaults"}, path.name
     for name, cls in STRATEGIES.items():
         from_yaml = build(compose_config(f"strategy={name}", "sparsity=0.5").strategy)
         in_code = cls(sparsity=0.5)

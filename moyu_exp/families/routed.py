@@ -61,7 +61,6 @@ class RoutedExpertsAdapter(GatedMLPAdapter):
     def runs_mlp_parts(self, layer: torch.nn.Module) -> bool:
         return False  # routed experts: the block's own MLP runs
 
-
     def gate_up_weights(self, layer: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         raise self._no_linear("mlp_intermediate")
 

@@ -15,8 +15,8 @@ those entries need (input-sparse: rows of W^T; output-sparse: rows of W). For me
 decode-time neuron set is known in advance (sequence-level methods after the prompt, the static
 set) a compact MLP is gathered once per prompt. The fused layouts (:class:`DecoderWeights`) are
 built once and can be shared by a dense and a sparse decoder; the transposed copies a sparse
-decoder needs are its own. What each step kept is written into the :class:`SparsityMeter` the
-decoder is handed; the weight bytes follow from it and the adapter's cost model.
+decoder needs are its own. What each step kept is counted into the attachment's meter (the
+phase's: ``live.measuring()``); the weight bytes follow from it and the adapter's cost model.
 """
 
 from __future__ import annotations
@@ -151,7 +151,6 @@ class LeanDecoder:
         live=None,
         max_tokens: int = 4096,
         fuse: bool = True,
-        meter=None,
         weights: DecoderWeights | None = None,
     ):
         if live is not None and not live.kernel_support:
@@ -164,7 +163,7 @@ class LeanDecoder:
                 f"bench.mode=kernel has no path for the sites {', '.join(unsupported)}: "
                 "use bench.mode=simulated"
             )
-        self.model, self.live, self.meter = model, live, meter
+        self.model, self.live = model, live
         self.w = weights if weights is not None else DecoderWeights(model, max_tokens)
         w = self.w
         self.d, self.d_ff, self.max_tokens = w.d, w.d_ff, w.max_tokens
@@ -232,14 +231,14 @@ class LeanDecoder:
 
         if self._fused_kept is None or not self._fused_steps:
             return
-        if self.meter is not None:
+        if self.live is not None:
             counts = self._fused_kept.tolist()
             for i, layer in enumerate(self.layers):
                 for j, site in enumerate(SITES):
                     if site in layer.sites or (layer.compact and site == "mlp_intermediate"):
                         dim = self._site_dim(site)
                         dropped = dim * self._fused_steps - counts[i][j]
-                        self.meter.add(site, i, dropped, self._fused_steps, 0)
+                        self.live.meter.add(site, i, dropped, self._fused_steps, 0)
         self._fused_kept.zero_()
         self._fused_steps = 0
 
@@ -256,8 +255,8 @@ class LeanDecoder:
         }.get(site, self.d_ff)
 
     def _count(self, site: str, layer: int, dropped: int) -> None:
-        if self.meter is not None:
-            self.meter.add(site, layer, dropped, 1, 0)
+        if self.live is not None:
+            self.live.meter.add(site, layer, dropped, 1, 0)
 
     # ---------------------------------------------------------------------------- layout
     def _layer(self, w: LayerWeights, sites) -> Layer:

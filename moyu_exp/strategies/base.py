@@ -162,6 +162,24 @@ class Strategy:
         which positions run sparse and which a sequence-level method selects from."""
         raise NotImplementedError(f"strategy '{self.name}' states no rule and no mask")
 
+    def select(
+        self,
+        x: torch.Tensor,
+        prompt: torch.Tensor | None = None,
+        state: SimpleNamespace | None = None,
+        layer: int = 0,
+    ) -> torch.Tensor:
+        """The method's own selection on a tensor, for probes: bool, the shape of ``x``
+        (batch, tokens, dim) for per-token rules, (batch, dim) for sequence-level methods,
+        which select from the ``prompt`` positions (bool (batch, tokens)); ``state`` is what
+        :meth:`prepare` gave where the rule needs it."""
+        raise NotImplementedError(f"strategy '{self.name}' has no selection a probe can call")
+
+    def shipped_part(self) -> tuple[str, dict[str, Any]] | None:
+        """(owner, parameters) of the calibration parts shipped with the package for the
+        built-in models (:mod:`moyu_exp.shipped`), or None: nothing of it is shipped."""
+        return None
+
     def decode_neurons(self, state: SimpleNamespace, layer: int) -> torch.Tensor | None:
         """For methods whose decode-time MLP neuron set is known in advance (sequence-level
         methods after the prompt, a static set): bool (d_ff,) of kept neurons; else None."""

@@ -47,10 +47,10 @@ MIN_HISTORY = 5  # CLADA updates its thresholds only from more than five values
 class Clada(SequenceLevel):
     name: str = "clada"
     prefill: str = "last_token"  # GRIFFIN's protocol in scoring; generation re-selects
-    min_active_neurons: int = 100
+    min_active_neurons: int = 100  # k = max(round((1 - s) d_ff), this)
     surprisal_threshold: float = 0.7  # percentile of the last window's normalised surprisals
-    entropy_threshold: float = 0.7
-    update_window: int = 10
+    entropy_threshold: float = 0.7  # percentile of the last window's normalised entropies
+    update_window: int = 10  # thresholds refreshed every this many generated tokens
     adaptive: bool = True  # False: the prompt-level set alone (no re-selection)
 
     RANGES: ClassVar[dict[str, Range]] = {

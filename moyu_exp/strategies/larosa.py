@@ -50,7 +50,7 @@ COVARIANCE_SITE = "attn_input"  # whose second moments define Q_l (the code's se
 class Larosa(Strategy):
     name: str = "larosa"
     sites: list[str] = field(default_factory=lambda: list(TEAL_SITES))
-    prefill: str = "sparse"
+    prefill: str = "sparse"  # LaRoSA's code applies top-k at every position
     input_factor: float = 0.8  # level of the rotated block inputs: factor x sparsity
     output_factor: float = 1.2  # level of the o_proj and down_proj inputs
     damp: float = 0.01  # added to the diagonal: damp x its mean

@@ -111,17 +111,23 @@ PROFILE_VERSION = 4  # 1: relative local error; 2: its square; 3: scaled to the 
 @dataclass(eq=False)
 class Moyu(SequenceLevel):
     name: str = "moyu"
+    # the attention sites act only while attn_sparsity > 0, mlp_input while mlp_input_sparsity > 0
     sites: list[str] = field(default_factory=lambda: [*THRESHOLD_SITES, SITE])
     prefill: str = "last_token"  # GRIFFIN's protocol: the set comes from the prompt
+    # times ||W_down[:, j]||^2 (a neuron's output energy; measured worse)
     output_weighted: bool = False
+    # the calibration-wide hot prior, as this many pseudo prompt tokens (0: off)
     prior_tokens: float = 64.0
+    # per-layer set sizes from the calibrated cost profile, or uniform (GRIFFIN)
     allocation: str = "profile"
-    gain_power: float = 0.5
+    gain_power: float = 0.5  # cost = error energy x (end-to-end gain)^this (0: energy alone)
     attn_sparsity: float | None = 0.5  # None: the target sparsity
+    # or greedy: the two levels per layer from TEAL's greedy path there
     attn_allocation: str = "uniform"
+    # TEAL thresholds on the compact MLP's input (gate/up columns; 0: off)
     mlp_input_sparsity: float = 0.0
+    # prompt (and continuation) tokens of each calibration profile segment
     profile_tokens: int = 128
-
     RANGES: ClassVar[dict[str, Range]] = {
         **Strategy.RANGES,
         "prior_tokens": AT_LEAST_0,

@@ -47,7 +47,7 @@ torch = lazy_import("torch")
 class RSparse(Strategy):
     name: str = "rsparse"
     sites: list[str] = field(default_factory=lambda: list(TEAL_SITES))
-    prefill: str = "sparse"
+    prefill: str = "sparse"  # R-Sparse applies the rule at every position
     rank_grid: int = 10  # candidate shares of the budget spent on the low-rank factors
     search_tokens: int = 2048  # calibration tokens the (sparsity, rank) search reads
     rank_share: float | None = None  # a fixed share of the budget on the factors (no search)

@@ -64,10 +64,9 @@ class Teal(ThresholdStrategy):
     prefill: str = "last_half"  # TEAL's apply_prefill
     threshold_mode: str = "dense"  # TEAL's thresholds: the dense model's statistics
     thresholds: str = "quantile"  # or histogram: TEAL's icdf(0.5 + s/2) of signed values
-    allocation: str = "greedy"
+    allocation: str = "greedy"  # or uniform: the target on every site
     greedy_step: float = 0.05  # level step of a hidden x hidden projection (TEAL: q_proj)
-    greedy_max: float = 0.9
-
+    greedy_max: float = 0.9  # the greedy path is searched (once, cached) up to this sparsity
     RANGES: ClassVar[dict[str, Range]] = {
         **Strategy.RANGES,
         "greedy_step": FRACTION,

@@ -30,6 +30,6 @@ class TopK(Strategy):
     def kernel_rule(self, state, site: str, layer: int) -> KernelRule:
         return topk_rule(self.sparsity, state.dims[site])
 
-    def select(self, x: torch.Tensor) -> torch.Tensor:
+    def select(self, x: torch.Tensor, prompt=None, state=None, layer: int = 0) -> torch.Tensor:
         """The kept set of every token of ``x`` (..., dim): bool, k per row (probes use it)."""
         return topk_rule(self.sparsity, x.shape[-1]).mask(x)

@@ -80,7 +80,7 @@ class Wina(Strategy):
     prefill: str = "last_fraction"
     prefill_fraction: float = 0.99  # WINA's code: the first 1% of the positions stay dense
     transform: bool = True
-    allocation: str = "greedy"
+    allocation: str = "greedy"  # or uniform: the target on every projection
     greedy_step: float = 0.05
     greedy_max: float = 0.9
     greedy_rows: int = 16  # WINA's search ran on 20 short Alpaca samples (a few K tokens)
