@@ -1,0 +1,156 @@
+"""Markdown tables for the docs, generated from sweep CSVs: ``python -m moyu_exp.tables CSV``.
+
+Every measured table in ``docs/`` is an artefact of its CSV (a sweep's ``summary.csv``): the
+page shows, right above the table, the command that prints it::
+
+    `python -m moyu_exp.tables docs/zoo_summary.csv --columns label piqa/acc±piqa/acc_stderr`
+
+A column is ``name``, ``name±error`` (a value and its standard error) or either followed by
+``:Header``. ``--where key=value`` keeps matching rows, ``--levels`` reads each method's KL and
+piqa where its speed curve crosses the given speedups (as ``python -m moyu_exp.report
+--levels`` does on run folders). ``--refresh FILE...`` rewrites every such table in the files
+from its command; ``--check FILE...`` exits 1 when one differs (the test suite runs it on docs/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import re
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+from moyu_exp import report
+
+COMMAND = re.compile(r"^`(python -m moyu_exp\.tables [^`]+)`\s*$")
+
+
+def read_csv(path: Path) -> list[dict[str, Any]]:
+    """A summary CSV's rows, numbers as floats and empty cells as None."""
+    with open(path, newline="", encoding="utf-8") as f:
+        return [{k: _value(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def _value(text: str) -> Any:
+    if text == "":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def cell(value: Any, error: Any = None) -> str:
+    """A number to three decimals (four significant digits past 100), with its error."""
+    if value is None:
+        return "-"
+    if not isinstance(value, float):
+        return str(value)
+    text = f"{value:.4g}" if abs(value) >= 100 else f"{value:.3f}"
+    return text if error is None else f"{text} ± {error:.3f}"
+
+
+def markdown(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    """The rows as a markdown table of ``columns`` (see the module docstring)."""
+    heads, cells = [], []
+    specs = []
+    for column in columns:
+        spec, _, head = column.partition(":")
+        value, _, error = spec.partition("±")
+        specs.append((value, error or None))
+        heads.append(head or spec)
+    for row in rows:
+        cells.append([cell(row.get(v), row.get(e) if e else None) for v, e in specs])
+    lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+    lines += ["| " + " | ".join(c) + " |" for c in cells]
+    return "\n".join(lines)
+
+
+def build(argv: list[str]) -> str:
+    """The table a command line (without ``python -m moyu_exp.tables``) describes."""
+    args = _parser().parse_args(argv)
+    rows = read_csv(args.csv)
+    for condition in args.where or []:
+        key, _, wanted = condition.partition("=")
+        rows = [r for r in rows if _matches(r.get(key), wanted)]
+    if args.levels:
+        rows = report.at_speedups(rows, args.levels, args.speed)
+        columns = args.columns or ["method"]
+        for lv in [] if args.columns else args.levels:
+            columns.append(f"fidelity/kl @ {lv:g}x:KL @ {lv:g}x")
+            if any(r.get(f"piqa/acc @ {lv:g}x") is not None for r in rows):
+                columns.append(f"piqa/acc @ {lv:g}x±piqa/acc_stderr @ {lv:g}x:piqa @ {lv:g}x")
+    else:
+        columns = args.columns or ["label", "sparsity", "achieved_sparsity"]
+    if args.sort:
+        rows = sorted(rows, key=lambda r: (r.get(args.sort) is None, r.get(args.sort)))
+    return markdown(rows, columns)
+
+
+def _matches(value: Any, wanted: str) -> bool:
+    if isinstance(value, float):
+        try:
+            return value == float(wanted)
+        except ValueError:
+            return False
+    return str(value) == wanted
+
+
+def refresh(path: Path, write: bool = True) -> bool:
+    """Regenerate every table of ``path`` that follows its command; True if one changed."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    out: list[str] = []
+    changed = False
+    i = 0
+    while i < len(lines):
+        out.append(lines[i])
+        match = COMMAND.match(lines[i])
+        i += 1
+        if not match:
+            continue
+        if i < len(lines) and not lines[i].strip():
+            out.append(lines[i])
+            i += 1
+        old = []
+        while i < len(lines) and lines[i].startswith("|"):
+            old.append(lines[i])
+            i += 1
+        new = build(shlex.split(match.group(1))[3:]).splitlines()
+        changed |= new != old
+        out += new
+    if changed and write:
+        path.write_text("\n".join(out) + "\n", encoding="utf-8")
+    return changed
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m moyu_exp.tables",
+        description="Print a markdown table from a summary CSV (or refresh the docs' tables).",
+    )
+    parser.add_argument("csv", type=Path, help="a sweep's summary.csv (or a docs/ copy of it)")
+    parser.add_argument("--columns", nargs="+", help="name, name±error, either with :Header")
+    parser.add_argument("--where", nargs="+", help="key=value conditions on the rows")
+    parser.add_argument("--sort", help="a column to order the rows by")
+    parser.add_argument("--levels", type=float, nargs="+", help="speedups to read KL and piqa at")
+    parser.add_argument("--speed", default="speedup", choices=[c for c, _ in report.LEVEL_AXES])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("--refresh", "--check"):
+        files = [Path(p) for p in argv[1:]]
+        stale = [p for p in files if refresh(p, write=argv[0] == "--refresh")]
+        verb = "rewrote" if argv[0] == "--refresh" else "out of date"
+        for path in stale:
+            print(f"{verb}: {path}")
+        return 1 if stale and argv[0] == "--check" else 0
+    print(build(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,46 @@
+"""The README is a user's guide and the docs' measured tables are artefacts of their CSVs."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from moyu_exp import tables
+from tests.conftest import ROOT
+
+DOCS = sorted((ROOT / "docs").rglob("*.md"))
+
+
+def test_the_readme_is_a_guide_of_at_most_300_lines_with_two_setup_commands() -> None:
+    text = (ROOT / "README.md").read_text()
+    assert len(text.splitlines()) <= 300
+    blocks = re.findall(r"```bash\n(.*?)```", text, re.S)
+    setup = text.split("## Set-up", 1)[1].split("\n## ", 1)[0]
+    assert re.findall(r"```bash\n(.*?)```", setup, re.S) == ["make run\n", "make test\n"]
+    assert len(blocks) >= 3  # the examples too
+    assert not re.search(r"\b20\d\d-\d\d-\d\d\b", text), "a dated measurement belongs in docs/"
+
+
+@pytest.mark.parametrize("page", DOCS, ids=[p.name for p in DOCS])
+def test_every_generated_table_is_what_its_command_prints(page) -> None:
+    """A table under a `python -m moyu_exp.tables ...` line is that command's output (the CSV
+    and the page cannot drift apart; `python -m moyu_exp.tables --refresh` rewrites them)."""
+    assert not tables.refresh(page, write=False), f"run python -m moyu_exp.tables --refresh {page}"
+
+
+def test_the_results_pages_generate_their_tables() -> None:
+    for page in sorted((ROOT / "docs" / "results").glob("*.md")):
+        commands = [m for m in page.read_text().splitlines() if tables.COMMAND.match(m)]
+        assert commands, f"{page.name} has no generated table"
+
+
+def test_a_changed_csv_changes_the_table(tmp_path) -> None:
+    csv = tmp_path / "s.csv"
+    csv.write_text("label,sparsity,piqa/acc,piqa/acc_stderr\na,0.5,0.61,0.02\n")
+    page = tmp_path / "p.md"
+    page.write_text(f"`python -m moyu_exp.tables {csv} --columns label piqa/acc±piqa/acc_stderr`\n")
+    assert tables.refresh(page) and "| a | 0.610 ± 0.020 |" in page.read_text()
+    assert not tables.refresh(page, write=False)
+    csv.write_text("label,sparsity,piqa/acc,piqa/acc_stderr\na,0.5,0.63,0.02\n")
+    assert tables.refresh(page, write=False)
