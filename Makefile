@@ -26,11 +26,11 @@ run: $(VENV)/.installed
 	$(BIN)/python -m moyu_exp $(ARGS)
 
 test: $(VENV)/.installed
-	$(BIN)/ruff check moyu_exp tests benchmarks
+	$(BIN)/ruff check moyu_exp tests benchmarks hydra_plugins
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed
-	$(BIN)/ruff check moyu_exp tests benchmarks
+	$(BIN)/ruff check moyu_exp tests benchmarks hydra_plugins
 	$(BIN)/ruff format --check moyu_exp tests benchmarks
 	$(BIN)/lint-imports
