@@ -34,7 +34,9 @@ def test_launcher_presets_compose(option: str) -> None:
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("config", [f"hydra/launcher={option}"], return_hydra_config=True)
-    assert cfg.hydra.launcher.partition == "gpu" and cfg.hydra.launcher.gpus_per_node == 1
+    # moyu_exp's launcher; SLURM's default partition and no GPU unless the command line asks
+    assert cfg.hydra.launcher._target_ == "hydra_plugins.moyu_exp_launcher.launcher.SlurmLauncher"
+    assert cfg.hydra.launcher.partition is None and cfg.hydra.launcher.gpus_per_node is None
 
 
 def test_every_strategy_has_a_yaml_and_instantiates() -> None:
