@@ -320,6 +320,7 @@ def test_wina_paths_searched_before_the_gain_fix_are_not_reused() -> None:
     partial = key("strategy.sites=[k_input,gate_input,mlp_intermediate]")["greedy"]
     assert partial.get("gain_folded_for_every_reader") is True
     assert "gain_folded_for_every_reader" not in key()["greedy"]  # all seven: paths stay valid
-    assert "gain_folded_for_every_reader" not in key(
-        "strategy.sites=[k_input,gate_input]", "strategy.transform=false"
-    )["greedy"]
+    assert (
+        "gain_folded_for_every_reader"
+        not in key("strategy.sites=[k_input,gate_input]", "strategy.transform=false")["greedy"]
+    )

@@ -156,3 +156,45 @@ def test_a_patched_forward_leaves_nothing_on_the_module(tiny, tiny_batch) -> Non
         assert live.state.factors  # some site spends budget on low-rank factors
         logits(tiny.model, tiny_batch)
     assert not any("forward" in vars(m) for m in tiny.model.modules())
+
+
+# Methods that return early at sparsity 0 (the transform, the rotation, the prompt's set, the
+# split between channels and rank are then never built): at a sparsity so small that the guard
+# does not fire, their machinery runs and keeps everything. Top-k rules keep k = d by themselves;
+# a threshold rule is forced to 0 (every |x| >= 0). Rotations are exact up to rounding.
+KEEPS_ALL = {
+    "wina": ("strategy.allocation=uniform",),
+    "larosa": (),
+    "griffin": (),
+    "clada": (),
+    "tda": (),
+    "moyu": ("strategy.attn_sparsity=0", "strategy.allocation=uniform"),
+    "rsparse": (),
+}
+ROTATING = ("wina", "larosa")
+
+
+@pytest.mark.parametrize("name", sorted(KEEPS_ALL))
+def test_the_machinery_past_each_guard_keeps_everything_exactly(name, tiny, monkeypatch):
+    from moyu_exp.strategies import rsparse, tda
+
+    for module in (rsparse, tda):  # a threshold rule that keeps every entry
+        monkeypatch.setattr(module, "threshold_at", lambda table, level: 0.0)
+    ids = torch.tensor([[ord(c) for c in "Past the guard, nothing is dropped at all."]])
+    dense = logits(tiny.model, ids)
+    live = attach(name, tiny, "sparsity=1e-6", "strategy.prefill=dense", *KEEPS_ALL[name])
+    with live, torch.inference_mode():
+        assert live.strategy.sparsity > 0  # the guard did not fire
+        if name in ROTATING:
+            assert live._patches  # the transform / rotation is really in
+        prompt = torch.tensor([ids.shape[1] // 2])
+        with live.segments(torch.tensor([ids.shape[1]]), prompt):
+            sparse = tiny.model(ids).logits
+        counts = live.meter.counts()
+    assert any(sparse for _, sparse, _ in counts.values())  # positions ran its rule
+    dropped = sum(d for d, _, _ in counts.values())
+    assert dropped == 0, f"{name} dropped {dropped} entries"
+    if name in ROTATING:
+        torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-5)
+    else:
+        assert torch.equal(sparse, dense)

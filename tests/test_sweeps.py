@@ -71,9 +71,16 @@ def test_a_sweep_killed_mid_point_resumes_without_duplicates(tmp_path) -> None:
     )
     try:
         deadline = time.monotonic() + 300
-        while len(list(sweep_dir.glob("*/results.json"))) < 2 and time.monotonic() < deadline:
-            time.sleep(0.2)
-        time.sleep(1.5)  # now inside a later point
+
+        def inside_a_later_point() -> bool:
+            """Two points finished and a third started (its run dir, no results yet)."""
+            started = [p for p in sweep_dir.glob("*_*") if (p / ".hydra").is_dir()]
+            done = [p for p in started if (p / "results.json").is_file()]
+            return len(done) >= 2 and len(started) > len(done)
+
+        while not inside_a_later_point() and proc.poll() is None:
+            assert time.monotonic() < deadline, "no later point started"
+            time.sleep(0.05)
         assert proc.poll() is None, "the sweep finished before it could be killed"
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
