@@ -1,0 +1,110 @@
+"""Parity with plain lm-eval, request by request, on the embedded SmolLM2: our path (the cached
+checkpoint, ``MoyuLM``, the attachment's protocol bookkeeping) against lm-eval's own ``HFLM``
+loading the GGUF itself, on the same requests of a multiple-choice task (piqa) and a rolling
+perplexity task (the embedded prose): every request's log-likelihood within LL_TOLERANCE and
+the same is-greedy flag, dense and with a per-token method (top-k) attached to each model.
+
+In CI the benchmark data missing is a failure (``MOYU_REQUIRE_SLURM`` marks a CI run), not a
+skip: a green run must have compared something."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from moyu_exp import models
+from moyu_exp.evaluation.harness import MoyuLM
+from moyu_exp.evaluation.tasks import embedded_task, local_task, task_manager
+from tests.conftest import SHARED_DATA, attach, compose_config
+from tests.test_smollm2 import GGUF
+
+pytestmark = [pytest.mark.smollm2, pytest.mark.xdist_group("smollm2")]
+
+LL_TOLERANCE = 2e-4  # nats, absolute (largest seen: in the note)
+PIQA_ITEMS = 16
+
+
+@pytest.fixture(scope="module")
+def plain():
+    """Plain lm-eval's HFLM, loading the GGUF itself (the reference we must match)."""
+    from lm_eval.models.huggingface import HFLM
+
+    gguf = models.package_file(*GGUF)
+    return HFLM(
+        pretrained=str(gguf.parent), gguf_file=gguf.name, dtype="float32", device="cpu",
+        batch_size=8,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def data_dir():
+    if not (SHARED_DATA / "piqa" / "validation.jsonl").is_file():
+        if os.environ.get("MOYU_REQUIRE_SLURM"):  # set by .ci/run
+            pytest.fail(f"CI must compare with plain lm-eval: no benchmark data at {SHARED_DATA}")
+        pytest.skip(f"benchmark data not found at {SHARED_DATA}")
+    return str(SHARED_DATA)
+
+
+def responses(lm, specs: list) -> dict[tuple[str, int, int], list]:
+    """{(task, doc, request): response} of every request lm-eval sends ``lm`` for ``specs``."""
+    from lm_eval import simple_evaluate
+
+    out = simple_evaluate(
+        model=lm,
+        tasks=specs,
+        limit=PIQA_ITEMS,
+        log_samples=True,
+        use_cache=None,
+        cache_requests=False,
+        bootstrap_iters=0,
+        task_manager=task_manager(("piqa",)),
+    )
+    return {
+        (task, sample["doc_id"], i): list(resp[0]) if isinstance(resp[0], tuple) else [resp[0]]
+        for task, samples in out["samples"].items()
+        for sample in samples
+        for i, resp in enumerate(sample["resps"])
+    }
+
+
+def compare(ours: dict, theirs: dict) -> float:
+    """The largest |log-likelihood difference| over the requests; is-greedy flags equal."""
+    assert ours.keys() == theirs.keys() and ours
+    largest = 0.0
+    for key, (mine, reference) in ((k, (ours[k], theirs[k])) for k in ours):
+        largest = max(largest, abs(float(mine[0]) - float(reference[0])))
+        assert mine[1:] == reference[1:], f"is-greedy differs at {key}"
+    return largest
+
+
+@pytest.mark.parametrize("name", ["dense", "topk"])
+def test_every_request_equals_plain_lm_eval(name, plain, data_dir, capsys) -> None:
+    specs = [local_task("piqa", data_dir), embedded_task()]
+    smollm2 = models.load(compose_config("model=smollm2_135m").model)
+    with attach(name, smollm2, "sparsity=0.5") as live:
+        ours = responses(MoyuLM(smollm2, live, batch_size=8, prompt_fraction=0.5), specs)
+    # the same method on plain lm-eval's own model (its batches, its padding)
+    with attach(name, models.LoadedModel(plain.model, plain.tokenizer), "sparsity=0.5"):
+        theirs = responses(plain, specs)
+    largest = compare(ours, theirs)
+    assert {task for task, _, _ in ours} == {"piqa", "embedded"}
+    assert sum(task == "piqa" for task, _, _ in ours) == 2 * PIQA_ITEMS  # two choices an item
+    with capsys.disabled():
+        print(f"\n{name}: {len(ours)} requests, largest |d loglikelihood| {largest:.2e}")
+    assert largest <= LL_TOLERANCE
+
+
+def test_a_biased_log_likelihood_fails_the_comparison(plain, data_dir) -> None:
+    """The comparison catches a bias far smaller than an aggregate accuracy would show."""
+    specs = [embedded_task()]
+    smollm2 = models.load(compose_config("model=smollm2_135m").model)
+    with attach("dense", smollm2) as live:
+        ours = responses(MoyuLM(smollm2, live, batch_size=8, prompt_fraction=0.5), specs)
+    theirs = responses(plain, specs)
+    biased = {k: [v[0] + 10 * LL_TOLERANCE, *v[1:]] for k, v in ours.items()}
+    assert compare(ours, theirs) <= LL_TOLERANCE
+    with pytest.raises(AssertionError):
+        assert compare(biased, theirs) <= LL_TOLERANCE
+    assert torch.isfinite(torch.tensor([v[0] for v in ours.values()])).all()
