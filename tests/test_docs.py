@@ -44,3 +44,20 @@ def test_a_changed_csv_changes_the_table(tmp_path) -> None:
     assert not tables.refresh(page, write=False)
     csv.write_text("label,sparsity,piqa/acc,piqa/acc_stderr\na,0.5,0.63,0.02\n")
     assert tables.refresh(page, write=False)
+
+
+def test_the_config_layer_imports_no_plug_in() -> None:
+    """``import moyu_exp.config`` (what everything imports) loads no strategy, probe or family;
+    schemas.py, above the plug-ins, registers their schemas."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, moyu_exp.config; "
+        "print(sorted(m for m in sys.modules if m.startswith('moyu_exp.')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    loaded = out.stdout
+    assert out.returncode == 0, out.stderr
+    for layer in ("strategies", "probes", "families", "kernels", "models", "runner"):
+        assert f"moyu_exp.{layer}" not in loaded, loaded
