@@ -140,8 +140,8 @@ class BlockSearch:
         for levels in settings:
             for stage, key in self._keys(levels).items():
                 wanted.setdefault(stage, set()).add(key)
-        for stage, table in self._stages.items():
-            keep = wanted.get(stage, set())
+        for stage, keep in wanted.items():  # (the window's input, keyed by nothing, stays)
+            table = self._stages.get(stage, {})
             self._stages[stage] = {k: v for k, v in table.items() if k in keep}
 
     # ---------------------------------------------------------------- the block's halves
