@@ -87,12 +87,14 @@ def weights_fingerprint(model: nn.Module) -> str:
     """A digest of every parameter and buffer of ``model`` as it is now (names, dtypes, shapes,
     bytes): what calibration is keyed by, so a changed model never reuses another's statistics.
     Hashed once (about 0.3 s a GB) and again only when a tensor was replaced or changed in place
-    (its version counter moved)."""
+    (its version counter moved). Tensors made under ``torch.inference_mode`` keep no version
+    counter: a model holding one is hashed on every call."""
     tensors = [*model.named_parameters(), *model.named_buffers()]
-    seen = [(t, t._version) for _, t in tensors]
+    seen = [(t, None if t.is_inference() else t._version) for _, t in tensors]
     known = _WEIGHTS_SEEN.get(id(model))
     same = known is not None and len(known[0]) == len(seen)
-    if same and all(a is b and v == w for (a, v), (b, w) in zip(known[0], seen, strict=True)):
+    trackable = all(v is not None for _, v in seen)
+    if trackable and same and all(a is b and v == w for (a, v), (b, w) in zip(known[0], seen, strict=True)):
         return known[1]
     digest = hashlib.sha256()
     for name, tensor in tensors:

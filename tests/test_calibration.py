@@ -233,6 +233,19 @@ def test_the_weights_fingerprint_is_hashed_once_until_a_tensor_changes(tiny, mon
     assert models.weights_fingerprint(tiny.model) == first and calls == [1]
 
 
+def test_a_model_holding_inference_tensors_is_hashed_every_time() -> None:
+    """Tensors made under ``torch.inference_mode`` keep no version counter (asking for it
+    raises): such a model is fingerprinted by its bytes each time, and a change shows."""
+    with torch.inference_mode():
+        module = torch.nn.Linear(3, 2)
+    assert module.weight.is_inference()
+    first = models.weights_fingerprint(module)
+    assert models.weights_fingerprint(module) == first
+    with torch.inference_mode():
+        module.weight.add_(1.0)
+    assert models.weights_fingerprint(module) != first
+
+
 # ------------------------------------------------------------------ shipped files
 def test_a_shipped_path_is_used_only_when_every_part_of_its_key_matches(
     tiny, tmp_path, monkeypatch
