@@ -160,8 +160,17 @@ def tiny_batch(tiny) -> torch.Tensor:
     return torch.tensor(ids)
 
 
+def require_data() -> Path:
+    """The benchmark data folder; a test without it skips, or fails where MOYU_REQUIRE_DATA is
+    set (.ci/run sets it: a CI without the data must not be green)."""
+    if not (SHARED_DATA / "piqa" / "validation.jsonl").is_file():
+        message = f"benchmark data not found at {SHARED_DATA}"
+        if os.environ.get("MOYU_REQUIRE_DATA"):
+            pytest.fail(message + " (MOYU_REQUIRE_DATA is set)")
+        pytest.skip(message)
+    return SHARED_DATA
+
+
 @pytest.fixture
 def shared_data() -> Path:
-    if not (SHARED_DATA / "piqa" / "validation.jsonl").is_file():
-        pytest.skip(f"benchmark data not found at {SHARED_DATA}")
-    return SHARED_DATA
+    return require_data()

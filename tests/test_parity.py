@@ -4,12 +4,10 @@ loading the GGUF itself, on the same requests of a multiple-choice task (piqa) a
 perplexity task (the embedded prose): every request's log-likelihood within LL_TOLERANCE and
 the same is-greedy flag, dense and with a per-token method (top-k) attached to each model.
 
-In CI the benchmark data missing is a failure (``MOYU_REQUIRE_SLURM`` marks a CI run), not a
+In CI the benchmark data missing is a failure (``MOYU_REQUIRE_DATA``, set by .ci/run), not a
 skip: a green run must have compared something."""
 
 from __future__ import annotations
-
-import os
 
 import pytest
 import torch
@@ -17,7 +15,7 @@ import torch
 from moyu_exp import models
 from moyu_exp.evaluation.harness import MoyuLM
 from moyu_exp.evaluation.tasks import embedded_task, local_task, task_manager
-from tests.conftest import SHARED_DATA, attach, compose_config
+from tests.conftest import attach, compose_config, require_data
 from tests.test_smollm2 import GGUF
 
 pytestmark = [pytest.mark.smollm2, pytest.mark.xdist_group("smollm2")]
@@ -40,11 +38,7 @@ def plain():
 
 @pytest.fixture(scope="module")
 def data_dir():
-    if not (SHARED_DATA / "piqa" / "validation.jsonl").is_file():
-        if os.environ.get("MOYU_REQUIRE_SLURM"):  # set by .ci/run
-            pytest.fail(f"CI must compare with plain lm-eval: no benchmark data at {SHARED_DATA}")
-        pytest.skip(f"benchmark data not found at {SHARED_DATA}")
-    return str(SHARED_DATA)
+    return str(require_data())
 
 
 def responses(lm, specs: list) -> dict[tuple[str, int, int], list]:
