@@ -444,7 +444,14 @@ class ModelPaths:
         """Every layer's path ({"greedy.<layer>": rows}); ``inputs``: the dense block inputs
         of the layers to search (:attr:`todo`), as ``capture_block_inputs`` gives them."""
         paths = {}
-        with tqdm(total=self.steps_left(model), desc=desc, unit="step", leave=False) as bar:
+        bar = tqdm(
+            total=self.steps_left(model),
+            desc=desc,
+            unit="step",
+            leave=False,
+            disable=not self.todo,  # every path stored: nothing to show
+        )
+        with bar:
             for layer in self.layers:
 
                 def search(start: torch.Tensor | None, layer: int = layer) -> torch.Tensor:
