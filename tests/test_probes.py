@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 
 import pytest
 import torch
 
-from moyu_exp import runner
+from moyu_exp import models, runner
 from moyu_exp.probes import PROBES, common
 from moyu_exp.probes.history_recall import HistoryRecall
 from moyu_exp.probes.hot_neurons import HotNeurons, gini, hot_share
@@ -58,10 +60,64 @@ def test_probe_runs_and_writes_numbers_and_figures(name, tmp_path) -> None:
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["status"] == "ok" and saved["probe"]["name"] == name
     assert saved["probe"]["numbers"] == json.loads(json.dumps(payload["probe"]["numbers"]))
+    layers = models.load(cfg.model).model.config.num_hidden_layers
+    assert_consistent_numbers(saved["probe"]["numbers"], layers)
     assert saved["probe"]["figures"]
     for figure in saved["probe"]["figures"]:
         assert (tmp_path / figure).read_bytes()[:4] == b"\x89PNG"
     assert "eval" not in saved and saved["strategy"] is None
+
+
+FRACTIONS = ("recall", "jaccard", "precision", "gini", "share", "fraction", "agreement")
+FRACTIONS += ("chance", "kept", "cdf", "apart", "together")
+
+
+def assert_consistent_numbers(numbers: dict, layers: int, path: str = "") -> None:
+    """What every probe's numbers must satisfy, whatever the model: finite; shares, recalls,
+    overlaps and CDFs in [0, 1]; a per-layer list has one entry per layer and its sibling mean
+    is its average; a CDF never decreases; p5 <= median <= p95."""
+    for key, value in numbers.items():
+        where = f"{path}/{key}"
+        if isinstance(value, dict):
+            assert_consistent_numbers(value, layers, where)
+            continue
+        flat = [v for v in _flatten(value) if isinstance(v, (int, float))]
+        assert all(math.isfinite(v) for v in flat), where
+        if any(word in where for word in FRACTIONS):  # (counts, e.g. epochs, are ints)
+            assert all(-1e-6 <= v <= 1 + 1e-6 for v in flat if isinstance(v, float)), where
+        if key == "cdf":
+            for row in value:
+                assert all(a <= b + 1e-6 for a, b in itertools.pairwise(row)), where
+        if key.endswith("per_layer") and all(isinstance(v, (int, float)) for v in value):
+            assert len(value) == layers, where
+            mean = numbers.get(key.removesuffix("per_layer") + "mean")
+            if mean is not None:
+                assert mean == pytest.approx(sum(value) / len(value), rel=1e-5), where
+    if {"p5", "median", "p95"} <= numbers.keys():
+        assert numbers["p5"] <= numbers["median"] <= numbers["p95"], path
+
+
+def _flatten(value):
+    if isinstance(value, list):
+        for item in value:
+            yield from _flatten(item)
+    else:
+        yield value
+
+
+def test_the_number_checks_catch_an_inconsistent_probe() -> None:
+    good = {"a": {"recall": {"per_layer": [0.2, 0.4], "mean": 0.3}, "cdf": [[0.1, 0.5, 1.0]]}}
+    assert_consistent_numbers(good, layers=2)
+    for broken in (
+        {"recall": {"per_layer": [0.2, 0.4], "mean": 0.35}},  # a mean that is not the average
+        {"recall": {"per_layer": [0.2, 0.4, 0.6], "mean": 0.4}},  # a layer too many
+        {"gini_mean": 1.2},  # a share past 1
+        {"cdf": [[0.5, 0.4]]},  # a decreasing CDF
+        {"kl": float("nan")},
+        {"p5": 0.6, "median": 0.5, "p95": 0.7},
+    ):
+        with pytest.raises(AssertionError):
+            assert_consistent_numbers(broken, layers=2)
 
 
 def test_a_probe_ends_with_its_headline_numbers_and_figures(tmp_path) -> None:
