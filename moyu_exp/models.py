@@ -94,7 +94,11 @@ def weights_fingerprint(model: nn.Module) -> str:
     known = _WEIGHTS_SEEN.get(id(model))
     same = known is not None and len(known[0]) == len(seen)
     trackable = all(v is not None for _, v in seen)
-    if trackable and same and all(a is b and v == w for (a, v), (b, w) in zip(known[0], seen, strict=True)):
+    if (
+        trackable
+        and same
+        and all(a is b and v == w for (a, v), (b, w) in zip(known[0], seen, strict=True))
+    ):
         return known[1]
     digest = hashlib.sha256()
     for name, tensor in tensors:
