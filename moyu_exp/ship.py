@@ -6,6 +6,7 @@ cached as it is found, so an interrupted run resumes)::
 
     python -m moyu_exp.ship                          # every built-in model and method (hours)
     python -m moyu_exp.ship --model smollm2_135m --method teal
+    python -m moyu_exp.ship --model gemma3_270m --reach 0.5   # paths to 0.5 (runs continue them)
     python -m moyu_exp.ship --check                  # which files match the code (no model)
 """
 
@@ -76,12 +77,13 @@ def check() -> list[str]:
 
 
 # --------------------------------------------------------------------------- regeneration
-def regenerate(model: str, method: str, cache_only: bool = False) -> Path:
-    """Search ``method``'s greedy paths for ``model`` up to the YAML's cap (never reading a
-    shipped file) and write them as ``<model>-<method>.safetensors``."""
+def regenerate(model: str, method: str, reach: float | None = None) -> Path:
+    """Search ``method``'s greedy paths for ``model`` up to ``reach`` (the YAML's cap by
+    default; never reading a shipped file) and write them as ``<model>-<method>.safetensors``.
+    A path is prefix-closed: a run past its last row continues the search from it."""
     cfg = compose_config([f"model={model}", f"strategy={method}"])
     loaded = models.load(cfg.model)
-    strategy = default_strategy(method)
+    strategy = default_strategy(method, reach)
     documents = build(cfg.dataset)
     seq_len = min(cfg.calibration.seq_len, calibration.context_length(loaded.model))
     batches = calibration.token_batches(
@@ -102,6 +104,7 @@ def regenerate(model: str, method: str, cache_only: bool = False) -> Path:
         "method": method,
         "model": model,
         "num_layers": len(chosen),
+        "reach": str(min(float(part["path"][-1, 0]) for _, part in chosen.values())),
         "search_version": str(SEARCH_VERSION),
         "calibration_version": str(calibration.VERSION),
         "owner": owner,
@@ -160,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", action="append", choices=MODELS)
     parser.add_argument("--method", action="append", choices=METHODS)
     parser.add_argument("--check", action="store_true", help="compare the files with the code")
+    parser.add_argument(
+        "--reach", type=float, help="sparsity the paths go to (default: the YAML's greedy_max)"
+    )
     args = parser.parse_args(argv)
     if args.check:
         lines = check()
@@ -168,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     for model in args.model or MODELS:
         for method in args.method or METHODS:
             print(f"{model} {method}: searching (cached parts are reused) ...", flush=True)
-            print(f"wrote {regenerate(model, method)}", flush=True)
+            print(f"wrote {regenerate(model, method, args.reach)}", flush=True)
     return 0
 
 

@@ -8,10 +8,12 @@ for every strategy with a kernel path, in two checks that cannot be fooled by ro
   ~1e-6 of its threshold falls on the other side after a different summation order, and the
   flip cascades through the later layers (CHESS+ at one thread: one activation 1.4e-6 from its
   threshold in layer 13, logits 1.2 apart three steps on; R-Sparse alike).
-- **native arithmetic**: the native kernels' unfused decode (float32, as users run it), every
-  call compared with the same operation in float64 on the same inputs: products within their
-  rounding bound, and a rule keeps exactly the entries float64 keeps, except entries within
-  1e-5 of the threshold (whose share of the output is then allowed for).
+- **native arithmetic**: the native kernels' unfused decode (float32, as users run it; 3
+  steps), every call compared with the same operation in float64 on the same inputs: products
+  within their rounding bound, and a rule keeps exactly the entries float64 keeps, except
+  entries within 1e-5 of the threshold (whose share of the output is then allowed for).
+
+Both modes of the float64 check read the state calibrated on the float32 model (cast).
 """
 
 from __future__ import annotations
@@ -21,14 +23,15 @@ import copy
 import pytest
 import torch
 
-from moyu_exp import models
+from moyu_exp import calibration, models
+from moyu_exp.config import build
 from moyu_exp.kernels import native, ops
 from moyu_exp.kernels.decoder import LeanDecoder
 from moyu_exp.masking import KernelRule
 from tests.conftest import compose_config
 from tests.test_kernels import (
     KERNEL_STRATEGIES,
-    STEPS,
+    VARIANTS,
     kernel,
     needs_compiler,
     prompt,
@@ -36,7 +39,7 @@ from tests.test_kernels import (
     simulated,
 )
 
-pytestmark = [pytest.mark.smollm2, pytest.mark.xdist_group("real_kernels")]
+pytestmark = pytest.mark.smollm2
 
 # test-sized calibration (TEAL's and WINA's levels uniform: their greedy paths ship for the
 # default tokens, and the kernels read levels the same way whichever search chose them)
@@ -51,6 +54,7 @@ OWN = {
 }
 ROUNDING = 1e-5  # float32 against float64, relative to the sum of |terms|
 TIE = 1e-5  # a score this close (relative) to its threshold may fall either side
+CHECKED_STEPS = 3  # each checked call recomputes its product in float64 (about 1 s a step)
 
 
 @pytest.fixture(scope="module")
@@ -75,12 +79,23 @@ def _float64_rms_norm(module):
     return forward
 
 
+def ready_f64(name: str, smollm2, smollm2_f64):
+    """``name`` calibrated on the float32 model (the state the native check uses), its state
+    in float64, attached to the float64 model: both modes read the same state."""
+    base, variant = VARIANTS.get(name, (name, []))
+    cfg = compose_config(f"strategy={base}", "sparsity=0.5", *variant, *SMALL, *OWN.get(name, ()))
+    strategy = build(cfg.strategy)
+    state, _ = calibration.prepare(strategy, smollm2, cfg)
+    if state is not None:
+        state = {k: v.double() if v.is_floating_point() else v for k, v in state.items()}
+    return strategy.attach(smollm2_f64.model, state)
+
+
 @pytest.mark.parametrize("name", KERNEL_STRATEGIES)
-def test_kernel_mode_decodes_as_simulated_mode_in_float64(name, smollm2_f64, monkeypatch):
+def test_kernel_mode_decodes_as_simulated_mode_in_float64(name, smollm2, smollm2_f64, monkeypatch):
     monkeypatch.setattr(native, "load", lambda: None)
-    extra = (*SMALL, *OWN.get(name, ()))
-    expected = simulated(smollm2_f64, ready(name, smollm2_f64, 0.5, *extra))
-    got, decoder, _ = kernel(smollm2_f64, ready(name, smollm2_f64, 0.5, *extra))
+    expected = simulated(smollm2_f64, ready_f64(name, smollm2, smollm2_f64))
+    got, decoder, _ = kernel(smollm2_f64, ready_f64(name, smollm2, smollm2_f64))
     assert decoder.backend == "torch" and got.dtype == torch.float64
     assert torch.equal(expected.argmax(-1), got.argmax(-1))
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-9)
@@ -96,7 +111,7 @@ def test_native_kernels_compute_what_float64_ops_do_on_real_activations(name, sm
         checked = CheckedKernels(decoder.k)
         decoder.k = checked
         token = int(decoder.prefill(prompt(smollm2)).argmax())
-        for _ in range(STEPS):
+        for _ in range(CHECKED_STEPS):
             token = int(decoder.step(token).argmax())
     assert checked.calls["linear"] > 0 and not checked.failures, checked.failures[:5]
     if live.rules:
@@ -169,9 +184,9 @@ class CheckedKernels:
 
     def sparse_in(self, weight_t, mask, x):
         out, kept = self.inner.sparse_in(weight_t, mask, x)
-        terms = x.double()[:, None] * weight_t.double()
-        ref = terms[mask].sum(0)
-        self._check("sparse_in", out, ref, ROUNDING * terms[mask].abs().sum(0) + 1e-6)
+        idx = mask.nonzero().view(-1)
+        terms = x.double()[idx, None] * weight_t[idx].double()  # the kept rows' terms
+        self._check("sparse_in", out, terms.sum(0), ROUNDING * terms.abs().sum(0) + 1e-6)
         if kept != int(mask.sum()):
             self.failures.append(f"sparse_in: kept {kept} of a mask of {int(mask.sum())}")
         return out, kept
@@ -185,19 +200,28 @@ class CheckedKernels:
 
     def sparse_in_rule(self, weight_t, rule, x):
         out, kept = self.inner.sparse_in_rule(weight_t, rule, x)
-        terms = x.double()[:, None] * weight_t.double()
-        self._rule("sparse_in_rule", out, kept, rule, x.double(), terms)
+        x64 = x.double()
+
+        def terms(idx):
+            return x64[idx, None] * weight_t[idx].double()
+
+        self._rule("sparse_in_rule", out, kept, rule, x64, terms)
         return out, kept
 
     def gated_rule(self, up_weight, down_t, gate, x, rule):
         out, kept = self.inner.gated_rule(up_weight, down_t, gate, x, rule)
         act = torch.nn.functional.silu(gate.double())
-        z = act * (up_weight.double() @ x.double())
-        self._rule("gated_rule", out, kept, rule, act, z[:, None] * down_t.double())
+
+        def terms(idx):
+            z = act[idx] * (up_weight[idx].double() @ x.double())
+            return z[:, None] * down_t[idx].double()
+
+        self._rule("gated_rule", out, kept, rule, act, terms)
         return out, kept
 
     def _rule(self, op, out, kept, rule, scored, terms) -> None:
-        """Kept entries: float64's, give or take the ties (each tie's term allowed for)."""
+        """Kept entries: float64's, give or take the ties (each tie's term allowed for);
+        ``terms(idx)``: the rows of the product's terms for entries ``idx``."""
         score = rule.score(scored)
         if rule.k is not None:
             threshold = score.topk(min(rule.k, score.numel())).values[-1]
@@ -210,8 +234,10 @@ class CheckedKernels:
             self.failures.append(
                 f"{op}: kept {kept}, float64 keeps {int(sure.sum())} (+{int(ties.sum())} ties)"
             )
-        bound = ROUNDING * terms[sure | ties].abs().sum(0) + terms[ties].abs().sum(0) + 1e-6
-        self._check(op, out, terms[sure].sum(0), bound)
+        sure_terms = terms(sure.nonzero().view(-1))
+        tie_terms = terms(ties.nonzero().view(-1)).abs().sum(0)
+        bound = ROUNDING * (sure_terms.abs().sum(0) + tie_terms) + tie_terms + 1e-6
+        self._check(op, out, sure_terms.sum(0), bound)
 
     def attend(self, qkv, keys, values, pos, cos, sin, heads, kv, dim, scale, window=None):
         keys64, values64 = keys.double(), values.double()
