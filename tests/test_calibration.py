@@ -282,6 +282,23 @@ def test_a_shipped_path_is_used_only_when_every_part_of_its_key_matches(
     assert forced.meta["parts"]["greedy"] == "computed" and len(searched) == 2
     other = calibrate("strategy=teal", "sparsity=0.4", "strategy.greedy_step=0.1")
     assert other.meta["parts"]["greedy"] == "computed"
+    # a target past the shipped rows continues each layer's search from its last shipped row
+    monkeypatch.setenv("MOYU_CACHE_DIR", str(tmp_path / "another_fresh_cache"))
+    starts = []
+    monkeypatch.setattr(
+        greedy,
+        "greedy_path",
+        lambda search, sites, step, reach, start=None, progress=None: (
+            starts.append(None if start is None else len(start))
+            or original(search, sites, step, reach, start, progress)
+        ),
+    )
+    beyond = calibrate("strategy=teal", "sparsity=0.7")
+    assert starts == [len(done.state["greedy.0"]), len(done.state["greedy.1"])]
+    for layer in (0, 1):
+        rows = done.state[f"greedy.{layer}"]
+        assert torch.equal(beyond.state[f"greedy.{layer}"][: len(rows)], rows)
+        assert beyond.state[f"greedy.{layer}"][-1, 0] >= 0.7
     shipped._index.cache_clear()
 
 
@@ -303,13 +320,17 @@ def test_the_shipped_files_match_the_code_and_the_yaml_defaults() -> None:
             assert meta[field]
 
 
-def test_the_shipped_paths_reach_the_greedy_cap() -> None:
+def test_the_shipped_paths_reach_what_their_files_say() -> None:
+    """Every path of a file reaches its recorded ``reach`` (the greedy cap where none is
+    recorded), and that is at least 0.5: the first result at a middling sparsity needs no
+    search (a higher target continues the shipped rows)."""
     for path, meta in shipped.files():
         keys = json.loads(meta["keys"])
-        cap = ship.default_strategy(meta["method"]).greedy_max
+        reach = float(meta.get("reach", ship.default_strategy(meta["method"]).greedy_max))
+        assert reach >= 0.5, path.name
         for label, key in keys.items():
             rows = shipped.find(key)["path"]
-            assert greedy.path_complete(rows, cap), f"{path.name} {label} stops at {rows[-1, 0]}"
+            assert greedy.path_complete(rows, reach), f"{path.name} {label} stops at {rows[-1, 0]}"
 
 
 # --------------------------------------------------------------- the cost, said first
