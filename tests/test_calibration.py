@@ -156,6 +156,22 @@ def test_teal_searches_as_far_as_its_sparsity_needs_and_extends_later(
     assert again.meta["parts"] == {"dense-stats": "cache", "greedy": "cache"}
 
 
+def test_a_layers_path_does_not_depend_on_which_other_layers_are_calibrated(
+    empty_cache, tmp_path, monkeypatch
+) -> None:
+    """The value sample draws from one stream across layers: TEAL's statistics are taken over
+    every layer, so ``strategy.layers=[1]`` finds the same path for layer 1 as the whole model
+    (a sample small enough to subsample: before, layer 1's draws shifted with layer 0's)."""
+    from moyu_exp import activations
+    from moyu_exp.strategies import teal
+
+    monkeypatch.setattr(teal, "ValueSample", lambda calls: activations.ValueSample(calls, cap=4096))
+    whole = calibrate("strategy=teal", "sparsity=0.3")
+    monkeypatch.setenv("MOYU_CACHE_DIR", str(tmp_path / "other_cache"))
+    alone = calibrate("strategy=teal", "sparsity=0.3", "strategy.layers=[1]")
+    assert torch.equal(alone.state["greedy.1"], whole.state["greedy.1"])
+
+
 class Calibrated:
     def __init__(self, state, meta):
         self.state, self.meta = state, meta

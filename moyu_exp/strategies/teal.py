@@ -43,6 +43,7 @@ from moyu_exp.activations import (
 from moyu_exp.config import FRACTION, Range, check_choice
 from moyu_exp.costs import announce
 from moyu_exp.errors import ConfigError
+from moyu_exp.families import adapter_for
 from moyu_exp.lazy import lazy_import
 from moyu_exp.strategies.base import Strategy, register
 from moyu_exp.strategies.greedy import SEARCH_VERSION, BlockSearch, ModelPaths, paths_reach
@@ -149,10 +150,13 @@ class Teal(ThresholdStrategy):
         )
 
     def dense_stats(self, model, batches, cached) -> dict[str, torch.Tensor]:
-        """:func:`dense_statistics` of this configuration, cached once per model and text."""
-        params = {"sites": list(self.sites), "layers": self.layers, "kind": self.thresholds}
+        """:func:`dense_statistics` of this configuration, cached once per model and text. Taken
+        over every layer whichever ``layers`` are asked for: the value sample draws from one
+        stream across layers, so a layer's statistics (and its greedy path, keyed without the
+        layer set) must not depend on which other layers were observed."""
+        params = {"sites": list(self.sites), "layers": None, "kind": self.thresholds}
         histogram = self.thresholds == "histogram"
-        layers = self.layer_ids(model)
+        layers = list(range(len(adapter_for(model).layers(model))))
         return cached(
             "dense-stats",
             params,
