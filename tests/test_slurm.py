@@ -24,13 +24,18 @@ pytestmark = pytest.mark.xdist_group("slurm")  # one cluster, one worker
 FITS = ["hydra/launcher=slurm", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=2"]
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def require_slurm() -> None:
+    """Skip where no cluster can be started; in CI (``MOYU_REQUIRE_SLURM``) fail instead."""
     reason = slurm_cluster.available()
     if reason is not None:
         if os.environ.get("MOYU_REQUIRE_SLURM"):
             pytest.fail(f"CI must run the SLURM tests: {reason}")
         pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    require_slurm()
     one = slurm_cluster.OneNodeSlurm(tmp_path_factory.mktemp("slurm")).start()
     yield one
     one.stop()
@@ -171,8 +176,7 @@ def test_the_preset_asks_for_no_partition_or_gpu_a_cluster_lacks(cluster) -> Non
 
 
 def test_the_cluster_helper_stops_what_it_started(tmp_path) -> None:
-    if slurm_cluster.available() is not None:
-        pytest.skip(slurm_cluster.available())
+    require_slurm()
     one = slurm_cluster.OneNodeSlurm(Path(tmp_path / "c")).start()
     pids = [p.pid for p in one.processes]
     one.stop()
