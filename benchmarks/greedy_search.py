@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     modes = [True] if args.staged_only else [False, True]
     paths: dict[bool, dict[int, torch.Tensor]] = {}
     seconds: dict[bool, dict[int, float]] = {}
-    original = greedy.greedy_path
+    original, estimate = greedy.greedy_path, greedy.ModelPaths.estimate
+    estimates: dict[bool, float] = {}
     for staged in modes:
         times: dict[int, float] = {}
 
@@ -71,11 +72,16 @@ def main(argv: list[str] | None = None) -> int:
             times[search.layer] = time.perf_counter() - start
             return rows
 
+        def estimated(self, *rest, staged=staged):
+            estimates[staged] = estimate(self, *rest)
+            return estimates[staged]
+
         strategy = build(cfg.strategy)
         with (
             tempfile.TemporaryDirectory() as cache_dir,
             mock.patch.dict("os.environ", {"MOYU_CACHE_DIR": cache_dir}),
             mock.patch.object(greedy, "greedy_path", timed),
+            mock.patch.object(greedy.ModelPaths, "estimate", estimated),
             mock.patch.object(greedy, "STAGED", staged),
         ):
             parts = calibration.Parts(data_key, strategy.name, use_shipped=False)
@@ -95,6 +101,12 @@ def main(argv: list[str] | None = None) -> int:
         else:
             line += f"- | {seconds[True][layer]:.1f} | - | -"
         print(line, flush=True)
+    took = sum(seconds[True].values())
+    if True in estimates:  # what the console line said before the (staged) search ran
+        print(
+            f"estimate said beforehand {estimates[True]:.1f} s; the staged search took "
+            f"{took:.1f} s (estimate / actual {estimates[True] / took:.2f})"
+        )
     if args.shipped:
         owner, params = build(cfg.strategy).shipped_part()
         for layer in args.layers:

@@ -366,26 +366,39 @@ def test_a_search_estimated_over_a_minute_says_so_first(
     assert not [r for r in caplog.records if "on this machine" in r.getMessage()]
 
 
-def test_the_search_estimate_is_of_the_order_of_the_search(tiny) -> None:
-    """The estimate (a timed MLP half, scaled by measured evaluations per step) and the time
-    the search takes agree within a factor of four on the tiny model."""
-    import time
+def test_the_search_estimate_counts_the_outstanding_steps_and_the_attention_kind(
+    tiny, monkeypatch
+) -> None:
+    """On a fake clock (each timed MLP half takes 10 ms, so nothing here depends on the
+    machine's load): the estimate is steps left x sites x the per-site cost; a higher reach
+    adds steps, a resumed path counts only its outstanding ones, eager attention costs more.
+    The estimate against the search's measured time: benchmarks/greedy_search.py prints it."""
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(greedy.time, "perf_counter", lambda: next(ticks) * 0.01)
+    sites = list(TEAL_SITES)
 
-    paths = greedy.ModelPaths(
-        calibration.Parts("k", "teal"), "teal", {}, [1], list(TEAL_SITES), STEP
-    )
-    paths.todo, paths.reach = {1: None}, 0.5
-    estimate = paths.estimate(tiny.model, 2, 512, 0.5)
-    captured = search_inputs(tiny, rows=2, tokens=512)
-    start = time.perf_counter()
-    greedy_path(
-        BlockSearch(tiny.model, 1, list(TEAL_SITES), captured, magnitude),
-        list(TEAL_SITES),
-        STEP,
-        0.5,
-    )
-    took = time.perf_counter() - start
-    assert took / 4 < estimate < took * 4
+    def estimate(reach: float, rows=None) -> tuple[float, int]:
+        paths = greedy.ModelPaths(calibration.Parts("k", "teal"), "teal", {}, [1], sites, STEP)
+        paths.todo, paths.reach = {1: rows}, reach
+        return paths.estimate(tiny.model, 2, 512, 0.5), paths.steps_left(tiny.model)
+
+    half, half_steps = estimate(0.5)
+    most, most_steps = estimate(0.9)
+    assert half_steps == greedy.steps_to(0.5, tiny.model, 1, sites, STEP) < most_steps
+    assert most / half == pytest.approx(most_steps / half_steps)
+    resumed, resumed_steps = estimate(0.5, rows=torch.zeros(11, 1 + len(sites)))
+    assert resumed_steps == half_steps - 10
+    assert resumed == pytest.approx(half * resumed_steps / half_steps)
+    monkeypatch.setattr(greedy, "ATTENTION_EVALS_PER_SITE", 0.0)
+    mlp_only, _ = estimate(0.5)
+    assert mlp_only == pytest.approx(half_steps * len(sites) * greedy.MLP_EVALS_PER_SITE * 0.01)
+    monkeypatch.undo()
+    monkeypatch.setattr(greedy.time, "perf_counter", lambda: next(ticks) * 0.01)
+    adapter = type(greedy.adapter_for(tiny.model))
+    monkeypatch.setattr(adapter, "eager_attention", lambda self, block: True)
+    eager, _ = estimate(0.5)
+    attention = half - mlp_only
+    assert eager == pytest.approx(mlp_only + greedy.EAGER_ATTENTION_COST * attention)
 
 
 def test_predictor_training_is_cached_per_layer_and_resumes(tiny, empty_cache, monkeypatch) -> None:

@@ -1,8 +1,9 @@
-"""Parity with plain lm-eval, request by request, on the embedded SmolLM2: our path (the cached
-checkpoint, ``MoyuLM``, the attachment's protocol bookkeeping) against lm-eval's own ``HFLM``
-loading the GGUF itself, on the same requests of a multiple-choice task (piqa) and a rolling
-perplexity task (the embedded prose): every request's log-likelihood within LL_TOLERANCE and
-the same is-greedy flag, dense and with a per-token method (top-k) attached to each model.
+"""Parity with plain lm-eval, request by request, on both embedded models (SmolLM2 and Gemma 3):
+our path (the cached checkpoint, ``MoyuLM``, the attachment's protocol bookkeeping) against
+lm-eval's own ``HFLM`` loading the GGUF itself, on the same requests of a multiple-choice task
+(piqa) and a rolling perplexity task (the embedded prose): every request's log-likelihood within
+LL_TOLERANCE and the same is-greedy flag, dense and with a per-token method (top-k) attached to
+each model.
 
 In CI the benchmark data missing is a failure (``MOYU_REQUIRE_DATA``, set by .ci/run), not a
 skip: a green run must have compared something."""
@@ -16,24 +17,27 @@ from moyu_exp import models
 from moyu_exp.evaluation.harness import MoyuLM
 from moyu_exp.evaluation.tasks import embedded_task, local_task, task_manager
 from tests.conftest import attach, compose_config, require_data
-from tests.test_smollm2 import GGUF
 
 pytestmark = [pytest.mark.smollm2, pytest.mark.xdist_group("smollm2")]
 
 LL_TOLERANCE = 2e-4  # nats, absolute (largest seen: in the note)
 PIQA_ITEMS = 16
+MODELS = ["smollm2_135m", "gemma3_270m"]
 
 
-@pytest.fixture(scope="module")
-def plain():
-    """Plain lm-eval's HFLM, loading the GGUF itself (the reference we must match)."""
+@pytest.fixture(scope="module", params=MODELS)
+def pair(request):
+    """(ours, plain): the model as moyu_exp loads it, and plain lm-eval's HFLM loading the same
+    GGUF itself (the reference we must match)."""
     from lm_eval.models.huggingface import HFLM
 
-    gguf = models.package_file(*GGUF)
-    return HFLM(
+    cfg = compose_config(f"model={request.param}").model
+    gguf = models.gguf_path(cfg)
+    plain = HFLM(
         pretrained=str(gguf.parent), gguf_file=gguf.name, dtype="float32", device="cpu",
         batch_size=8,
     )  # fmt: skip
+    return models.load(cfg), plain
 
 
 @pytest.fixture(scope="module")
@@ -74,11 +78,11 @@ def compare(ours: dict, theirs: dict) -> float:
 
 
 @pytest.mark.parametrize("name", ["dense", "topk"])
-def test_every_request_equals_plain_lm_eval(name, plain, data_dir, capsys) -> None:
+def test_every_request_equals_plain_lm_eval(name, pair, data_dir, capsys) -> None:
     specs = [local_task("piqa", data_dir), embedded_task()]
-    smollm2 = models.load(compose_config("model=smollm2_135m").model)
-    with attach(name, smollm2, "sparsity=0.5") as live:
-        ours = responses(MoyuLM(smollm2, live, batch_size=8, prompt_fraction=0.5), specs)
+    model, plain = pair
+    with attach(name, model, "sparsity=0.5") as live:
+        ours = responses(MoyuLM(model, live, batch_size=8, prompt_fraction=0.5), specs)
     # the same method on plain lm-eval's own model (its batches, its padding)
     with attach(name, models.LoadedModel(plain.model, plain.tokenizer), "sparsity=0.5"):
         theirs = responses(plain, specs)
@@ -86,16 +90,20 @@ def test_every_request_equals_plain_lm_eval(name, plain, data_dir, capsys) -> No
     assert {task for task, _, _ in ours} == {"piqa", "embedded"}
     assert sum(task == "piqa" for task, _, _ in ours) == 2 * PIQA_ITEMS  # two choices an item
     with capsys.disabled():
-        print(f"\n{name}: {len(ours)} requests, largest |d loglikelihood| {largest:.2e}")
+        print(
+            f"\n{model.info['name']} {name}: {len(ours)} requests, "
+            f"largest |d loglikelihood| {largest:.2e}"
+        )
     assert largest <= LL_TOLERANCE
 
 
-def test_a_biased_log_likelihood_fails_the_comparison(plain, data_dir) -> None:
+@pytest.mark.parametrize("pair", MODELS[:1], indirect=True)  # the comparison, not the model
+def test_a_biased_log_likelihood_fails_the_comparison(pair, data_dir) -> None:
     """The comparison catches a bias far smaller than an aggregate accuracy would show."""
     specs = [embedded_task()]
-    smollm2 = models.load(compose_config("model=smollm2_135m").model)
-    with attach("dense", smollm2) as live:
-        ours = responses(MoyuLM(smollm2, live, batch_size=8, prompt_fraction=0.5), specs)
+    model, plain = pair
+    with attach("dense", model) as live:
+        ours = responses(MoyuLM(model, live, batch_size=8, prompt_fraction=0.5), specs)
     theirs = responses(plain, specs)
     biased = {k: [v[0] + 10 * LL_TOLERANCE, *v[1:]] for k, v in ours.items()}
     assert compare(ours, theirs) <= LL_TOLERANCE
