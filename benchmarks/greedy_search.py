@@ -72,8 +72,8 @@ def main(argv: list[str] | None = None) -> int:
             times[search.layer] = time.perf_counter() - start
             return rows
 
-        def estimated(self, *rest, staged=staged):
-            estimates[staged] = estimate(self, *rest)
+        def estimated(self, *rest, staged=staged, **named):
+            estimates[staged] = estimate(self, *rest, **named)
             return estimates[staged]
 
         strategy = build(cfg.strategy)
