@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 ARGS ?=
 # one test worker per CPU (at most four), each with its share of the threads
-PYTEST_ARGS ?= -n logical --maxprocesses 4 --dist loadgroup
+PYTEST_ARGS ?= -n logical --maxprocesses 4 --dist loadgroup --durations=10
 
 .PHONY: run test lint install
 
