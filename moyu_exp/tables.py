@@ -6,10 +6,11 @@ page shows, right above the table, the command that prints it::
     `python -m moyu_exp.tables docs/zoo_summary.csv --columns label piqa/acc±piqa/acc_stderr`
 
 A column is ``name``, ``name±error`` (a value and its standard error) or either followed by
-``:Header``. ``--where key=value`` keeps matching rows, ``--levels`` reads each method's KL and
-piqa where its speed curve crosses the given speedups (as ``python -m moyu_exp.report
---levels`` does on run folders). ``--refresh FILE...`` rewrites every such table in the files
-from its command; ``--check FILE...`` exits 1 when one differs (the test suite runs it on docs/).
+``:Header``. ``--where key=value`` keeps matching rows (``key=a|b``: either), ``--levels`` reads
+each method's KL and piqa where its speed curve crosses the given speedups (as ``python -m
+moyu_exp.report --levels`` does on run folders), on each ``--speed`` axis given.
+``--refresh FILE...`` rewrites every such table in the files from its command; ``--check
+FILE...`` exits 1 when one differs (the test suite runs it on docs/).
 """
 
 from __future__ import annotations
@@ -74,19 +75,38 @@ def build(argv: list[str]) -> str:
     rows = read_csv(args.csv)
     for condition in args.where or []:
         key, _, wanted = condition.partition("=")
-        rows = [r for r in rows if _matches(r.get(key), wanted)]
+        rows = [r for r in rows if any(_matches(r.get(key), w) for w in wanted.split("|"))]
     if args.levels:
-        rows = report.at_speedups(rows, args.levels, args.speed)
-        columns = args.columns or ["method"]
-        for lv in [] if args.columns else args.levels:
-            columns.append(f"fidelity/kl @ {lv:g}x:KL @ {lv:g}x")
-            if any(r.get(f"piqa/acc @ {lv:g}x") is not None for r in rows):
-                columns.append(f"piqa/acc @ {lv:g}x±piqa/acc_stderr @ {lv:g}x:piqa @ {lv:g}x")
+        rows, columns = _at_levels(rows, args.levels, args.speed, args.columns)
     else:
         columns = args.columns or ["label", "sparsity", "achieved_sparsity"]
     if args.sort:
         rows = sorted(rows, key=lambda r: (r.get(args.sort) is None, r.get(args.sort)))
     return markdown(rows, columns)
+
+
+AXIS_NAMES = {"speedup": "measured", "ideal_speedup": "ideal", "matched_speedup": "matched"}
+
+
+def _at_levels(
+    rows: list[dict[str, Any]], levels: list[float], axes: list[str], columns: list[str] | None
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Each method's KL (and piqa) at the levels of each speed axis: the first axis' columns
+    are "KL @ 1.2x", a further axis' "KL @ 1.2x (ideal)"."""
+    merged: dict[str, dict[str, Any]] = {}
+    out = list(columns or ["method"])
+    for n, axis in enumerate(axes):
+        read = report.at_speedups(rows, levels, axis)
+        tag = "" if n == 0 else f" ({AXIS_NAMES[axis]})"
+        for row in read:
+            target = merged.setdefault(row["method"], {"method": row["method"]})
+            target.update({f"{k}{tag}": v for k, v in row.items() if k != "method"})
+        for lv in [] if columns else levels:
+            out.append(f"fidelity/kl @ {lv:g}x{tag}:KL @ {lv:g}x{tag}")
+            if any(r.get(f"piqa/acc @ {lv:g}x") is not None for r in read):
+                piqa = f"piqa/acc @ {lv:g}x{tag}"
+                out.append(f"{piqa}±piqa/acc_stderr @ {lv:g}x{tag}:piqa @ {lv:g}x{tag}")
+    return list(merged.values()), out
 
 
 def _matches(value: Any, wanted: str) -> bool:
@@ -118,6 +138,8 @@ def refresh(path: Path, write: bool = True) -> bool:
             old.append(lines[i])
             i += 1
         new = build(shlex.split(match.group(1))[3:]).splitlines()
+        if i < len(lines) and lines[i].strip():
+            new.append("")  # a table ends at a blank line (markdown)
         changed |= new != old
         out += new
     if changed and write:
@@ -132,10 +154,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("csv", type=Path, help="a sweep's summary.csv (or a docs/ copy of it)")
     parser.add_argument("--columns", nargs="+", help="name, name±error, either with :Header")
-    parser.add_argument("--where", nargs="+", help="key=value conditions on the rows")
+    parser.add_argument("--where", nargs="+", help="key=value conditions (value: a|b for any)")
     parser.add_argument("--sort", help="a column to order the rows by")
     parser.add_argument("--levels", type=float, nargs="+", help="speedups to read KL and piqa at")
-    parser.add_argument("--speed", default="speedup", choices=[c for c, _ in report.LEVEL_AXES])
+    parser.add_argument(
+        "--speed",
+        nargs="+",
+        default=["speedup"],
+        choices=[c for c, _ in report.LEVEL_AXES],
+        help="the speed axes the levels are read on (one column group each)",
+    )
     return parser
 
 

@@ -61,3 +61,21 @@ def test_the_config_layer_imports_no_plug_in() -> None:
     assert out.returncode == 0, out.stderr
     for layer in ("strategies", "probes", "families", "kernels", "models", "runner"):
         assert f"moyu_exp.{layer}" not in loaded, loaded
+
+
+def test_levels_on_several_speed_axes_and_either_of_several_values(tmp_path) -> None:
+    """``--speed`` with several axes gives a column group each; ``--where key=a|b`` keeps both."""
+    csv = tmp_path / "f.csv"
+    csv.write_text(
+        "label,strategy,sparsity,status,speedup,ideal_speedup,fidelity/kl\n"
+        "a,a,0.5,ok,1.2,1.4,0.2\n"
+        "b,b,0.5,ok,1.4,1.4,0.4\n"
+        "c,c,0.5,ok,1.4,1.4,0.1\n"
+    )
+    table = tables.build(
+        [str(csv), "--where", "label=a|b", "--levels", "1.2", "--speed", "speedup", "ideal_speedup"]
+    )
+    assert table.splitlines()[0] == "| method | KL @ 1.2x | KL @ 1.2x (ideal) |"
+    # along each curve from dense (speedup 1, KL 0): a at 1.2x is its point, at ideal 1.2x half
+    # of it; b reaches 1.2x at half its KL on both axes; c is not kept
+    assert table.splitlines()[2:] == ["| a | 0.200 | 0.100 |", "| b | 0.200 | 0.200 |"]
