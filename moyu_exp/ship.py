@@ -153,6 +153,24 @@ def _machine() -> str:
     return f"{cpu}, {os.cpu_count()} CPUs, torch {torch.__version__}, {platform.system()}"
 
 
+PROVENANCE = (
+    "model", "method", "reach", "tokens", "token_digest", "fingerprint", "commit", "created",
+    "seconds", "machine",
+)  # fmt: skip
+
+
+def provenance_csv(path: Path) -> None:
+    """Write one row per shipped file: its name, size and where it came from (its metadata)."""
+    import csv
+
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        out = csv.writer(f, lineterminator="\n")
+        out.writerow(["file", "kilobytes", *PROVENANCE])
+        for file, meta in shipped.files():
+            size = round(file.stat().st_size / 1000)
+            out.writerow([file.name, size, *(meta.get(k, "") for k in PROVENANCE)])
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -166,7 +184,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--reach", type=float, help="sparsity the paths go to (default: the YAML's greedy_max)"
     )
+    parser.add_argument("--provenance", type=Path, help="write where each file came from (CSV)")
     args = parser.parse_args(argv)
+    if args.provenance:
+        provenance_csv(args.provenance)
+        return 0
     if args.check:
         lines = check()
         print("\n".join(lines) or f"no shipped files in {shipped.FOLDER}")

@@ -437,3 +437,15 @@ def test_every_calibration_over_a_minute_says_its_cost_first(
     lines = [r.getMessage() for r in caplog.records if "on this machine" in r.getMessage()]
     assert len(lines) == 1 and lines[0].startswith("calibrating cats: about")
     assert "fewer calibration.tokens avoids it" in lines[0]
+
+
+def test_the_shipped_provenance_csv_is_the_files_own_metadata(tmp_path) -> None:
+    """docs/calibration.md's table of where each shipped file came from is generated from
+    docs/shipped_provenance.csv, which must be what the files say (rewrite it with
+    ``python -m moyu_exp.ship --provenance docs/shipped_provenance.csv``)."""
+    from tests.conftest import ROOT
+
+    written = tmp_path / "provenance.csv"
+    ship.provenance_csv(written)
+    assert written.read_text() == (ROOT / "docs" / "shipped_provenance.csv").read_text()
+    assert len(written.read_text().splitlines()) == 1 + len(shipped.files())
