@@ -6,7 +6,9 @@ before the staged one) and with the staged one (:class:`moyu_exp.strategies.gree
 dense prefix keys and values once, queries of the error window only, o_proj input, gate/up
 outputs and activation kept across trials). It prints the seconds per layer of each, their
 ratio, and the largest relative difference between the two paths' rows (they should be equal).
-With ``--shipped`` it also compares the fresh rows with the shipped file's for those layers.
+With ``--shipped`` it also compares the fresh rows with the shipped file's for those layers;
+``--csv FILE`` appends a row per layer to FILE (docs/calibration.md's table is generated from
+docs/greedy_search.csv).
 
     python benchmarks/greedy_search.py                      # SmolLM2, TEAL, layers 0 and 1
     python benchmarks/greedy_search.py --method wina --layers 0 29
@@ -17,8 +19,13 @@ With ``--shipped`` it also compares the fresh rows with the shipped file's for t
 from __future__ import annotations
 
 import argparse
+import csv
+import platform
+import subprocess
 import tempfile
 import time
+from datetime import UTC, datetime
+from pathlib import Path
 from unittest import mock
 
 
@@ -31,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reach", type=float, default=0.9, help="sparsity the paths go to")
     parser.add_argument("--staged-only", action="store_true", help="skip the plain evaluation")
     parser.add_argument("--shipped", action="store_true", help="compare with the shipped rows")
+    parser.add_argument("--csv", type=Path, help="append a row per layer to this CSV")
     args = parser.parse_args(argv)
 
     import torch
@@ -89,8 +97,11 @@ def main(argv: list[str] | None = None) -> int:
         paths[staged] = {i: state[f"greedy.{i}"] for i in args.layers}
         seconds[staged] = times
     print("layer | rows | plain s | staged s | plain/staged | largest relative difference")
+    records = []
     for layer in args.layers:
         staged_rows = paths[True][layer]
+        record = {"model": args.model, "method": args.method, "layer": layer, "reach": args.reach}
+        record |= {"rows": len(staged_rows), "staged_s": round(seconds[True][layer], 1)}
         line = f"{layer} | {len(staged_rows)} | "
         if not args.staged_only:
             plain_rows = paths[False][layer]
@@ -98,9 +109,14 @@ def main(argv: list[str] | None = None) -> int:
             ratio = seconds[False][layer] / seconds[True][layer]
             line += f"{seconds[False][layer]:.1f} | {seconds[True][layer]:.1f} | {ratio:.2f} | "
             line += f"{diff:.2e}"
+            record |= {"plain_s": round(seconds[False][layer], 1), "ratio": round(ratio, 2)}
+            record |= {"largest_relative_difference": diff}
         else:
             line += f"- | {seconds[True][layer]:.1f} | - | -"
         print(line, flush=True)
+        records.append(record)
+    if args.csv:
+        append_csv(args.csv, records)
     took = sum(seconds[True].values())
     if True in estimates:  # what the console line said before the (staged) search ran
         print(
@@ -123,6 +139,33 @@ def main(argv: list[str] | None = None) -> int:
                 f"largest level difference over the first {same} rows {largest:.2e}"
             )
     return 0
+
+
+COLUMNS = (
+    "model", "method", "layer", "rows", "plain_s", "staged_s", "ratio",
+    "largest_relative_difference", "reach", "commit", "date", "machine",
+)  # fmt: skip
+
+
+def append_csv(path: Path, records: list[dict]) -> None:
+    """Append the layers' rows (with the commit, date and machine) to ``path``."""
+    import os
+
+    import torch
+
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+    ).stdout.strip()
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch "
+    machine += torch.__version__
+    today = datetime.now(UTC).strftime("%Y-%m-%d")
+    new = not path.exists()
+    with open(path, "a", newline="", encoding="utf-8") as f:
+        out = csv.DictWriter(f, fieldnames=COLUMNS, lineterminator="\n")
+        if new:
+            out.writeheader()
+        for record in records:
+            out.writerow(record | {"commit": commit, "date": today, "machine": machine})
 
 
 def relative_difference(a, b) -> float:

@@ -6,8 +6,9 @@ page shows, right above the table, the command that prints it::
     `python -m moyu_exp.tables docs/zoo_summary.csv --columns label piqa/acc±piqa/acc_stderr`
 
 A column is ``name``, ``name±error`` (a value and its standard error) or either followed by
-``:Header``. ``--where key=value`` keeps matching rows (``key=a|b``: either), ``--levels`` reads
-each method's KL and piqa where its speed curve crosses the given speedups (as ``python -m
+``:Header``; ``name%.1f`` (any format spec; ``%d`` a whole number) sets how it prints.
+``--where key=value`` keeps matching rows (``key=a|b``: either), ``--levels`` reads each
+method's KL and piqa where its speed curve crosses the given speedups (as ``python -m
 moyu_exp.report --levels`` does on run folders), on each ``--speed`` axis given.
 ``--refresh FILE...`` rewrites every such table in the files from its command; ``--check
 FILE...`` exits 1 when one differs (the test suite runs it on docs/).
@@ -62,14 +63,22 @@ def markdown(rows: list[dict[str, Any]], columns: list[str]) -> str:
     specs = []
     for column in columns:
         spec, _, head = column.partition(":")
+        spec, _, form = spec.partition("%")
         value, _, error = spec.partition("±")
-        specs.append((value, error or None))
+        specs.append((value, error or None, form or None))
         heads.append(head or spec)
     for row in rows:
-        cells.append([cell(row.get(v), row.get(e) if e else None) for v, e in specs])
+        cells.append([_cell(row, v, e, f) for v, e, f in specs])
     lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     lines += ["| " + " | ".join(c) + " |" for c in cells]
     return "\n".join(lines)
+
+
+def _cell(row: dict[str, Any], value: str, error: str | None, form: str | None) -> str:
+    number = row.get(value)
+    if form is None or not isinstance(number, float):
+        return cell(number, row.get(error) if error else None)
+    return format(int(number) if form == "d" else number, form)
 
 
 def build(argv: list[str]) -> str:

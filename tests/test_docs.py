@@ -79,6 +79,8 @@ def test_levels_on_several_speed_axes_and_either_of_several_values(tmp_path) -> 
     # along each curve from dense (speedup 1, KL 0): a at 1.2x is its point, at ideal 1.2x half
     # of it; b reaches 1.2x at half its KL on both axes; c is not kept
     assert table.splitlines()[2:] == ["| a | 0.200 | 0.100 |", "| b | 0.200 | 0.200 |"]
+    rows = [{"layer": 3.0, "s": 87.25}]
+    assert tables.markdown(rows, ["layer%d", "s%.1f:sec"]).splitlines()[2] == "| 3 | 87.2 |"
 
 
 # Tables that are not measurements (what exists, who owns what), by their header line.
@@ -90,7 +92,6 @@ REFERENCE_TABLES = (
 # Measured tables still written by hand (their runs' folders were not kept, so they have no CSV
 # yet): this list may only shrink; a new measured table comes with its CSV and command.
 HAND_WRITTEN = {
-    ("calibration.md", "| model, method, layer | plain (s) | staged (s) | ratio |"),
     ("findings.md", "| probe | wall time (s) | headline |"),
     ("findings.md", "| T, mode | recall d = 1-4 | d = 5-16 | d = 17-64 | d = 65-256 |"),
     ("findings.md", "| source | Gini of f (s = 0.5) | hottest 10% share (s = 0.5) |"),
