@@ -75,10 +75,12 @@ def markdown(rows: list[dict[str, Any]], columns: list[str]) -> str:
 
 
 def _cell(row: dict[str, Any], value: str, error: str | None, form: str | None) -> str:
-    number = row.get(value)
+    """One table cell: :func:`cell`'s format, or the column's own (``form``) for a number."""
+    number, spread = row.get(value), row.get(error) if error else None
     if form is None or not isinstance(number, float):
-        return cell(number, row.get(error) if error else None)
-    return format(int(number) if form == "d" else number, form)
+        return cell(number, spread)
+    text = format(int(number) if form == "d" else number, form)
+    return text if spread is None else f"{text} ± {format(spread, form)}"
 
 
 def build(argv: list[str]) -> str:

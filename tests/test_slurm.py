@@ -77,11 +77,16 @@ def running_task(cluster, array_task: int, timeout: float = 120) -> str:
 
 
 def release(cluster, job: str, timeout: float = 60) -> None:
-    """Start a requeued job now: SLURM holds one for two minutes (BeginTime) by default."""
+    """Start a requeued job soon: SLURM holds one for two minutes (BeginTime) by default, so
+    that slurmd has forgotten the revoked credential of its first launch. slurmd rejects a
+    credential created no later than the revocation, in whole seconds (``cred->ctime <=
+    j->revoked``): a launch in the same second as the requeue is killed ("Job credential
+    revoked", seen once in CI), so the job starts two seconds on, not at once."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         state = cluster.run("scontrol", "show", "job", "-o", job).stdout
         if "JobState=PENDING" in state:
+            time.sleep(2)
             now = cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")
             assert now.returncode == 0, now.stderr
             return
