@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import platform
-import subprocess
 import tempfile
 import time
 from datetime import UTC, datetime
@@ -149,23 +147,20 @@ COLUMNS = (
 
 def append_csv(path: Path, records: list[dict]) -> None:
     """Append the layers' rows (with the commit, date and machine) to ``path``."""
-    import os
+    from moyu_exp.ship import machine_description, short_commit
 
-    import torch
-
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-    ).stdout.strip()
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch "
-    machine += torch.__version__
-    today = datetime.now(UTC).strftime("%Y-%m-%d")
+    stamp = {
+        "commit": short_commit(),
+        "date": datetime.now(UTC).strftime("%Y-%m-%d"),
+        "machine": machine_description(),
+    }
     new = not path.exists()
     with open(path, "a", newline="", encoding="utf-8") as f:
         out = csv.DictWriter(f, fieldnames=COLUMNS, lineterminator="\n")
         if new:
             out.writeheader()
         for record in records:
-            out.writerow(record | {"commit": commit, "date": today, "machine": machine})
+            out.writerow(record | stamp)
 
 
 def relative_difference(a, b) -> float:

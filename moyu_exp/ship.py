@@ -116,8 +116,8 @@ def regenerate(model: str, method: str, reach: float | None = None) -> Path:
         "dataset": cfg.dataset.name,
         "dtype": str(cfg.model.dtype),
         "command": f"python -m moyu_exp.ship --model {model} --method {method}",
-        "commit": _commit(),
-        "machine": _machine(),
+        "commit": short_commit(),
+        "machine": machine_description(),
         "created": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "seconds": round(seconds, 1),
         "parts_found": parts.summary(),
@@ -127,7 +127,8 @@ def regenerate(model: str, method: str, reach: float | None = None) -> Path:
     return path
 
 
-def _commit() -> str:
+def short_commit() -> str:
+    """This checkout's commit, short ("unknown" outside git)."""
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],
@@ -141,7 +142,8 @@ def _commit() -> str:
     return out.stdout.strip() or "unknown"
 
 
-def _machine() -> str:
+def machine_description() -> str:
+    """CPU model, core count, torch and OS: the machine a measurement ran on."""
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

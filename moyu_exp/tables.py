@@ -45,14 +45,11 @@ def _value(text: str) -> Any:
 
 
 def cell(value: Any, error: Any = None) -> str:
-    """A number to three decimals (four significant digits past 100; a whole number from 10
-    on, all of its digits), with its error."""
+    """A number to three decimals (four significant digits past 100), with its error."""
     if value is None:
         return "-"
     if not isinstance(value, float):
         return str(value)
-    if value.is_integer() and abs(value) >= 10 and error is None:
-        return str(int(value))  # a count (tokens, bytes): all of its digits
     text = f"{value:.4g}" if abs(value) >= 100 else f"{value:.3f}"
     return text if error is None else f"{text} ± {error:.3f}"
 
