@@ -4,7 +4,9 @@ For each strategy and sparsity: greedy decode tokens/s of the dense model and of
 (both through the lean decoder of ``moyu_exp.kernels``, so they share every kernel), their
 ratio, the weight bytes each reads per token (all linears, the LM head and the embedding row),
 the ideal ratio if time were proportional to bytes (dense bytes / sparse bytes, from the sets
-the strategy really kept), and measured / ideal. Dense and sparse windows alternate in every
+the strategy really kept), and measured / ideal (efficiency, with its IQR over the rounds). The
+dense decode's own bandwidth (GB/s) is printed beside the native dense mat-vec's over the same
+weights, the roof both sides of a ratio stand under. Dense and sparse windows alternate in every
 round (in alternating order); tokens/s are medians over rounds, and the speedup is the median of
 the rounds' sparse/dense ratios, so a slow phase of a shared machine hits both sides of a ratio.
 This is a loop over :func:`moyu_exp.bench.paired`, the measurement ``bench.mode=kernel`` makes
@@ -49,6 +51,25 @@ def config(model: str, dtype: str, shape: str | None, strategy: str, sparsity: f
     return compose_config(overrides)
 
 
+def _gemv_bandwidth(loaded) -> float:
+    """The native dense mat-vec's bandwidth over the decoder's weights (the decode's roof)."""
+    import torch
+    from kernel_bandwidth import FLUSH_BYTES, dense_bandwidth
+
+    from moyu_exp.kernels import native
+    from moyu_exp.kernels.decoder import DecoderWeights
+
+    lib = native.load()
+    w = DecoderWeights(loaded.model, max_tokens=16)
+    if lib is None or w.head.dtype not in (torch.float32, torch.bfloat16):
+        return float("nan")
+    weights = [
+        getattr(layer, kind) for layer in w.layers for kind in ("qkv", "o", "gate_up", "down")
+    ]
+    torch.ones(FLUSH_BYTES // 4).sum()
+    return dense_bandwidth(lib, [*weights, w.head], torch.randn(w.d))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2_135m")
@@ -89,7 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     header = (
         f"{'strategy':<9}{'target':>7}{'achieved':>9}{'dense tok/s':>12}{'sparse tok/s':>13}"
         f"{'speedup':>8}{'IQR':>6}{'dense MB':>9}{'sparse MB':>10}{'ideal':>7}{'meas/ideal':>11}"
+        f"{'IQR':>6}{'dense GB/s':>11}"
     )
+    print(f"dense mat-vec over the model's weights, from DRAM: {_gemv_bandwidth(loaded):.1f} GB/s")
     print(header)
     rows = []
     for name in args.strategies:
@@ -114,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{row['speedup']:>8.2f}{row['speedup_iqr']:>6.2f}"
                 f"{row['dense_weight_bytes_per_token'] / 1e6:>9.1f}"
                 f"{row['weight_bytes_per_token'] / 1e6:>10.1f}{row['ideal_speedup']:>7.2f}"
-                f"{row['efficiency']:>11.2f}",
+                f"{row['efficiency']:>11.2f}{row['speedup_iqr'] / row['ideal_speedup']:>6.2f}"
+                f"{row['dense_tokens_per_s'] * row['dense_weight_bytes_per_token'] / 1e9:>11.1f}",
                 flush=True,
             )
     if args.json:

@@ -291,6 +291,26 @@ def test_input_sparse_kernel_matches_torch_on_every_thread_split(kept, cols, dty
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
 
 
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kept", [1, 3, 4, 17, 20, 1535])
+@pytest.mark.parametrize("cols", [40, 576, 1000])
+def test_gathered_rows_kernel_matches_torch_on_every_thread_split(kept, cols, dtype, threads):
+    """The listed rows of W (four at a time, 16-lane sums and a tail; the rest one by one)
+    must equal W[idx] @ x, for counts that leave every remainder, on 1, 3 and 4 threads."""
+    lib = native.load()
+    assert lib is not None and torch.get_num_threads() == threads
+    gen = torch.Generator().manual_seed(kept * 11 + cols)
+    weight = torch.randn(1536, cols, generator=gen).to(dtype)
+    x = torch.randn(cols, generator=gen)
+    idx = torch.randperm(1536, generator=gen)[:kept].sort().values
+    out = torch.full((kept,), float("nan"))
+    lib.fn("dot", weight)(
+        weight.data_ptr(), cols, idx.data_ptr(), kept, x.data_ptr(), out.data_ptr()
+    )
+    torch.testing.assert_close(out, weight[idx].float() @ x, rtol=1e-4, atol=1e-4)
+
+
 RULES = {
     "topk": lambda dim: KernelRule(k=keep_count(0.6, dim)),
     "scaled topk": lambda dim: KernelRule(k=keep_count(0.3, dim), scale=torch.rand(dim) + 0.5),

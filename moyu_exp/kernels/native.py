@@ -96,11 +96,13 @@ def load() -> Native | None:
     """The compiled kernels, or None (then the stock-PyTorch ops run)."""
     if os.environ.get("MOYU_KERNELS", "native") == "torch":
         return None
-    return _build()
+    return build(SOURCE)
 
 
 @functools.cache
-def _build() -> Native | None:
+def build(source: Path) -> Native | None:
+    """The kernels compiled from ``source`` (the package's own, or another version of it for a
+    benchmark's comparison), cached by content; None when no compiler can build them."""
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if compiler is None:
         log.warning("no C compiler found: sparse kernels fall back to stock PyTorch ops")
@@ -110,7 +112,7 @@ def _build() -> Native | None:
             [compiler, "--version"], capture_output=True, text=True, timeout=30
         ).stdout
         key = cache.content_key(
-            SOURCE.read_text(), version, FLAGS, platform.machine(), _cpu_flags()
+            source.read_text(), version, FLAGS, platform.machine(), _cpu_flags()
         )
         path = cache.root() / "kernels" / key / "sparse_gemv.so"
         if not path.is_file():
@@ -119,7 +121,7 @@ def _build() -> Native | None:
             os.close(fd)
             try:
                 subprocess.run(
-                    [compiler, *FLAGS, str(SOURCE), "-o", tmp],
+                    [compiler, *FLAGS, str(source), "-o", tmp],
                     check=True,
                     capture_output=True,
                     text=True,
