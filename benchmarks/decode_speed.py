@@ -21,8 +21,10 @@ inside every sweep point.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 SHAPES = {  # tiny_llama shapes for timing at sizes we cannot download
@@ -84,12 +86,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument(
+        "--csv", type=Path, help="append the rows here, with the model, commit, date and machine"
+    )
+    parser.add_argument("--label", default="", help="what the CSV rows measured (default: commit)")
+    parser.add_argument(
+        "--from-json", type=Path, help="measure nothing: take the rows of an earlier --json run"
+    )
+    parser.add_argument(
         "--overrides",
         nargs="+",
         default=[],
         help="config overrides for every sparse point, e.g. strategy.allocation=uniform",
     )
     args = parser.parse_args(argv)
+    if args.from_json:
+        if not args.csv or not args.label:
+            parser.error("--from-json converts rows: give --csv, and --label (what was measured)")
+        rows = json.loads(args.from_json.read_text())
+        append_csv(args.csv, rows, args.model, args.label, commit=args.label.split()[0])
+        return 0
 
     import torch
 
@@ -143,7 +158,39 @@ def main(argv: list[str] | None = None) -> int:
             )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
+    if args.csv:
+        append_csv(args.csv, rows, args.model, args.label)
     return 0
+
+
+CSV_COLUMNS = (
+    "label", "model", "strategy", "sparsity", "achieved_sparsity", "speedup", "speedup_iqr",
+    "ideal_speedup", "efficiency", "efficiency_iqr", "dense_tokens_per_s", "commit", "date",
+    "machine",
+)  # fmt: skip
+
+
+def append_csv(path: Path, rows: list[dict], model: str, label: str, commit: str = "") -> None:
+    """Append the rows (efficiency's IQR = the speedup's over the ideal) to ``path``, stamped
+    with the commit measured (default: this tree's), today's date and this machine."""
+    from moyu_exp.ship import machine_description, short_commit
+
+    commit = commit or short_commit()
+    stamp = {
+        "label": label or commit,
+        "model": model,
+        "commit": commit,
+        "date": datetime.now(UTC).strftime("%Y-%m-%d"),
+        "machine": machine_description(),
+    }
+    new = not path.exists()
+    with open(path, "a", newline="", encoding="utf-8") as f:
+        out = csv.DictWriter(f, fieldnames=CSV_COLUMNS, lineterminator="\n", extrasaction="ignore")
+        if new:
+            out.writeheader()
+        for row in rows:
+            iqr = row["speedup_iqr"] / row["ideal_speedup"]
+            out.writerow({**row, "efficiency_iqr": iqr, **stamp})
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@ page shows, right above the table, the command that prints it::
 
 A column is ``name``, ``name±error`` (a value and its standard error) or either followed by
 ``:Header``; ``name%.1f`` (any format spec; ``%d`` a whole number) sets how it prints.
-``--where key=value`` keeps matching rows (``key=a|b``: either), ``--levels`` reads each
+``--where key=value`` keeps matching rows (``key=a|b``: either), ``--spread KEY --by COL...``
+gives one row per ``--by`` values with the columns repeated for each value of KEY
+("efficiency @ 0.5"), ``--levels`` reads each
 method's KL and piqa where its speed curve crosses the given speedups (as ``python -m
 moyu_exp.report --levels`` does on run folders), on each ``--speed`` axis given.
 ``--refresh FILE...`` rewrites every such table in the files from its command; ``--check
@@ -89,6 +91,8 @@ def build(argv: list[str]) -> str:
         rows = [r for r in rows if any(_matches(r.get(key), w) for w in wanted.split("|"))]
     if args.levels:
         rows, columns = _at_levels(rows, args.levels, args.speed, args.columns)
+    elif args.spread:
+        rows, columns = _spread(rows, args.spread, args.by or [], args.columns or [])
     else:
         columns = args.columns or ["label", "sparsity", "achieved_sparsity"]
     if args.sort:
@@ -118,6 +122,38 @@ def _at_levels(
                 piqa = f"piqa/acc @ {lv:g}x{tag}"
                 out.append(f"{piqa}±piqa/acc_stderr @ {lv:g}x{tag}:piqa @ {lv:g}x{tag}")
     return list(merged.values()), out
+
+
+def _spread(
+    rows: list[dict[str, Any]], key: str, by: list[str], columns: list[str]
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """One row per distinct ``by`` values, each of ``columns`` repeated for every value of
+    ``key`` (in ascending order) and headed "column @ value"."""
+    levels = sorted({r[key] for r in rows if r.get(key) is not None}, key=_order)
+    merged: dict[tuple, dict[str, Any]] = {}
+    for row in rows:
+        target = merged.setdefault(tuple(row.get(b) for b in by), {b: row.get(b) for b in by})
+        target.update(
+            {f"{name} @ {_text(row[key])}": v for name, v in row.items() if name not in by}
+        )
+    out = list(by)
+    for level in levels:
+        for column in columns:
+            spec, _, head = column.partition(":")
+            spec, _, form = spec.partition("%")
+            value, _, error = spec.partition("±")
+            tag = f" @ {_text(level)}"
+            spread = value + tag + (f"±{error}{tag}" if error else "")
+            out.append(spread + (f"%{form}" if form else "") + f":{head or value}{tag}")
+    return list(merged.values()), out
+
+
+def _order(value: Any) -> tuple[bool, Any]:
+    return (not isinstance(value, float), value if isinstance(value, float) else str(value))
+
+
+def _text(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _matches(value: Any, wanted: str) -> bool:
@@ -168,6 +204,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--where", nargs="+", help="key=value conditions (value: a|b for any)")
     parser.add_argument("--sort", help="a column to order the rows by")
     parser.add_argument("--levels", type=float, nargs="+", help="speedups to read KL and piqa at")
+    parser.add_argument("--spread", help="a column whose values become column groups")
+    parser.add_argument("--by", nargs="+", help="with --spread: the columns that name a row")
     parser.add_argument(
         "--speed",
         nargs="+",

@@ -83,6 +83,26 @@ def test_levels_on_several_speed_axes_and_either_of_several_values(tmp_path) -> 
     assert tables.markdown(rows, ["layer%d", "s%.1f:sec"]).splitlines()[2] == "| 3 | 87.2 |"
 
 
+def test_spread_gives_a_column_group_per_value(tmp_path) -> None:
+    """``--spread sparsity --by label strategy``: one row per label and strategy, the columns
+    repeated per sparsity in ascending order, a missing point left empty."""
+    csv = tmp_path / "k.csv"
+    csv.write_text(
+        "label,strategy,sparsity,efficiency,efficiency_iqr\n"
+        "old,teal,0.5,0.7,0.05\n"
+        "old,teal,0.3,0.8,0.04\n"
+        "new,teal,0.3,0.9,0.02\n"
+    )
+    spread = ["--spread", "sparsity", "--by", "label", "strategy"]
+    table = tables.build([str(csv), *spread, "--columns", "efficiency±efficiency_iqr%.2f:eff"])
+    assert table.splitlines() == [
+        "| label | strategy | eff @ 0.3 | eff @ 0.5 |",
+        "|---|---|---|---|",
+        "| old | teal | 0.80 ± 0.04 | 0.70 ± 0.05 |",
+        "| new | teal | 0.90 ± 0.02 | - |",
+    ]
+
+
 # Tables that are not measurements (what exists, who owns what), by their header line.
 REFERENCE_TABLES = (
     "| piece | owns | is handed | knows nothing of |",

@@ -120,11 +120,11 @@ ROW_DOT(row_dot_bf16, uint16_t, from_bf16)
  * accumulators nor a reduction, which measured here 10-30% faster at 10% density and slower
  * at full density (SmolLM2's shapes, 2 threads).
  * Eight rows are summed per pass (eight streams for the hardware prefetcher), and only the
- * first HEAD_LINES cache lines of the rows two passes ahead are prefetched: a gathered row is a
- * new stream, and the prefetcher needs a few lines of it to take over. Measured here
- * (benchmarks/kernel_bandwidth.py, SmolLM2's shapes): whole-row software prefetch reached
- * 0.30-0.90 of the dense mat-vec's bandwidth at 10-100% density, no prefetch 0.50-1.0, and
- * this 0.88-1.0 (more at low density, where the column split reads half-rows). */
+ * first lines of the rows two passes ahead are prefetched (prefetch_head). Measured with
+ * benchmarks/kernel_bandwidth.py (SmolLM2's weights, 2 threads, each pass from DRAM): at 50-70%
+ * density 0.81-0.96 of the dense mat-vec's bandwidth, where four rows with whole rows
+ * prefetched one group ahead reached 0.64-0.86; at 10%, 0.42-0.79 (before: 0.40-0.57), a
+ * short gather being bound by DRAM latency rather than bandwidth. */
 #define COLUMN_SPLIT_KEPT 192
 #define GROUP 8
 #define AXPY_LIST(NAME, T, LOAD)                                                         \
