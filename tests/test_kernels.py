@@ -27,12 +27,15 @@ KERNEL_STRATEGIES = [
     ),
     "chess+",
     "wina-plain",
+    "wina-projections",
     "moyu+mlp_input",
 ]
 VARIANTS = {
     # a per-token rule on the compact MLP's input: the compact gate_up read by kept columns
     "moyu+mlp_input": ("moyu", ["strategy.mlp_input_sparsity=0.4"]),
     "chess+": ("chess", ["strategy.sites=[gate_act,q_input,o_proj_input]"]),
+    # a mask per projection (q, k, v, o, gate, up, down), without the transform's rotations
+    "wina-projections": ("wina", ["strategy.transform=false", "strategy.allocation=uniform"]),
     "wina-plain": (  # the one-mask-per-input variant without the transform
         "wina",
         [
@@ -44,6 +47,7 @@ VARIANTS = {
     ),
 }
 STEPS = 8
+PYTHON_STEP = {"random"}  # its masks are drawn, not stated as a rule
 
 
 def prompt(tiny) -> torch.Tensor:
@@ -88,9 +92,12 @@ needs_compiler = pytest.mark.skipif(
 @needs_compiler
 @pytest.mark.parametrize("name", KERNEL_STRATEGIES)
 def test_native_kernels_match_simulated_mode(name, tiny) -> None:
+    """Every rule (rotated inputs, low-rank paths and per-projection masks included) runs as
+    one native call a step; only masks that are not rules run through the Python step."""
     expected = simulated(tiny, ready(name, tiny))
     got, decoder, _ = kernel(tiny, ready(name, tiny))
     assert decoder.backend.startswith("native")
+    assert (decoder.fused is not None) == (name not in PYTHON_STEP)
     assert_same_decode(expected, got)
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from moyu_exp.errors import ConfigError
+from moyu_exp.kernels.fused import SITES
 from moyu_exp.kernels.ops import kernels_for
 from moyu_exp.lazy import lazy_import
 
@@ -31,7 +32,7 @@ torch = lazy_import("torch")
 
 INPUT_SITES = {"attn_input": "qkv", "o_proj_input": "o", "mlp_input": "gate_up"}
 QKV_SITES = ("q_input", "k_input", "v_input")  # one projection's own input (CHESS+, WINA)
-UNSUPPORTED_SITES = ("gate_input", "up_input")
+GATE_UP_SITES = ("gate_input", "up_input")  # gate's and up's own inputs (WINA)
 
 
 @dataclass
@@ -157,12 +158,6 @@ class LeanDecoder:
             raise ConfigError(
                 f"strategy '{live.name}' has no kernel path: use bench.mode=simulated"
             )
-        unsupported = sorted(set(live.sites if live else ()) & set(UNSUPPORTED_SITES))
-        if unsupported:
-            raise ConfigError(
-                f"bench.mode=kernel has no path for the sites {', '.join(unsupported)}: "
-                "use bench.mode=simulated"
-            )
         self.model, self.live = model, live
         self.w = weights if weights is not None else DecoderWeights(model, max_tokens)
         w = self.w
@@ -180,6 +175,7 @@ class LeanDecoder:
         self.values = torch.zeros(shape, dtype=act, device=w.device)
         self.pos = 0
         self._version = 0
+        self._rotation: tuple | None = None  # (R^T, x, x R) of the last rotation
         if live is not None:
             self._bases()
         self.fused = None
@@ -193,42 +189,56 @@ class LeanDecoder:
         return self.k.name + (" (fused step)" if self.fused is not None else "")
 
     def _fuse(self) -> None:
-        """Run whole steps natively when every sparsified site is a rule or a compact MLP."""
-        from moyu_exp.kernels.fused import SITES, FusedStep
+        """Run whole steps natively when every sparsified site is a rule or a compact MLP (a
+        rotated input shared by its sites, a low-rank path on an input-sparse site)."""
+        from moyu_exp.kernels.fused import ROTATED, FusedStep
 
         if self.k.name != "native" or not self.fuse:
             return
         self.flush()
+        self.fused = None
         if not self.w.plain:  # blocks with extras run through the Python step
-            self.fused = None
             return
-        if any(layer.sites & set(QKV_SITES) for layer in self.layers):
-            self.fused = None  # per-projection masks run through the Python step
-            return
-        if any("basis:" in key for layer in self.layers for key in layer.t) or any(
-            self.live.lowrank(s, i) for i, layer in enumerate(self.layers) for s in layer.sites
-        ):
-            self.fused = None  # rotations and low-rank remainders run through the Python step
-            return
-        rules = {}
+        rules, lowrank = {}, {}
         for i, layer in enumerate(self.layers):
+            if not self._fusable(i, layer, ROTATED):
+                return
             for site in layer.sites:
                 rule = self.live.kernel_rule(site, i)
                 compact_site = site in ("mlp_intermediate", "gate_act") and layer.compact
                 if rule is None and not compact_site:
-                    self.fused = None
                     return
                 if rule is not None:
                     rules[(site, i)] = rule
-        self.fused = FusedStep(self, rules)
+                factors = self.live.lowrank(site, i)
+                if factors is not None:
+                    lowrank[(site, i)] = factors
+        self.fused = FusedStep(self, rules, lowrank)
         with torch.inference_mode(False):  # counters updated both in and out of inference mode
             self._fused_kept = torch.zeros(len(self.layers), len(SITES), dtype=torch.int64)
         self._fused_steps = 0
 
+    def _fusable(self, i: int, layer: Layer, rotated: dict[str, tuple[str, ...]]) -> bool:
+        """Whether the native step has a path for this layer's sites: the sites it knows, one
+        basis per rotated input, low-rank paths only on input-sparse sites of the full MLP,
+        per-projection gate/up sites without a sparse activation."""
+        sites = layer.sites
+        if not sites <= set(SITES) or ("gate_act" in sites and sites & set(GATE_UP_SITES)):
+            return False
+        for group in rotated.values():
+            bases = {id(layer.t[f"basis:{s}"]) for s in group if f"basis:{s}" in layer.t}
+            if len(bases) > 1:
+                return False
+        grouped = {s for group in rotated.values() for s in group}
+        if any(key.startswith("basis:") and key[6:] not in grouped for key in layer.t):
+            return False
+        low = [s for s in sites if self.live.lowrank(s, i) is not None]
+        return not (
+            "gate_act" in low or (layer.compact and {"mlp_input", "mlp_intermediate"} & set(low))
+        )
+
     def flush(self) -> None:
         """Write the fused steps' kept counts into the meter (and start over)."""
-        from moyu_exp.kernels.fused import SITES
-
         if self._fused_kept is None or not self._fused_steps:
             return
         if self.live is not None:
@@ -247,12 +257,13 @@ class LeanDecoder:
         d_q, d_kv = w.heads * w.head_dim, w.kv_heads * w.head_dim
         return slice(0, d_q), slice(d_q, d_q + d_kv), slice(d_q + d_kv, d_q + 2 * d_kv)
 
+    def _gate_up_rows(self) -> tuple[slice, slice]:
+        return slice(0, self.d_ff), slice(self.d_ff, 2 * self.d_ff)
+
     def _site_dim(self, site: str) -> int:
-        return {
-            "attn_input": self.d,
-            "o_proj_input": self.w.heads * self.w.head_dim,
-            "mlp_input": self.d,
-        }.get(site, self.d_ff)
+        if site in ("attn_input", "mlp_input", *QKV_SITES, *GATE_UP_SITES):
+            return self.d
+        return self.w.heads * self.w.head_dim if site == "o_proj_input" else self.d_ff
 
     def _count(self, site: str, layer: int, dropped: int) -> None:
         if self.live is not None:
@@ -279,16 +290,24 @@ class LeanDecoder:
             gate_up = layer.w.gate_up
             weight = gate_up[: self.d_ff] if "gate_act" in layer.sites else gate_up
             layer.t["mlp_input"] = weight.t().contiguous()
+        for site, rows in zip(GATE_UP_SITES, self._gate_up_rows(), strict=True):
+            if site in layer.sites and site not in layer.t:
+                layer.t[site] = layer.w.gate_up[rows].t().contiguous()
         if layer.sites & {"gate_act", "mlp_intermediate"} and "down" not in layer.t:
             layer.t["down"] = layer.w.down.t().contiguous()
 
     def _bases(self) -> None:
-        """R^T of every rotated site (its readers' weights already read x R)."""
+        """R^T of every rotated site (its readers' weights already read x R), one copy per
+        distinct R: sites that share a basis (q, k and v under WINA) share it, and a step
+        rotates their input once (:meth:`_rotate`)."""
+        copies: dict[int, torch.Tensor] = {}
         for i, layer in enumerate(self.layers):
             for site in layer.sites:
                 basis = self.live.basis(site, i)
                 if basis is not None:
-                    layer.t[f"basis:{site}"] = basis.t().to(self.w.dtype).contiguous()
+                    if id(basis) not in copies:
+                        copies[id(basis)] = basis.t().to(self.w.dtype).contiguous()
+                    layer.t[f"basis:{site}"] = copies[id(basis)]
 
     # ---------------------------------------------------------------------------- running
     @torch.inference_mode()
@@ -468,7 +487,7 @@ class LeanDecoder:
             weight_t = layer.t["down" if site == "mlp_intermediate" else site]
         basis_t = layer.t.get(f"basis:{site}")
         if basis_t is not None:  # the site's input in the strategy's basis (x R)
-            x = self.k.linear(basis_t, x)
+            x = self._rotate(basis_t, x)
         rule = self.live.kernel_rule(site, i)
         factors = self.live.lowrank(site, i)
         if rule is not None and factors is None:
@@ -482,6 +501,13 @@ class LeanDecoder:
             dropped = x.masked_fill(mask, 0.0)
             out = out + us.to(x.dtype) @ (dropped @ v.to(x.dtype))
         return out
+
+    def _rotate(self, basis_t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """x R, computed once for the sites that read the same ``x`` in the same basis."""
+        last = self._rotation
+        if last is None or last[0] is not basis_t or last[1] is not x:
+            last = self._rotation = (basis_t, x, self.k.linear(basis_t, x))
+        return last[2]
 
     def _linear(self, i: int, layer: Layer, site: str, x: torch.Tensor) -> torch.Tensor:
         """The projection reading ``x``; input-sparse when the strategy sparsifies this site."""
@@ -518,7 +544,16 @@ class LeanDecoder:
                 out, kept = k.sparse_in(layer.t["down"], mask, act * up)
             self._count("gate_act", i, d_ff - kept)
             return out
-        z = self._act_mul(self._linear(i, layer, "mlp_input", n))
+        if layer.sites & set(GATE_UP_SITES):  # gate and up each read their own kept inputs
+            gate, up = (
+                self._sparse_input(i, layer, site, n)
+                if site in layer.sites
+                else k.linear(w.gate_up[rows], n)
+                for site, rows in zip(GATE_UP_SITES, self._gate_up_rows(), strict=True)
+            )
+            z = self._act(gate) * up
+        else:
+            z = self._act_mul(self._linear(i, layer, "mlp_input", n))
         if "mlp_intermediate" not in layer.sites:
             return k.linear(w.down, z)
         return self._sparse_input(i, layer, "mlp_intermediate", z)

@@ -15,12 +15,34 @@ from moyu_exp.lazy import lazy_import
 
 torch = lazy_import("torch")
 
-SITES = ("attn_input", "o_proj_input", "mlp_input", "gate_act", "mlp_intermediate")
+SITES = (
+    "attn_input",
+    "o_proj_input",
+    "mlp_input",
+    "gate_act",
+    "mlp_intermediate",
+    "q_input",
+    "k_input",
+    "v_input",
+    "gate_input",
+    "up_input",
+)
+PROJECTIONS = ("q_input", "k_input", "v_input", "gate_input", "up_input")  # LayerSpec.proj_t
+ROTATED = {"rot_attn": ("attn_input", *PROJECTIONS[:3]), "rot_mlp": ("mlp_input", *PROJECTIONS[3:])}
 P, I64, F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 
 
 class Rule(ctypes.Structure):
-    _fields_ = [("scale", P), ("thresholds", P), ("threshold", F32), ("k", I64), ("active", I64)]
+    _fields_ = [
+        ("scale", P),
+        ("thresholds", P),
+        ("threshold", F32),
+        ("k", I64),
+        ("active", I64),
+        ("lr_vt", P),  # the dropped entries' low-rank path: V^T and US (R-Sparse)
+        ("lr_us", P),
+        ("rank", I64),
+    ]
 
 
 class LayerSpec(ctypes.Structure):
@@ -47,6 +69,9 @@ class LayerSpec(ctypes.Structure):
         ("keys", P),
         ("values", P),
         ("rules", Rule * len(SITES)),
+        ("proj_t", P * len(PROJECTIONS)),
+        ("rot_attn", P),
+        ("rot_mlp", P),
     ]
 
 
@@ -79,6 +104,9 @@ class ModelSpec(ctypes.Structure):
                 "upv",
                 "acc",
                 "list",
+                "xr",
+                "xd",
+                "lr",
             )
         ],
     ]
@@ -91,9 +119,20 @@ def _ptr(tensor) -> int | None:
 class FusedStep:
     """Runs :class:`~moyu_exp.kernels.decoder.LeanDecoder` steps in one native call each."""
 
-    def __init__(self, decoder, rules: dict[tuple[str, int], object]):
+    def __init__(
+        self,
+        decoder,
+        rules: dict[tuple[str, int], object],
+        lowrank: dict[tuple[str, int], tuple] | None = None,
+    ):
         self.decoder = decoder
         w = decoder.w
+        # the dropped entries' low-rank paths (V (d_in, r), US (d_out, r)) as V^T and US
+        self.lowrank = {
+            key: (v.t().to(w.dtype).contiguous(), us.to(w.dtype).contiguous())
+            for key, (v, us) in (lowrank or {}).items()
+        }
+        rank = max((v.shape[0] for v, _ in self.lowrank.values()), default=0)
         lib = decoder.k.typed
         suffix = {torch.float32: "f32", torch.bfloat16: "bf16"}[w.head.dtype]
         self.fn = getattr(lib.lib, f"decode_step_{suffix}")
@@ -104,12 +143,13 @@ class FusedStep:
         self.refresh()
         d, d_ff = w.d, w.d_ff
         threads = max(1, torch.get_num_threads())
-        widest = max(d, 2 * d_ff, w.heads * w.head_dim)
+        qkv = (w.heads + 2 * w.kv_heads) * w.head_dim
+        widest = max(d, 2 * d_ff, w.heads * w.head_dim, qkv)
         stride = (widest + 15) // 16 * 16
         scratch = {
             "h": d,
             "n": d,
-            "qkv": (w.heads + 2 * w.kv_heads) * w.head_dim,
+            "qkv": qkv,
             "attn": w.heads * w.head_dim,
             "gu": 2 * d_ff,
             "z": d_ff,
@@ -118,6 +158,9 @@ class FusedStep:
             "work": 4 * max(d, d_ff) + 2048,  # + select_entries' histogram
             "upv": d_ff,
             "acc": (threads + 1) * stride,
+            "xr": d,  # a rotated input
+            "xd": max(d, d_ff, w.heads * w.head_dim),  # an input's dropped entries
+            "lr": rank + widest,
         }
         self.buffers = {k: torch.zeros(v, dtype=torch.float32) for k, v in scratch.items()}
         self.buffers["list"] = torch.zeros(max(d, d_ff, widest), dtype=torch.int64)
@@ -167,13 +210,22 @@ class FusedStep:
                     spec.rules[j] = Rule(active=0)
                     continue
                 scale, thresholds, threshold, k = rule.native_args()
+                vt, us = self.lowrank.get((site, i), (None, None))
                 spec.rules[j] = Rule(
                     scale=_ptr(scale),
                     thresholds=_ptr(thresholds),
                     threshold=threshold,
                     k=k,
                     active=1,
+                    lr_vt=_ptr(vt),
+                    lr_us=_ptr(us),
+                    rank=0 if vt is None else vt.shape[0],
                 )
+            for j, site in enumerate(PROJECTIONS):
+                spec.proj_t[j] = _ptr(layer.t.get(site))
+            for name, sites in ROTATED.items():
+                bases = [layer.t[f"basis:{s}"] for s in sites if f"basis:{s}" in layer.t]
+                setattr(spec, name, _ptr(bases[0]) if bases else None)
 
     def __call__(self, token: int, pos: int):
         """Logits of one step, and the kept counts per (layer, site)."""

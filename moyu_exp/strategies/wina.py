@@ -27,11 +27,13 @@ As published, by default:
 ``sites=[attn_input,o_proj_input,mlp_input,mlp_intermediate] transform=false
 allocation=uniform prefill=sparse`` is this project's earlier variant (one mask per shared input,
 scored with the column norms of the stacked weights that read it). Departures: k = round((1 - s)
-d) where WINA's code truncates; the rotated variant has no kernel path (kernel mode would apply
-the rotations in every step); the untransformed variants have one. On Gemma 3, whose norm gains
-reach 226, the transform with these scores breaks the model (KL 15.5 at 0.5, 0.48 without it;
-docs/generality.md): after the gains are folded into the weights, |x R| alone no longer says
-what an entry of q's, v's or up's input contributes.
+d) where WINA's code truncates; a decode step of the rotated variant computes x R once per
+rotated input (d x d weights, which the weight bytes, the model-level sparsity and the ideal
+speedup count, as LaRoSA's rotation), then reads the kept rows of each projection's W^T, in
+kernel mode as in the meter. On Gemma 3, whose norm gains reach 226, the transform with these
+scores breaks the model (KL 15.5 at 0.5, 0.48 without it; docs/generality.md): after the gains
+are folded into the weights, |x R| alone no longer says what an entry of q's, v's or up's
+input contributes.
 """
 
 from __future__ import annotations
@@ -115,10 +117,6 @@ class Wina(Strategy):
     def transformed(self) -> bool:
         """The transform is applied (never at sparsity 0, where it would change only rounding)."""
         return self.transform and self.sparsity > 0.0
-
-    @property
-    def kernel_support(self) -> bool:  # type: ignore[override]
-        return not self.transformed
 
     @property
     def needs_calibration(self) -> bool:  # type: ignore[override]
@@ -209,6 +207,17 @@ class Wina(Strategy):
 
     def kernel_rule(self, state, site: str, layer: int) -> KernelRule:
         return state.rules[(site, layer)]
+
+    def extra_weights(self, state) -> dict[tuple[str, int], int]:
+        """The transform's x R: d x d weights per rotated input and token (kernel mode computes
+        it once for the sites that share it), counted at the first of them."""
+        if not self.transformed:
+            return {}
+        extra = {}
+        for (part, layer), rotation in state.rotations.items():
+            site = next(s for s in self.sites if rotated_part(s) == part)
+            extra[(site, layer)] = rotation.numel()
+        return extra
 
     def basis(self, state, site: str, layer: int) -> torch.Tensor | None:
         part = rotated_part(site)

@@ -494,9 +494,16 @@ typedef struct {
   float threshold;
   int64_t k; /* >= 0: keep the k best scores */
   int64_t active;
+  /* the dropped entries' low-rank path (R-Sparse), when rank > 0: out += US (V^T x_dropped),
+   * V^T (rank, rows) and US (cols, rank) row-major, in the weights' type */
+  const void *lr_vt, *lr_us;
+  int64_t rank;
 } Rule;
 
-enum { ATTN_INPUT, O_PROJ_INPUT, MLP_INPUT, GATE_ACT, MLP_INTERMEDIATE, SITES };
+enum {
+  ATTN_INPUT, O_PROJ_INPUT, MLP_INPUT, GATE_ACT, MLP_INTERMEDIATE,
+  Q_INPUT, K_INPUT, V_INPUT, GATE_INPUT, UP_INPUT, SITES
+};
 
 typedef struct {
   const float *ln1, *ln2;
@@ -507,6 +514,11 @@ typedef struct {
   int64_t c_kept;
   float *keys, *values;                   /* (kv, max_tokens, head_dim) */
   Rule rules[SITES];
+  const void *proj_t[5]; /* q, k, v, gate, up transposed, for their own sites, or NULL */
+  /* R^T (d, d) of the attention's and the MLP's rotated input, or NULL: the sites of that
+   * input read x R (their readers' weights are W R); the projections that are not sites read
+   * x itself */
+  const void *rot_attn, *rot_mlp;
 } LayerSpec;
 
 typedef struct {
@@ -517,16 +529,37 @@ typedef struct {
   const LayerSpec *layer;
   /* scratch, fp32: h, n (d); qkv (d_q + 2 d_kv); attn (d_q); gate_up (2 d_ff); z (d_ff);
    * out (max(d, 2 d_ff)); scores (threads * max_tokens); work (4 max(d, d_ff) + 2048);
-   * upv (d_ff);
-   * acc ((threads + 1) * stride); list (max(d, d_ff) int64) */
+   * upv (d_ff); acc ((threads + 1) * stride); list (max(d, d_ff) int64); xr (d);
+   * xd (max(d, d_q, d_ff)); lr (largest rank + max(2 d_ff, d_q + 2 d_kv)) */
   float *h, *n, *qkv, *attn, *gu, *z, *out, *scores, *work, *upv, *acc;
   int64_t *list;
+  float *xr, *xd, *lr;
 } ModelSpec;
 
-#define STEP(NAME, T, LOAD, DOT_FN, AXPY_FN, GATED_FN)                                     \
+/* One input-sparse site: out = the rule's kept entries of x (rows of them) read through the
+ * rows of Wt (cols outputs each), plus the dropped entries' low-rank path if the rule has one. */
+#define SITE(NAME, T, AXPY_FN, DOT_FN)                                                     \
+  static int64_t NAME(const ModelSpec *m, const Rule *R, const T *Wt, int64_t cols,        \
+                      int64_t rows, const float *x, float *out) {                          \
+    int64_t kept = AXPY_FN(Wt, cols, rows, x, R->scale, R->thresholds, R->threshold, R->k, \
+                           out, m->work, m->list, m->acc);                                 \
+    if (R->rank > 0) {                                                                     \
+      memcpy(m->xd, x, sizeof(float) * rows);                                              \
+      for (int64_t r = 0; r < kept; r++) m->xd[m->list[r]] = 0.f;                          \
+      DOT_FN((const T *)R->lr_vt, rows, NULL, R->rank, m->xd, m->lr);                      \
+      DOT_FN((const T *)R->lr_us, R->rank, NULL, cols, m->lr, m->lr + R->rank);            \
+      for (int64_t c = 0; c < cols; c++) out[c] += m->lr[R->rank + c];                     \
+    }                                                                                      \
+    return kept;                                                                           \
+  }
+SITE(site_f32, float, axpy_rule_f32, dot_f32)
+SITE(site_bf16, uint16_t, axpy_rule_bf16, dot_bf16)
+
+#define STEP(NAME, T, LOAD, DOT_FN, SITE_FN, GATED_FN)                                     \
   void NAME(const ModelSpec *m, int64_t token, int64_t pos, float *logits, int64_t *kept) { \
     int64_t d = m->d, d_ff = m->d_ff, d_q = m->heads * m->head_dim;                        \
     int64_t d_kv = m->kv * m->head_dim, qkv_rows = d_q + 2 * d_kv;                         \
+    int64_t offset[5] = {0, d_q, d_q + d_kv, 0, d_ff}, width[5] = {d_q, d_kv, d_kv, d_ff, d_ff}; \
     const T *embed = (const T *)m->embed;                                                  \
     for (int64_t i = 0; i < d; i++) m->h[i] = LOAD(embed[token * d + i]);                  \
     const float *cos = m->cos + pos * m->head_dim, *sin = m->sin + pos * m->head_dim;      \
@@ -535,28 +568,41 @@ typedef struct {
       const Rule *R = L->rules;                                                            \
       int64_t *K = kept + l * SITES;                                                       \
       rmsnorm(m->h, L->ln1, d, m->eps, m->n);                                              \
+      const float *x = m->n;                                                               \
+      if (L->rot_attn) {                                                                   \
+        DOT_FN((const T *)L->rot_attn, d, NULL, d, m->n, m->xr);                           \
+        x = m->xr;                                                                         \
+      }                                                                                    \
       if (R[ATTN_INPUT].active)                                                            \
-        K[ATTN_INPUT] = AXPY_FN((const T *)L->qkv_t, qkv_rows, d, m->n, R[ATTN_INPUT].scale, \
-                                R[ATTN_INPUT].thresholds, R[ATTN_INPUT].threshold,         \
-                                R[ATTN_INPUT].k, m->qkv, m->work, m->list, m->acc);        \
+        K[ATTN_INPUT] = SITE_FN(m, R + ATTN_INPUT, (const T *)L->qkv_t, qkv_rows, d, x, m->qkv); \
+      else if (R[Q_INPUT].active || R[K_INPUT].active || R[V_INPUT].active)                \
+        for (int p = 0; p < 3; p++) { /* each projection its own kept inputs */            \
+          if (R[Q_INPUT + p].active)                                                       \
+            K[Q_INPUT + p] = SITE_FN(m, R + Q_INPUT + p, (const T *)L->proj_t[p], width[p], \
+                                     d, x, m->qkv + offset[p]);                            \
+          else                                                                             \
+            DOT_FN((const T *)L->qkv + offset[p] * d, d, NULL, width[p], m->n,             \
+                   m->qkv + offset[p]);                                                    \
+        }                                                                                  \
       else                                                                                 \
         DOT_FN((const T *)L->qkv, d, NULL, qkv_rows, m->n, m->qkv);                        \
       attend(m->qkv, L->keys, L->values, m->heads, m->kv, m->head_dim, m->max_tokens, pos, \
              cos, sin, m->scale, m->scores, m->attn);                                      \
       if (R[O_PROJ_INPUT].active)                                                          \
-        K[O_PROJ_INPUT] = AXPY_FN((const T *)L->o_t, d, d_q, m->attn, R[O_PROJ_INPUT].scale, \
-                                  R[O_PROJ_INPUT].thresholds, R[O_PROJ_INPUT].threshold,   \
-                                  R[O_PROJ_INPUT].k, m->out, m->work, m->list, m->acc);    \
+        K[O_PROJ_INPUT] = SITE_FN(m, R + O_PROJ_INPUT, (const T *)L->o_t, d, d_q, m->attn, m->out); \
       else                                                                                 \
         DOT_FN((const T *)L->o, d_q, NULL, d, m->attn, m->out);                            \
       for (int64_t i = 0; i < d; i++) m->h[i] += m->out[i];                                \
       rmsnorm(m->h, L->ln2, d, m->eps, m->n);                                              \
+      x = m->n;                                                                            \
+      if (L->rot_mlp) {                                                                    \
+        DOT_FN((const T *)L->rot_mlp, d, NULL, d, m->n, m->xr);                            \
+        x = m->xr;                                                                         \
+      }                                                                                    \
       if (L->c_gate_up) {                                                                  \
         if (R[MLP_INPUT].active && L->c_gate_up_t)                                         \
-          K[MLP_INPUT] = AXPY_FN((const T *)L->c_gate_up_t, 2 * L->c_kept, d, m->n,        \
-                                 R[MLP_INPUT].scale, R[MLP_INPUT].thresholds,              \
-                                 R[MLP_INPUT].threshold, R[MLP_INPUT].k, m->gu, m->work,   \
-                                 m->list, m->acc);                                         \
+          K[MLP_INPUT] = SITE_FN(m, R + MLP_INPUT, (const T *)L->c_gate_up_t, 2 * L->c_kept, \
+                                 d, x, m->gu);                                             \
         else                                                                               \
           DOT_FN((const T *)L->c_gate_up, d, NULL, 2 * L->c_kept, m->n, m->gu);            \
         silu_mul(m->gu, L->c_kept, m->z);                                                  \
@@ -565,10 +611,18 @@ typedef struct {
       } else {                                                                             \
         int64_t gate_rows = R[GATE_ACT].active ? d_ff : 2 * d_ff;                          \
         if (R[MLP_INPUT].active)                                                           \
-          K[MLP_INPUT] = AXPY_FN((const T *)L->gate_up_t, gate_rows, d, m->n,              \
-                                 R[MLP_INPUT].scale, R[MLP_INPUT].thresholds,              \
-                                 R[MLP_INPUT].threshold, R[MLP_INPUT].k, m->gu, m->work,   \
-                                 m->list, m->acc);                                         \
+          K[MLP_INPUT] = SITE_FN(m, R + MLP_INPUT, (const T *)L->gate_up_t, gate_rows, d, x, \
+                                 m->gu);                                                   \
+        else if (R[GATE_INPUT].active || R[UP_INPUT].active)                               \
+          for (int p = 3; p < 5; p++) { /* gate and up: each its own kept inputs */        \
+            if (R[GATE_INPUT + p - 3].active)                                              \
+              K[GATE_INPUT + p - 3] = SITE_FN(m, R + GATE_INPUT + p - 3,                   \
+                                              (const T *)L->proj_t[p], d_ff, d, x,          \
+                                              m->gu + offset[p]);                          \
+            else                                                                           \
+              DOT_FN((const T *)L->gate_up + offset[p] * d, d, NULL, d_ff, m->n,           \
+                     m->gu + offset[p]);                                                   \
+          }                                                                                \
         else                                                                               \
           DOT_FN((const T *)L->gate_up, d, NULL, gate_rows, m->n, m->gu);                  \
         if (R[GATE_ACT].active) {                                                          \
@@ -579,12 +633,8 @@ typedef struct {
         } else {                                                                           \
           silu_mul(m->gu, d_ff, m->z);                                                     \
           if (R[MLP_INTERMEDIATE].active)                                                  \
-            K[MLP_INTERMEDIATE] = AXPY_FN((const T *)L->down_t, d, d_ff, m->z,             \
-                                          R[MLP_INTERMEDIATE].scale,                       \
-                                          R[MLP_INTERMEDIATE].thresholds,                  \
-                                          R[MLP_INTERMEDIATE].threshold,                   \
-                                          R[MLP_INTERMEDIATE].k, m->out, m->work, m->list, \
-                                          m->acc);                                         \
+            K[MLP_INTERMEDIATE] = SITE_FN(m, R + MLP_INTERMEDIATE, (const T *)L->down_t, d, \
+                                          d_ff, m->z, m->out);                             \
           else                                                                             \
             DOT_FN((const T *)L->down, d_ff, NULL, d, m->z, m->out);                       \
         }                                                                                  \
@@ -595,5 +645,5 @@ typedef struct {
     DOT_FN((const T *)m->head, d, NULL, m->vocab, m->n, logits);                           \
   }
 
-STEP(decode_step_f32, float, from_f32, dot_f32, axpy_rule_f32, gated_rule_f32)
-STEP(decode_step_bf16, uint16_t, from_bf16, dot_bf16, axpy_rule_bf16, gated_rule_bf16)
+STEP(decode_step_f32, float, from_f32, dot_f32, site_f32, gated_rule_f32)
+STEP(decode_step_bf16, uint16_t, from_bf16, dot_bf16, site_bf16, gated_rule_bf16)
