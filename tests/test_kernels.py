@@ -47,7 +47,8 @@ VARIANTS = {
     ),
 }
 STEPS = 8
-PYTHON_STEP = {"random"}  # its masks are drawn, not stated as a rule
+# masks that are not rules: drawn (random), or a predictor's (its scorer runs in Python)
+PYTHON_STEP = {"random", "predictor"}
 
 
 def prompt(tiny) -> torch.Tensor:
@@ -234,8 +235,9 @@ def test_a_reselected_set_swaps_only_the_neurons_that_changed(tiny, monkeypatch)
         assert torch.equal(down, w.down[:, slots])
 
 
-def test_a_strategy_without_a_kernel_path_is_refused(tiny) -> None:
-    live = ready("predictor", tiny, 0.5, "strategy.max_epochs=1", "strategy.train_tokens=512")
+def test_a_strategy_without_a_kernel_path_is_refused(tiny, monkeypatch) -> None:
+    live = ready("topk", tiny, 0.5)
+    monkeypatch.setattr(type(live.strategy), "kernel_support", False)
     with live, pytest.raises(ConfigError, match="no kernel path"):
         LeanDecoder(tiny.model, live)
 

@@ -57,6 +57,8 @@ OWN = {
     "rsparse": ("strategy.search_tokens=128", "strategy.layers='::3'"),
     "larosa": ("strategy.layers='::3'",),
     "cett": ("strategy.max_tokens=128",),
+    # a few epochs on a few thousand tokens: the kernels read its scores however it was trained
+    "predictor": ("strategy.train_tokens=2048", "strategy.max_epochs=2"),
 }
 ROUNDING = 1e-5  # float32 against float64, relative to the sum of |terms|
 TIE = 1e-5  # a score this close (relative) to its threshold may fall either side

@@ -33,6 +33,7 @@ torch = lazy_import("torch")
 INPUT_SITES = {"attn_input": "qkv", "o_proj_input": "o", "mlp_input": "gate_up"}
 QKV_SITES = ("q_input", "k_input", "v_input")  # one projection's own input (CHESS+, WINA)
 GATE_UP_SITES = ("gate_input", "up_input")  # gate's and up's own inputs (WINA)
+BLOCK_INPUT = "block_input"  # what a predictor's tap reads
 
 
 @dataclass
@@ -176,6 +177,9 @@ class LeanDecoder:
         self.pos = 0
         self._version = 0
         self._rotation: tuple | None = None  # (R^T, x, x R) of the last rotation
+        # a strategy that reads the block input (a predictor's look-ahead) gets it every step
+        self._observed = live is not None and any(s == BLOCK_INPUT for s, _ in live.taps)
+        self._neurons = torch.empty(self.d_ff)  # the MLP's shape, to ask for such a set
         if live is not None:
             self._bases()
         self.fused = None
@@ -413,6 +417,8 @@ class LeanDecoder:
         for i, layer in enumerate(self.layers):
             lw = layer.w
             cos, sin = w.rope[lw.rope]
+            if self._observed:
+                self.live.observe(BLOCK_INPUT, i, h)
             n = k.norm(h, lw.ln1, w.eps)
             qkv = self._qkv(i, layer, n)
             if lw.qkv_bias is not None:
@@ -527,6 +533,15 @@ class LeanDecoder:
             z = self._act_mul(gu)
             self._count("mlp_intermediate", i, d_ff - z.numel())
             return k.linear(down, z)
+        if "mlp_intermediate" in layer.sites and self.live.strategy.masks_from_elsewhere:
+            # a neuron set known before the MLP (a predictor's): the kept gate and up rows, then
+            # the kept rows of down^T
+            mask = self.live.kept("mlp_intermediate", i, self._neurons)
+            gate = k.rows_masked(w.gate_up[:d_ff], mask, n)
+            up = k.rows_masked(w.gate_up[d_ff:], mask, n)
+            out, kept = k.sparse_in(layer.t["down"], mask, self._act(gate) * up)
+            self._count("mlp_intermediate", i, d_ff - kept)
+            return out
         if "gate_act" in layer.sites:
             if "mlp_input" in layer.sites:
                 mask = self.live.kept("mlp_input", i, n)

@@ -71,6 +71,7 @@ class Attachment:
         self.roles = TokenRoles()
         self.state: Any = None
         self.rules: dict[tuple[str, int], Any] = {}
+        self.taps: dict[tuple[str, int], Any] = {}  # the strategy's taps, for kernel mode
         self.calibration = calibration
         self._segments: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self._forward: Positions | None = None
@@ -108,6 +109,13 @@ class Attachment:
         if keep is None:
             return torch.ones_like(x, dtype=torch.bool)
         return keep.expand(row.shape).reshape(-1)
+
+    def observe(self, site: str, layer: int, x: torch.Tensor) -> None:
+        """Kernel mode's step hands the strategy's tap on ``site`` (a predictor's input) its
+        single-token vector ``x`` (dim,), as the model's hook would in a forward."""
+        tap = self.taps.get((site, layer))
+        if tap is not None:
+            tap(x.view(1, 1, -1))
 
     def decode_neurons(self, layer: int) -> torch.Tensor | None:
         return self.strategy.decode_neurons(self.state, layer)
@@ -165,6 +173,7 @@ class Attachment:
         }
         # taps first: they observe a site's tensor before the strategy changes it
         fns = strategy.taps(self.state, self.model, self.adapter, layers)
+        self.taps = dict(fns)
         fns += [((s, i), self._site_fn(s, i)) for s in strategy.sites for i in layers]
         stack = ExitStack()
         begin = self._begin if strategy.sites else None

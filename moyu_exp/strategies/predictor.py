@@ -8,7 +8,9 @@ tokens (>= 100K; rows of the calibration source) with a class-balanced binary cr
 (positives weighted by negatives / positives), Adam, and early stopping on the recall of the
 true active set over a held-out ``validation_fraction`` of the tokens (the best epoch's weights
 are kept). At inference each token keeps its k = round((1 - s) d_ff) best-scored neurons, so the
-achieved sparsity is exact.
+achieved sparsity is exact. Its cost is DejaVu's: the predicted set is known before the MLP runs,
+so a dropped neuron skips its gate row, up row and down column, and the predictor's own
+r (d + d_ff) weights are read every token (kernel mode reads exactly these).
 
 Departures from DejaVu: a neuron's label is membership in the token's top-k of |z| at the
 target sparsity (DejaVu's OPT has ReLU, whose label is z > 0); the predictor keeps a fixed k
@@ -64,7 +66,7 @@ class Predictor(Strategy):
     needs_calibration = True
     calibration_passes = 0.0  # its training estimate (data pass included) says the cost
     calibration_version = 2  # 1: MLP input, plain BCE, fixed epochs
-    kernel_support = False  # its scores come from a hook the lean decoder does not run
+    compact_mlp = True  # the set is known before the MLP: a dropped neuron skips 3 d weights
 
     def calibration_key(self) -> dict[str, Any]:
         return super().calibration_key() | {"training": self.training_params()}
@@ -166,6 +168,10 @@ class Predictor(Strategy):
             return fn
 
         return [((INPUT, layer), predict(layer)) for layer in layers]
+
+    def extra_weights(self, state) -> dict[tuple[str, int], int]:
+        """The predictor's own weights, read every token: W1 (r x d) and W2 (d_ff x r)."""
+        return {(SITE, i): w1.numel() + w2.numel() for i, (w1, w2) in state.weights.items()}
 
     def keep(self, state, site, layer, x, where) -> torch.Tensor | None:
         k = keep_count(self.sparsity, x.shape[-1])
