@@ -47,8 +47,7 @@ VARIANTS = {
     ),
 }
 STEPS = 8
-# masks that are not rules: drawn (random), or a predictor's (its scorer runs in Python)
-PYTHON_STEP = {"random", "predictor"}
+PYTHON_STEP = {"random"}  # its masks are drawn, not stated as a rule
 
 
 def prompt(tiny) -> torch.Tensor:

@@ -203,21 +203,25 @@ class LeanDecoder:
         self.fused = None
         if not self.w.plain:  # blocks with extras run through the Python step
             return
-        rules, lowrank = {}, {}
+        rules, lowrank, scorers = {}, {}, {}
         for i, layer in enumerate(self.layers):
             if not self._fusable(i, layer, ROTATED):
                 return
+            scorer = self.live.scorer(i) if layer.sites else None
+            if scorer is not None:
+                scorers[i] = scorer
             for site in layer.sites:
                 rule = self.live.kernel_rule(site, i)
                 compact_site = site in ("mlp_intermediate", "gate_act") and layer.compact
-                if rule is None and not compact_site:
+                predicted = site == "mlp_intermediate" and scorer is not None
+                if rule is None and not compact_site and not predicted:
                     return
                 if rule is not None:
                     rules[(site, i)] = rule
                 factors = self.live.lowrank(site, i)
                 if factors is not None:
                     lowrank[(site, i)] = factors
-        self.fused = FusedStep(self, rules, lowrank)
+        self.fused = FusedStep(self, rules, lowrank, scorers)
         with torch.inference_mode(False):  # counters updated both in and out of inference mode
             self._fused_kept = torch.zeros(len(self.layers), len(SITES), dtype=torch.int64)
         self._fused_steps = 0

@@ -72,6 +72,10 @@ class LayerSpec(ctypes.Structure):
         ("proj_t", P * len(PROJECTIONS)),
         ("rot_attn", P),
         ("rot_mlp", P),
+        ("p_w1", P),  # a learned predictor of the MLP's neurons: W1, W2 and the count kept
+        ("p_w2", P),
+        ("p_rank", I64),
+        ("p_k", I64),
     ]
 
 
@@ -107,6 +111,8 @@ class ModelSpec(ctypes.Structure):
                 "xr",
                 "xd",
                 "lr",
+                "pred",
+                "plist",
             )
         ],
     ]
@@ -124,6 +130,7 @@ class FusedStep:
         decoder,
         rules: dict[tuple[str, int], object],
         lowrank: dict[tuple[str, int], tuple] | None = None,
+        scorers: dict[int, tuple] | None = None,
     ):
         self.decoder = decoder
         w = decoder.w
@@ -132,7 +139,16 @@ class FusedStep:
             key: (v.t().to(w.dtype).contiguous(), us.to(w.dtype).contiguous())
             for key, (v, us) in (lowrank or {}).items()
         }
-        rank = max((v.shape[0] for v, _ in self.lowrank.values()), default=0)
+        # learned predictors' scorers (W1 (r, d), W2 (d_ff, r), k) per layer
+        self.scorers = {
+            i: (w1.to(w.dtype).contiguous(), w2.to(w.dtype).contiguous(), k)
+            for i, (w1, w2, k) in (scorers or {}).items()
+        }
+        rank = max(
+            [v.shape[0] for v, _ in self.lowrank.values()]
+            + [w1.shape[0] for w1, _, _ in self.scorers.values()],
+            default=0,
+        )
         lib = decoder.k.typed
         suffix = {torch.float32: "f32", torch.bfloat16: "bf16"}[w.head.dtype]
         self.fn = getattr(lib.lib, f"decode_step_{suffix}")
@@ -161,9 +177,11 @@ class FusedStep:
             "xr": d,  # a rotated input
             "xd": max(d, d_ff, w.heads * w.head_dim),  # an input's dropped entries
             "lr": rank + widest,
+            "pred": d_ff,
         }
         self.buffers = {k: torch.zeros(v, dtype=torch.float32) for k, v in scratch.items()}
         self.buffers["list"] = torch.zeros(max(d, d_ff, widest), dtype=torch.int64)
+        self.buffers["plist"] = torch.zeros(d_ff, dtype=torch.int64)
         self.kept = torch.zeros(len(decoder.layers), len(SITES), dtype=torch.int64)
         self.logits = torch.empty(w.head.shape[0], dtype=torch.float32)
         self.model = ModelSpec(
@@ -226,6 +244,9 @@ class FusedStep:
             for name, sites in ROTATED.items():
                 bases = [layer.t[f"basis:{s}"] for s in sites if f"basis:{s}" in layer.t]
                 setattr(spec, name, _ptr(bases[0]) if bases else None)
+            w1, w2, k = self.scorers.get(i, (None, None, 0))
+            spec.p_w1, spec.p_w2 = _ptr(w1), _ptr(w2)
+            spec.p_rank, spec.p_k = (0 if w1 is None else w1.shape[0]), k
 
     def __call__(self, token: int, pos: int):
         """Logits of one step, and the kept counts per (layer, site)."""

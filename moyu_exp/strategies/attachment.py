@@ -123,6 +123,9 @@ class Attachment:
     def lowrank(self, site: str, layer: int):
         return self.strategy.lowrank(self.state, site, layer)
 
+    def scorer(self, layer: int):
+        return self.strategy.scorer(self.state, layer)
+
     def basis(self, site: str, layer: int) -> torch.Tensor | None:
         """The rotation R the site's input is expressed in (x R) before the rule, or None."""
         return self.bases.get((site, layer))

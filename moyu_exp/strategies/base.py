@@ -12,6 +12,8 @@ pure decisions; it holds no per-run state:
 - ``decode_neurons(state, layer)``: a decode-time MLP neuron set known in advance (sequence-level
   methods after their prompt, a static set), which kernel mode gathers into a compact MLP
   (again whenever ``decode_version(state)`` changes: a method that re-selects it);
+- ``scorer(state, layer)``: a learned predictor's low-rank scorer of the MLP's neurons from the
+  block input, which kernel mode runs natively before each MLP;
 - ``end_forward(state, ids, logits, fresh)``: what a method that ``watches_output`` learns
   from each forward's next-token distribution (CLADA's surprisal and entropy).
 
@@ -214,6 +216,12 @@ class Strategy:
     def extra_weights(self, state: SimpleNamespace) -> dict[tuple[str, int], int]:
         """Weights read per sparse position besides the kept entries' (low-rank factors)."""
         return {}
+
+    def scorer(self, state: SimpleNamespace, layer: int) -> tuple[Any, Any, int] | None:
+        """A low-rank scorer of the MLP's neurons from the block input h (a learned predictor):
+        (W1 (r, d), W2 (d_ff, r), k), each token keeping the k largest of W2 (W1 h), which
+        kernel mode's native step computes itself; None when the strategy has none."""
+        return None
 
     def entry_weights(self, state: SimpleNamespace) -> dict[tuple[str, int], int]:
         """Weights one dropped entry skips where the site adapter's count does not hold (an

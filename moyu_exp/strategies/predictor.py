@@ -173,6 +173,10 @@ class Predictor(Strategy):
         """The predictor's own weights, read every token: W1 (r x d) and W2 (d_ff x r)."""
         return {(SITE, i): w1.numel() + w2.numel() for i, (w1, w2) in state.weights.items()}
 
+    def scorer(self, state, layer: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        w1, w2 = state.weights[layer]
+        return w1, w2, keep_count(self.sparsity, w2.shape[0])
+
     def keep(self, state, site, layer, x, where) -> torch.Tensor | None:
         k = keep_count(self.sparsity, x.shape[-1])
         return None if k >= x.shape[-1] else topk_mask(state.scores[layer], k)

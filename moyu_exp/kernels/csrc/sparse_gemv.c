@@ -208,15 +208,11 @@ static inline float entry_score(const float *x, const float *scale, int64_t i) {
  * kept. The kept set is then {key > *cut} plus, when *ties >= 0, the first *ties keys equal to
  * *cut (lowest index first), else {key >= *cut}. Scratch: keys and cand (n uint32 each), hist
  * (2048 int32). Requires 0 < k < n. */
-static void topk_cut(const float *x, int64_t n, const float *scale, int64_t k, uint32_t *keys,
-                     uint32_t *cand, int32_t *hist, uint32_t *cut, int64_t *ties) {
+static void topk_cut_keys(const uint32_t *keys, int64_t n, int64_t k, uint32_t *cand,
+                          int32_t *hist, uint32_t *cut, int64_t *ties) {
   static const int shift[3] = {21, 10, 0}, width[3] = {11, 11, 10};
   uint32_t top = 0;
-  for (int64_t i = 0; i < n; i++) {
-    float s = entry_score(x, scale, i);
-    memcpy(keys + i, &s, sizeof s);
-    top = keys[i] > top ? keys[i] : top;
-  }
+  for (int64_t i = 0; i < n; i++) top = keys[i] > top ? keys[i] : top;
   const uint32_t *src = keys;
   int64_t count = n, want = k; /* want: rank of the k-th largest among the candidates */
   uint32_t prefix = 0;
@@ -241,6 +237,38 @@ static void topk_cut(const float *x, int64_t n, const float *scale, int64_t k, u
   }
   *cut = prefix; /* the exact k-th largest key; keep `want` of its ties */
   *ties = want;
+}
+
+static void topk_cut(const float *x, int64_t n, const float *scale, int64_t k, uint32_t *keys,
+                     uint32_t *cand, int32_t *hist, uint32_t *cut, int64_t *ties) {
+  for (int64_t i = 0; i < n; i++) {
+    float s = entry_score(x, scale, i);
+    memcpy(keys + i, &s, sizeof s);
+  }
+  topk_cut_keys(keys, n, k, cand, hist, cut, ties);
+}
+
+/* Indices (ascending) of the k largest values of x, signed (a predictor's logits; ties: the
+ * lower index). A float's bits ordered as an unsigned integer: negatives flipped whole,
+ * non-negatives with the sign bit set. work: 2 n + 2048 floats. Returns the count. */
+static int64_t select_top_signed(const float *x, int64_t n, int64_t k, float *work,
+                                 int64_t *list) {
+  if (k >= n) {
+    for (int64_t i = 0; i < n; i++) list[i] = i;
+    return n;
+  }
+  if (k <= 0) return 0;
+  uint32_t *keys = (uint32_t *)work, cut;
+  int64_t ties, kept = 0;
+  for (int64_t i = 0; i < n; i++) {
+    uint32_t u;
+    memcpy(&u, x + i, sizeof u);
+    keys[i] = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+  }
+  topk_cut_keys(keys, n, k, keys + n, (int32_t *)(work + 2 * n), &cut, &ties);
+  for (int64_t i = 0; i < n; i++)
+    if (keys[i] > cut || (keys[i] == cut && (ties < 0 || ties-- > 0))) list[kept++] = i;
+  return kept;
 }
 
 /* Indices (ascending) of the kept entries of x: score_i = |x_i| * (scale ? scale_i : 1);
@@ -531,6 +559,11 @@ typedef struct {
    * input read x R (their readers' weights are W R); the projections that are not sites read
    * x itself */
   const void *rot_attn, *rot_mlp;
+  /* a learned predictor of the MLP's neurons from the block input h, or NULL: its logits
+   * W2 (W1 h) (W1 (rank, d), W2 (d_ff, rank)), the k best kept; the MLP then reads the kept
+   * neurons' gate and up rows and down^T rows */
+  const void *p_w1, *p_w2;
+  int64_t p_rank, p_k;
 } LayerSpec;
 
 typedef struct {
@@ -542,10 +575,13 @@ typedef struct {
   /* scratch, fp32: h, n (d); qkv (d_q + 2 d_kv); attn (d_q); gate_up (2 d_ff); z (d_ff);
    * out (max(d, 2 d_ff)); scores (threads * max_tokens); work (4 max(d, d_ff) + 2048);
    * upv (d_ff); acc ((threads + 1) * stride); list (max(d, d_ff) int64); xr (d);
-   * xd (max(d, d_q, d_ff)); lr (largest rank + max(2 d_ff, d_q + 2 d_kv)) */
+   * xd (max(d, d_q, d_ff)); lr (largest rank + max(2 d_ff, d_q + 2 d_kv)); pred (d_ff);
+   * plist (d_ff int64) */
   float *h, *n, *qkv, *attn, *gu, *z, *out, *scores, *work, *upv, *acc;
   int64_t *list;
   float *xr, *xd, *lr;
+  float *pred;    /* a predictor's logits (d_ff) */
+  int64_t *plist; /* its kept neurons (d_ff int64) */
 } ModelSpec;
 
 /* One input-sparse site: out = the rule's kept entries of x (rows of them) read through the
@@ -567,7 +603,7 @@ typedef struct {
 SITE(site_f32, float, axpy_rule_f32, dot_f32)
 SITE(site_bf16, uint16_t, axpy_rule_bf16, dot_bf16)
 
-#define STEP(NAME, T, LOAD, DOT_FN, SITE_FN, GATED_FN)                                     \
+#define STEP(NAME, T, LOAD, DOT_FN, SITE_FN, GATED_FN, LIST_FN)                            \
   void NAME(const ModelSpec *m, int64_t token, int64_t pos, float *logits, int64_t *kept) { \
     int64_t d = m->d, d_ff = m->d_ff, d_q = m->heads * m->head_dim;                        \
     int64_t d_kv = m->kv * m->head_dim, qkv_rows = d_q + 2 * d_kv;                         \
@@ -578,7 +614,12 @@ SITE(site_bf16, uint16_t, axpy_rule_bf16, dot_bf16)
     for (int64_t l = 0; l < m->layers; l++) {                                              \
       const LayerSpec *L = m->layer + l;                                                   \
       const Rule *R = L->rules;                                                            \
-      int64_t *K = kept + l * SITES;                                                       \
+      int64_t *K = kept + l * SITES, predicted = 0;                                        \
+      if (L->p_w1) { /* the predictor reads the block input, before the attention */       \
+        DOT_FN((const T *)L->p_w1, d, NULL, L->p_rank, m->h, m->lr);                       \
+        DOT_FN((const T *)L->p_w2, L->p_rank, NULL, d_ff, m->lr, m->pred);                 \
+        predicted = select_top_signed(m->pred, d_ff, L->p_k, m->work, m->plist);           \
+      }                                                                                    \
       rmsnorm(m->h, L->ln1, d, m->eps, m->n);                                              \
       const float *x = m->n;                                                               \
       if (L->rot_attn) {                                                                   \
@@ -620,6 +661,16 @@ SITE(site_bf16, uint16_t, axpy_rule_bf16, dot_bf16)
         silu_mul(m->gu, L->c_kept, m->z);                                                  \
         DOT_FN((const T *)L->c_down, L->c_kept, NULL, d, m->z, m->out);                    \
         K[MLP_INTERMEDIATE] = L->c_kept;                                                   \
+      } else if (L->p_w1) { /* the predicted neurons: gate and up rows, down^T rows */     \
+        DOT_FN((const T *)L->gate_up, d, m->plist, predicted, m->n, m->gu);                \
+        DOT_FN((const T *)L->gate_up + d_ff * d, d, m->plist, predicted, m->n, m->upv);    \
+        memset(m->z, 0, sizeof(float) * d_ff);                                             \
+        for (int64_t r = 0; r < predicted; r++) {                                          \
+          float g = m->gu[r];                                                              \
+          m->z[m->plist[r]] = g / (1.0f + expf(-g)) * m->upv[r];                           \
+        }                                                                                  \
+        LIST_FN((const T *)L->down_t, d, m->plist, predicted, m->z, m->out, m->acc);       \
+        K[MLP_INTERMEDIATE] = predicted;                                                   \
       } else {                                                                             \
         int64_t gate_rows = R[GATE_ACT].active ? d_ff : 2 * d_ff;                          \
         if (R[MLP_INPUT].active)                                                           \
@@ -657,5 +708,5 @@ SITE(site_bf16, uint16_t, axpy_rule_bf16, dot_bf16)
     DOT_FN((const T *)m->head, d, NULL, m->vocab, m->n, logits);                           \
   }
 
-STEP(decode_step_f32, float, from_f32, dot_f32, site_f32, gated_rule_f32)
-STEP(decode_step_bf16, uint16_t, from_bf16, dot_bf16, site_bf16, gated_rule_bf16)
+STEP(decode_step_f32, float, from_f32, dot_f32, site_f32, gated_rule_f32, axpy_list_f32)
+STEP(decode_step_bf16, uint16_t, from_bf16, dot_bf16, site_bf16, gated_rule_bf16, axpy_list_bf16)
