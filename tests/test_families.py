@@ -259,14 +259,16 @@ KERNEL_FAMILIES = [f for f in FAMILIES if model_type(f) in decoding_types() and 
 
 # every family: an output-sparse rule (top-k) on the native kernels; a gate rule (CATS) with SiLU
 # (fused natively) and GELU-tanh (masked); Gemma 3 (everything but LLaMA's plain block) also a
-# compact MLP (GRIFFIN; moyu's read input-sparse under an mlp_input rule) and the stock-torch
-# backend
+# compact MLP (GRIFFIN; moyu's read input-sparse under an mlp_input rule), rotated inputs with
+# per-projection masks (WINA), low-rank remainders (R-Sparse), a learned predictor, and the
+# stock-torch backend
 KERNEL_CASES = [
     *[(f, "topk", "native") for f in KERNEL_FAMILIES],
     *[(f, "cats", "native") for f in ("llama", "gemma", "gemma3")],
     *[("gemma3", n, "torch") for n in ("topk", "cats", "griffin")],
     ("gemma3", "griffin", "native"),
     ("gemma3", "moyu+mlp_input", "native"),
+    *[("gemma3", n, "native") for n in ("wina", "rsparse", "predictor")],
 ]
 
 

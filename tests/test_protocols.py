@@ -252,10 +252,18 @@ def test_wina_masks_each_projection_with_its_own_score(tiny) -> None:
         assert live.bases[("q_input", 0)] is live.bases[("v_input", 0)]
 
 
-def test_wina_without_its_transform_keeps_a_kernel_path(tiny) -> None:
-    assert not build(compose_config("strategy=wina", "sparsity=0.5").strategy).kernel_support
+def test_wina_has_a_kernel_path_and_pays_for_its_rotations(tiny) -> None:
+    """With and without the transform; transformed, each rotated input's x R (d x d weights a
+    token) is counted once, at the first site that reads it (q's input, gate's input)."""
     plain = build(compose_config("strategy=wina", "strategy.transform=false").strategy)
     assert plain.kernel_support
+    live = attach("wina", tiny, "sparsity=0.5", "strategy.allocation=uniform")
+    assert live.strategy.kernel_support
+    with live:
+        d = tiny.model.config.hidden_size
+        layers = range(tiny.model.config.num_hidden_layers)
+        expected = {(s, i): d * d for s in ("q_input", "gate_input") for i in layers}
+        assert live.cost.extra_weights == expected
 
 
 # ---------------------------------------------------------------------------- CHESS+
