@@ -21,21 +21,37 @@ one run: ``git show <rev>:moyu_exp/kernels/csrc/sparse_gemv.c > /tmp/old.c``).
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import time
 from pathlib import Path
 
 FLUSH_BYTES = 128 << 20  # read between timed passes: more than this CPU's last-level cache
+KINDS = ("qkv", "o", "gate_up", "down")  # the lean decoder's weights of a layer
+
+
+def flush_caches() -> None:
+    """Read a buffer larger than the last-level cache, so that the next pass starts in DRAM."""
+    _flush_buffer().sum()
+
+
+@functools.cache
+def _flush_buffer():
+    import torch
+
+    return torch.ones(FLUSH_BYTES // 4)
 
 
 def dense_bandwidth(lib, weights: list, x, rounds: int = 5) -> float:
-    """GB/s of the native dense mat-vec over ``weights`` (each (rows, cols), read in turn)."""
+    """GB/s of the native dense mat-vec over ``weights`` (each (rows, cols), read in turn),
+    every pass from DRAM."""
     import torch
 
     out = torch.empty(max(w.shape[0] for w in weights))
     times = []
     for _ in range(rounds):
+        flush_caches()
         start = time.perf_counter()
         for w in weights:
             lib.fn("dot", w)(
@@ -106,10 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         print("this benchmark reads float32 weights", file=sys.stderr)
         return 1
     w = DecoderWeights(loaded.model, max_tokens=16)
-    kinds = {
-        kind: [getattr(layer, kind) for layer in w.layers]
-        for kind in ("qkv", "o", "gate_up", "down")
-    }
+    kinds = {kind: [getattr(layer, kind) for layer in w.layers] for kind in KINDS}
     print(
         f"model {args.model}, {torch.get_num_threads()} threads, {args.rounds} rounds; "
         f"libraries: {', '.join(libs)}; efficiency = dense time x density / gathered time"
@@ -121,7 +134,6 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
     gen = torch.Generator().manual_seed(0)
-    flush = torch.ones(FLUSH_BYTES // 4)
     for kind, weights in kinds.items():
         transposed = [v.t().contiguous() for v in weights]
         rows, cols = weights[0].shape
@@ -142,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             for i in range(args.rounds):
                 order = list(passes) if i % 2 == 0 else list(reversed(passes))
                 for name in order:
-                    flush.sum()  # every pass starts from DRAM, as in a decode step
+                    flush_caches()  # every pass starts from DRAM, as in a decode step
                     start = time.perf_counter()
                     passes[name]()
                     times[name].append(time.perf_counter() - start)

@@ -61,16 +61,22 @@ def markdown(rows: list[dict[str, Any]], columns: list[str]) -> str:
     heads, cells = [], []
     specs = []
     for column in columns:
-        spec, _, head = column.partition(":")
-        spec, _, form = spec.partition("%")
-        value, _, error = spec.partition("±")
-        specs.append((value, error or None, form or None))
-        heads.append(head or spec)
+        value, error, form, head = _column(column)
+        specs.append((value, error, form))
+        heads.append(head)
     for row in rows:
         cells.append([_cell(row, v, e, f) for v, e, f in specs])
     lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     lines += ["| " + " | ".join(c) + " |" for c in cells]
     return "\n".join(lines)
+
+
+def _column(column: str) -> tuple[str, str | None, str | None, str]:
+    """A column's parts: value, error, format spec and header (see the module docstring)."""
+    spec, _, head = column.partition(":")
+    spec, _, form = spec.partition("%")
+    value, _, error = spec.partition("±")
+    return value, error or None, form or None, head or spec
 
 
 def _cell(row: dict[str, Any], value: str, error: str | None, form: str | None) -> str:
@@ -139,12 +145,11 @@ def _spread(
     out = list(by)
     for level in levels:
         for column in columns:
-            spec, _, head = column.partition(":")
-            spec, _, form = spec.partition("%")
-            value, _, error = spec.partition("±")
+            value, error, form, head = _column(column)
             tag = f" @ {_text(level)}"
             spread = value + tag + (f"±{error}{tag}" if error else "")
-            out.append(spread + (f"%{form}" if form else "") + f":{head or value}{tag}")
+            head = head if ":" in column else value
+            out.append(spread + (f"%{form}" if form else "") + f":{head}{tag}")
     return list(merged.values()), out
 
 

@@ -41,7 +41,7 @@ class Native:
         matvec = [ptr, i64, ptr, i64, ptr, ptr]
         signatures = {
             "dot": (matvec, None),
-            "dot_masked": (matvec, None),
+            "dot_masked": ([*matvec, ptr], None),
             "axpy_masked": ([*matvec, ptr, ptr], i64),
         }
         for kind, (args, result) in signatures.items():

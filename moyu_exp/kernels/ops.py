@@ -104,6 +104,7 @@ class NativeKernels:
             weight.shape[0],
             x.data_ptr(),
             out.data_ptr(),
+            self.list.data_ptr(),
         )
         return out
 

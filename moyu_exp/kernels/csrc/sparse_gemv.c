@@ -23,7 +23,6 @@
  */
 #include <math.h>
 #include <stdint.h>
-#include <stdlib.h>
 #include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
@@ -106,24 +105,18 @@ ROW_DOT(row_dot_bf16, uint16_t, from_bf16)
     }                                                                                    \
   }
 
-/* out[r] = mask[r] ? W[r] . x : 0: the kept rows listed, read by the gathered DOT (four at a
- * time) into out's head, then moved to their places from the last down (the r-th kept row's
- * index is at least r, so no value is overwritten before it moves). */
+/* out[r] = mask[r] ? W[r] . x : 0: the kept rows listed (into list: rows int64 of scratch,
+ * as axpy_masked's), read by the gathered DOT (four at a time) into out's head, then moved to
+ * their places from the last down (the r-th kept row's index is at least r, so no value is
+ * overwritten before it moves). */
 #define DOT_MASKED(NAME, T, DOT_FN)                                                      \
   void NAME(const T *W, int64_t cols, const uint8_t *mask, int64_t rows, const float *x, \
-            float *out) {                                                                \
-    int64_t *list = malloc(sizeof(int64_t) * (rows > 0 ? rows : 1)), kept = 0;           \
-    if (list == NULL) { /* no memory for the list: row by row */                         \
-      for (int64_t r = 0; r < rows; r++) out[r] = 0.f;                                   \
-      for (int64_t r = 0; r < rows; r++)                                                 \
-        if (mask[r]) DOT_FN(W + r * cols, cols, NULL, 1, x, out + r);                    \
-      return;                                                                            \
-    }                                                                                    \
+            float *out, int64_t *list) {                                                 \
+    int64_t kept = 0;                                                                    \
     for (int64_t r = 0; r < rows; r++)                                                   \
       if (mask[r]) list[kept++] = r;                                                     \
     DOT_FN(W, cols, list, kept, x, out);                                                 \
     for (int64_t r = rows - 1; r >= 0; r--) out[r] = mask[r] ? out[--kept] : 0.f;        \
-    free(list);                                                                          \
   }
 
 /* rows listed in `list` (kept of them) of W^T, scaled by x[list[r]], summed into out.
