@@ -89,9 +89,13 @@ def tradeoff(
             ax.set_yscale("log")
         ax.set_title(metric)
         ax.grid(alpha=0.3)
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    if handles:
-        fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
+    legend = {}  # every method drawn on some panel, once
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            legend.setdefault(label, handle)
+    if legend:
+        fig.legend(legend.values(), legend.keys(), loc="center left", bbox_to_anchor=(1.0, 0.5),
+                   fontsize=8)  # fmt: skip
     fig.suptitle("accuracy / sparsity trade-off")
     fig.tight_layout()
     save_png(fig, path)
@@ -256,5 +260,60 @@ def generation(curves: list[dict[str, Any]], path: Path, edges: tuple[int, ...])
             ax.grid(alpha=0.3)
         kl_ax.legend(fontsize=8)
     fig.suptitle(f"Generation fidelity by distance (running mean over {SMOOTHING} tokens)")
+    fig.tight_layout()
+    save_png(fig, path)
+
+
+def trinity(t: Any, path: Path) -> None:
+    """The trinity at a glance (``t``: a :class:`moyu_exp.trinity.Trinity`): one panel per model,
+    each method's retention (± its standard error) against its measured speedup at each level,
+    the target as a line; a last panel draws each method's spread of retention across models at
+    each level (a bar from the worst model to the best)."""
+    import numpy as np
+
+    panels = len(t.models) + (1 if len(t.models) > 1 else 0)
+    fig, axes = plt.subplots(1, panels, figsize=(4.6 * panels, 4.2), squeeze=False, sharey=True)
+    colours = {m: plt.cm.tab20(i % 20) for i, m in enumerate(t.methods)}
+    for ax, model in zip(axes[0], t.models, strict=False):
+        for method in t.methods:
+            cells = [t.cell(method, level, model) for level in t.levels]
+            cells = [c for c in cells if c.retention is not None]
+            if not cells:
+                continue
+            xs = [c.speedup if c.speedup is not None else c.ideal for c in cells]
+            ys = [c.retention for c in cells]
+            errors = [c.retention_se or 0.0 for c in cells]
+            ax.errorbar([1.0, *xs], [1.0, *ys], yerr=[0.0, *errors], marker="o", ms=3,
+                        capsize=2, lw=1, color=colours[method], label=method)  # fmt: skip
+        for level in t.levels:
+            ax.axvline(level, color="0.7", lw=0.8, ls=":")
+        ax.axhline(t.target, color="0.3", lw=0.8, ls="--")
+        ax.set_title(model, fontsize=10)
+        ax.set_xlabel("measured decode speedup at the level's sparsity")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("accuracy retention (suite mean / dense)")
+    if panels > len(t.models):
+        ax = axes[0][-1]
+        width = 0.8 / max(1, len(t.methods))
+        for i, method in enumerate(t.methods):
+            for j, level in enumerate(t.levels):
+                values = [t.cell(method, level, m).retention for m in t.models]
+                values = [v for v in values if v is not None]
+                if len(values) == len(t.models):
+                    x = j + (i - (len(t.methods) - 1) / 2) * width
+                    ax.plot([x, x], [min(values), max(values)], color=colours[method], lw=3)
+        ax.set_xticks(np.arange(len(t.levels)), [f"{lv:g}x" for lv in t.levels])
+        ax.axhline(t.target, color="0.3", lw=0.8, ls="--")
+        ax.set_title("across models: worst to best retention", fontsize=10)
+        ax.set_xlabel("speedup level")
+        ax.grid(alpha=0.3, axis="y")
+    legend = {}  # every method drawn on some panel, once
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            legend.setdefault(label, handle)
+    if legend:
+        fig.legend(legend.values(), legend.keys(), loc="center left", bbox_to_anchor=(1.0, 0.5),
+                   fontsize=8)  # fmt: skip
+    fig.suptitle("accuracy x speed x generality (dashed: target retention)", fontsize=11)
     fig.tight_layout()
     save_png(fig, path)

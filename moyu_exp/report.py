@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from moyu_exp import results
+from moyu_exp.runs import collect, labels, short
 
 # The metric that heads each task's column, in order of preference.
 HEADLINE = ("acc", "word_perplexity", "perplexity", "kl")
@@ -53,34 +53,13 @@ LEVEL_AXES = (
 )
 
 
-def collect(dirs: list[Path]) -> list[dict[str, Any]]:
-    """Payloads of every results.json under ``dirs``, one per point."""
-    best: dict[str, dict[str, Any]] = {}
-    for folder in dirs:
-        for path in sorted(Path(folder).rglob("results.json")):
-            try:
-                payload = results.read(path)
-            except (OSError, ValueError) as err:  # a foreign, damaged or older file
-                print(f"moyu_exp.report: skipping {path}: {err}", file=sys.stderr)
-                continue
-            payload.setdefault("run_dir", str(path.parent))
-            key = payload.get("point_key") or str(path.parent)
-            if key not in best or _rank(payload) >= _rank(best[key]):
-                best[key] = payload
-    return list(best.values())
-
-
-def _rank(payload: dict[str, Any]) -> tuple[bool, str]:
-    return payload.get("status") == "ok", str(payload.get("created", ""))
-
-
 def rows(payloads: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One flat row per point, labelled by strategy (and its parameters where they differ)."""
     out = []
     models = [(p.get("config") or {}).get("model", {}).get("name") for p in payloads]
     several = len(set(models)) > 1  # a generality sweep: the label names the model instead
-    labels = _labels(payloads, ignore=("model.",) if several else ())
-    for payload, label, model in zip(payloads, labels, models, strict=True):
+    names = labels(payloads, ignore=("model.",) if several else ())
+    for payload, label, model in zip(payloads, names, models, strict=True):
         row: dict[str, Any] = {
             "label": f"{label} @ {model}" if several else label,
             "method": label,
@@ -114,62 +93,6 @@ def matched_speedup(row: dict[str, Any]) -> float | None:
     with the speed of the sets that produced it."""
     efficiency, ideal = row.get("efficiency"), row.get("ideal_speedup")
     return None if efficiency is None or ideal is None else efficiency * ideal
-
-
-# Config keys that never tell points apart in a label (the x axis, bookkeeping, paths).
-UNLABELLED = (
-    "sparsity",
-    "strategy.sparsity",
-    "strategy._target_",
-    "strategy.name",
-    "name",
-    "resume",
-    "threads",
-    "logger.",
-    "data_dir",
-    "eval.data_dir",
-    "model.device",
-)
-
-
-def _labels(payloads: list[dict[str, Any]], ignore: tuple[str, ...] = ()) -> list[str]:
-    """Strategy names, plus ``key=value`` for the config keys that vary within a strategy
-    (except those starting with ``ignore``)."""
-    flats = [_flat(p.get("config") or {}) for p in payloads]
-    names = [str(p.get("strategy")) for p in payloads]
-    varying: dict[str, set[str]] = {}
-    for name, flat in zip(names, flats, strict=True):
-        for other_name, other in zip(names, flats, strict=True):
-            if other_name == name:
-                # a key one of them lacks (a result from before the key existed) is no difference
-                keys = {k for k in set(flat) & set(other) if flat[k] != other[k]}
-                varying.setdefault(name, set()).update(
-                    k for k in keys if not k.startswith((*UNLABELLED, *ignore))
-                )
-    labels = []
-    for name, flat in zip(names, flats, strict=True):
-        extra = [
-            f"{k.removeprefix('strategy.')}={_short(flat.get(k))}"
-            for k in sorted(varying.get(name, ()))
-        ]
-        labels.append(f"{name} ({', '.join(extra)})" if extra else name)
-    return labels
-
-
-def _flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            out |= _flat(value, f"{prefix}{key}.")
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def _short(value: Any) -> str:
-    if isinstance(value, list):
-        return "+".join(map(str, value))
-    return str(value)
 
 
 def directions(payloads: list[dict[str, Any]]) -> dict[str, bool]:
@@ -366,7 +289,7 @@ def generation_curves(
             continue
         level = row.get("generation/model_sparsity")
         shown = "" if level is None else f", model-level {level:.2f}"
-        label = f"{row['method']} (s={_short(row['sparsity'])}{shown})"
+        label = f"{row['method']} (s={short(row['sparsity'])}{shown})"
         out.append({"label": label, "method": row["method"], "model": row["model"], **curves})
     return out
 
@@ -422,12 +345,33 @@ def main(argv: list[str] | None = None) -> int:
         help="the speed the levels are read on: measured (default), the bytes-bound ideal, or "
         "the measured efficiency applied to the evaluated sets' ideal (matched_speedup)",
     )
+    parser.add_argument(
+        "--trinity",
+        action="store_true",
+        help="the trinity report of a +sweep=trinity folder at --levels (trinity.md, .csv, .png)",
+    )
+    parser.add_argument(
+        "--axis",
+        choices=["speedup", "ideal_speedup"],
+        default="speedup",
+        help="--trinity: the speed its levels were crossed on (the sweep's hydra.sweeper.axis)",
+    )
+    parser.add_argument(
+        "--target",
+        type=float,
+        default=0.95,
+        help="--trinity: the retention a method must hold, within two standard errors",
+    )
     args = parser.parse_args(argv)
+    if args.trinity and not args.levels:
+        parser.error("--trinity needs --levels (the sweep's hydra.sweeper.levels)")
     missing = [str(d) for d in args.dirs if not d.is_dir()]
     if missing:
         print(f"moyu_exp.report: error: not a folder: {', '.join(missing)}", file=sys.stderr)
         return 2
     out = args.out or args.dirs[0]
+    if args.trinity:
+        return _trinity(args, out)
     table, better = summarize(args.dirs, out)
     if not table:
         print(f"moyu_exp.report: error: no results.json under {', '.join(map(str, args.dirs))}")
@@ -456,6 +400,21 @@ def main(argv: list[str] | None = None) -> int:
         )
         extra += f", {out / name}.txt, {out / name}.png"
     print(f"\nwrote {out / 'summary.csv'}, {out / 'tradeoff.png'}, {out / 'pareto.png'}{extra}")
+    return 0
+
+
+def _trinity(args: argparse.Namespace, out: Path) -> int:
+    from moyu_exp import trinity
+
+    result = trinity.build(args.dirs, args.levels, args.axis, args.target)
+    if not result.cells:
+        print(
+            f"moyu_exp.report: error: no trinity speed pass under {args.dirs[0]}", file=sys.stderr
+        )
+        return 2
+    written = trinity.write(result, out, [trinity.command(args.dirs[0], result)])
+    print(trinity.markdown(result, []))
+    print(f"wrote {', '.join(map(str, written))}")
     return 0
 
 

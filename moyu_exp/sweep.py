@@ -35,17 +35,42 @@ class AggregateCallback(Callback):
         log.info("sweep summary (%d points, %d failed):\n%s", len(table), len(failed), text)
         figures = ", ".join(report.figures(table))
         log.info("wrote %s/summary.csv, %s", sweep_dir, figures)
+        trinity_files = write_trinity(config, sweep_dir)
         logger = config.get("logger")
         if logger is not None and logger.name != "none" and str(logger.mode) != "disabled":
-            log_aggregate(table, directions, logger, sweep_dir)
+            log_aggregate(table, directions, logger, sweep_dir, trinity_files)
+
+
+def write_trinity(config: DictConfig, sweep_dir: Path) -> list[Path]:
+    """The trinity report of a trinity sweep (``hydra/sweeper=trinity``), into the sweep dir
+    and the sweeper's ``report_dir``; nothing for other sweeps."""
+    sweeper = config.hydra.get("sweeper") or {}
+    if not str(sweeper.get("_target_", "")).endswith("TrinitySweeper"):
+        return []
+    from moyu_exp import trinity
+
+    levels = [float(v) for v in sweeper.levels]
+    result = trinity.build([sweep_dir], levels, str(sweeper.axis), float(sweeper.target))
+    command = trinity.command(sweep_dir, result)
+    sweep = "python -m moyu_exp " + " ".join(config.hydra.overrides.task)
+    written = trinity.write(result, sweep_dir, [sweep, command])
+    if sweeper.get("report_dir"):
+        written = trinity.write(result, Path(str(sweeper.report_dir)), [sweep, command])
+    log.info("trinity:\n%s", "\n".join(trinity.verdicts(result)))
+    log.info("wrote %s", ", ".join(map(str, written)))
+    return written
 
 
 def log_aggregate(
-    table: list[dict[str, Any]], directions: dict[str, bool], logger: DictConfig, sweep_dir: Path
+    table: list[dict[str, Any]],
+    directions: dict[str, bool],
+    logger: DictConfig,
+    sweep_dir: Path,
+    trinity_files: list[Path] = (),
 ) -> None:
     """One W&B run for the whole sweep, in the group of its point runs: the summary table,
     trade-off lines, quality against measured and ideal speedup with their frontiers, the
-    figures."""
+    figures (and a trinity sweep's table and figure)."""
     import wandb
 
     from moyu_exp.plots import frontier
@@ -103,8 +128,21 @@ def log_aggregate(
         for image in report.figures(table):
             if (sweep_dir / image).is_file():
                 logged[image.removesuffix(".png")] = wandb.Image(str(sweep_dir / image))
+        for path in trinity_files:
+            if path.suffix == ".csv":
+                logged["trinity/table"] = _csv_table(wandb, path)
+            elif path.suffix == ".png":
+                logged["trinity/figure"] = wandb.Image(str(path))
         run.log(logged)
         run.summary.update({"points": len(table), "failed": len(table) - len(ok)})
+
+
+def _csv_table(wandb, path: Path):
+    import csv
+
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    return wandb.Table(columns=rows[0], data=rows[1:])
 
 
 def job_device(device: str, job_num: int, launcher_target: str) -> str:

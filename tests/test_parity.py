@@ -10,6 +10,8 @@ skip: a green run must have compared something."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -29,11 +31,17 @@ MODELS = ["smollm2_135m", pytest.param("gemma3_270m", marks=pytest.mark.xdist_gr
 
 @pytest.fixture(scope="module", params=MODELS)
 def pair(request):
+    return _pair(request.param)
+
+
+@functools.cache
+def _pair(name: str):
     """(ours, plain): the model as moyu_exp loads it, and plain lm-eval's HFLM loading the same
-    GGUF itself (the reference we must match)."""
+    GGUF itself (the reference we must match). Loaded once a worker: xdist may tear the module
+    fixture down between two cases of a model (Gemma 3's loads took 60 s each time in CI)."""
     from lm_eval.models.huggingface import HFLM
 
-    cfg = compose_config(f"model={request.param}").model
+    cfg = compose_config(f"model={name}").model
     gguf = models.gguf_path(cfg)
     plain = HFLM(
         pretrained=str(gguf.parent), gguf_file=gguf.name, dtype="float32", device="cpu",

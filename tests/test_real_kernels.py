@@ -66,6 +66,9 @@ CHECKED_STEPS = 3  # each checked call recomputes its product in float64 (about 
 
 
 MODELS = ["smollm2_135m", "gemma3_270m"]
+# wina-plain reads one mask per input, the path TEAL's case covers on these weights (it stays in
+# tests/test_kernels.py on the tiny models); WINA's own masks, per projection, stay here
+REAL_STRATEGIES = [n for n in KERNEL_STRATEGIES if n != "wina-plain"]
 
 
 @pytest.fixture(scope="module", params=MODELS)
@@ -107,7 +110,7 @@ def ready_f64(name: str, real, real_f64):
     return strategy.attach(real_f64.model, state)
 
 
-@pytest.mark.parametrize("name", KERNEL_STRATEGIES)
+@pytest.mark.parametrize("name", REAL_STRATEGIES)
 def test_kernel_mode_decodes_as_simulated_mode_in_float64(
     name, real, real_f64, monkeypatch, capsys
 ) -> None:
@@ -123,7 +126,7 @@ def test_kernel_mode_decodes_as_simulated_mode_in_float64(
 
 
 @needs_compiler
-@pytest.mark.parametrize("name", KERNEL_STRATEGIES)
+@pytest.mark.parametrize("name", REAL_STRATEGIES)
 def test_native_kernels_compute_what_float64_ops_do_on_real_activations(name, real):
     live = ready(name, real, 0.5, *SMALL, *OWN.get(name, ()))
     with live:

@@ -1,0 +1,406 @@
+"""The impossible trinity, measured: accuracy x speed x generality of every method at a few
+speedup levels (``+sweep=trinity``; ``python -m moyu_exp.report --trinity DIR``).
+
+A trinity sweep runs in two passes (:mod:`hydra_plugins.moyu_exp_launcher.trinity`): a **speed
+pass** (each method on each model at a coarse sparsity grid, bench only) and an **evaluation
+pass** at the sparsity where each method's own speed curve crosses each level
+(:func:`crossing`), plus the dense model once per model. This module holds what both the
+sweeper and the report need: the crossings, and the report itself, read from nothing but the
+sweep's ``results.json`` files (so the report of a sweep is the report of its folder).
+
+Per method, level and model the report gives the suite's accuracy retention (the mean of the
+tasks' accuracies over the dense model's, with its standard error), the measured paired speedup
+at that sparsity and its bytes-bound ideal; per method and level the spread of retention across
+models (min, max and the worst model), and where the method fails a corner:
+
+- **speed**: its curve does not reach the level on any model;
+- **accuracy**: its retention is below the target by more than ``Z`` standard errors on every
+  model where it reaches the level;
+- **generality**: it holds the level and the target on some models, not on all of them.
+
+A method that fails none "holds all three" at that level, within its errors.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from moyu_exp import runs
+
+AXES = ("speedup", "ideal_speedup")  # what a level is read on: measured, or bytes-bound ideal
+Z = 2.0  # standard errors that make a retention significantly below the target
+DIGITS = 3  # the crossing's sparsity, rounded (a stable point key and a readable folder)
+
+
+# --------------------------------------------------------------------------- crossings
+def crossing(curve: list[tuple[float, float]], level: float) -> float | None:
+    """The lowest sparsity at which a (sparsity, speedup) curve reaches ``level``: linear
+    between its points, from the dense model (sparsity 0, speedup 1); None if it never does."""
+    points = [(0.0, 1.0), *sorted(p for p in curve if p[0] > 0)]
+    for (s0, v0), (s1, v1) in itertools.pairwise(points):
+        if v0 >= level:
+            return round(s0, DIGITS)
+        if v1 >= level:
+            return round(s0 + (level - v0) / (v1 - v0) * (s1 - s0), DIGITS)
+    return None
+
+
+def speed_of(payload: dict[str, Any], axis: str) -> float | None:
+    """A point's speed on ``axis``: its own (the evaluation's meter) or else its bench's."""
+    value = payload.get(axis)
+    if value is None:
+        value = (payload.get("bench") or {}).get(axis)
+    return None if value is None else float(value)
+
+
+# --------------------------------------------------------------------------- the report
+@dataclass
+class Cell:
+    """One method at one level on one model."""
+
+    sparsity: float | None = None  # the crossing (None: the level is not reached)
+    reach: float | None = None  # the curve's highest speed (when not reached)
+    retention: float | None = None
+    retention_se: float | None = None
+    speedup: float | None = None  # measured at the crossing, by the evaluated point's bench
+    speedup_iqr: float | None = None
+    ideal: float | None = None
+    tasks: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+    @property
+    def reached(self) -> bool:
+        return self.sparsity is not None
+
+    def holds(self, target: float) -> bool | None:
+        """Retention not significantly below ``target`` (None: not evaluated)."""
+        if self.retention is None:
+            return None
+        return self.retention + Z * (self.retention_se or 0.0) >= target
+
+
+@dataclass
+class Trinity:
+    models: list[str]
+    methods: list[str]
+    levels: list[float]
+    axis: str
+    target: float
+    tasks: list[str]
+    dense: dict[str, dict[str, tuple[float, float]]]  # model -> task -> (accuracy, stderr)
+    cells: dict[tuple[str, float, str], Cell]  # (method, level, model)
+    provenance: dict[str, str]
+
+    def cell(self, method: str, level: float, model: str) -> Cell:
+        return self.cells.get((method, level, model)) or Cell()
+
+
+def accuracy(payload: dict[str, Any]) -> dict[str, tuple[float, float]]:
+    """{task: (accuracy, stderr)}: ``acc_norm`` where the task reports it (lm-eval's length-
+    normalised headline for piqa, ARC and HellaSwag), else ``acc``."""
+    out = {}
+    for task, metrics in sorted((payload.get("eval") or {}).items()):
+        for name in ("acc_norm", "acc"):
+            if metrics.get(name) is not None:
+                out[task] = (float(metrics[name]), float(metrics.get(f"{name}_stderr") or 0.0))
+                break
+    return out
+
+
+def suite(tasks: dict[str, tuple[float, float]]) -> tuple[float, float]:
+    """The mean accuracy over tasks and its standard error (tasks independent)."""
+    values = list(tasks.values())
+    mean = sum(v for v, _ in values) / len(values)
+    return mean, math.sqrt(sum(e * e for _, e in values)) / len(values)
+
+
+def build(
+    dirs: list[Path], levels: list[float], axis: str = "speedup", target: float = 0.95
+) -> Trinity:
+    """The trinity of the points under ``dirs`` (a trinity sweep's folder)."""
+    payloads = [p for p in runs.collect(dirs) if p.get("status") == "ok"]
+    labels = runs.labels(payloads, ignore=("model.", "eval.", "bench."))
+    curves: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    evaluated: dict[tuple[str, str, float], dict[str, Any]] = {}
+    dense: dict[str, dict[str, tuple[float, float]]] = {}
+    for payload, label in zip(payloads, labels, strict=True):
+        model = str((payload.get("config") or {}).get("model", {}).get("name"))
+        scores = accuracy(payload)
+        if payload.get("strategy") == "dense":
+            if scores:
+                dense[model] = scores
+            continue
+        sparsity = float(payload.get("sparsity") or 0.0)
+        if scores:
+            evaluated[(label, model, round(sparsity, DIGITS))] = payload
+        elif (speed := speed_of(payload, axis)) is not None:
+            curves.setdefault((label, model), []).append((sparsity, speed))
+    models = sorted({m for _, m in curves} | set(dense))
+    methods = sorted({label for label, _ in curves})
+    tasks = sorted({t for scores in dense.values() for t in scores})
+    cells = {}
+    for (label, model), curve in curves.items():
+        for level in levels:
+            cells[(label, level, model)] = _cell(
+                curve,
+                level,
+                dense.get(model),
+                evaluated.get((label, model, crossing(curve, level))),
+            )
+    return Trinity(
+        models, methods, levels, axis, target, tasks, dense, cells, _provenance(payloads)
+    )
+
+
+def _cell(curve, level, dense, payload) -> Cell:
+    point = crossing(curve, level)
+    if point is None:
+        return Cell(reach=max(v for _, v in curve))
+    cell = Cell(sparsity=point)
+    if payload is None or not dense:
+        return cell  # the evaluation pass has not run (yet)
+    cell.tasks = accuracy(payload)
+    shared = {t: cell.tasks[t] for t in dense if t in cell.tasks}
+    if shared:
+        mean, se = suite(shared)
+        base, base_se = suite({t: dense[t] for t in shared})
+        cell.retention = mean / base
+        # the two errors as if independent: an upper bound, the items being the same
+        cell.retention_se = math.sqrt(se**2 + (cell.retention * base_se) ** 2) / base
+    cell.speedup = speed_of(payload, "speedup")
+    cell.speedup_iqr = (payload.get("bench") or {}).get("speedup_iqr")
+    cell.ideal = speed_of(payload, "ideal_speedup")
+    return cell
+
+
+def _provenance(payloads: list[dict[str, Any]]) -> dict[str, str]:
+    """When, at which commit and on what the points ran (as their results.json say)."""
+    created = sorted(str(p.get("created")) for p in payloads if p.get("created"))
+    envs = [p.get("env") or {} for p in payloads]
+    commits = sorted({str(e.get("git_sha"))[:7] for e in envs if e.get("git_sha")})
+    machines = sorted(
+        {f"{e.get('device')}, {e.get('cpu_count')} CPUs" for e in envs if e.get("device")}
+    )
+    return {
+        "measured": f"{created[0][:16]} to {created[-1][:16]}" if created else "unknown",
+        "commit": ", ".join(commits) or "unknown",
+        "machine": "; ".join(machines) or "unknown",
+    }
+
+
+# --------------------------------------------------------------------------- verdicts
+def spread(t: Trinity, method: str, level: float) -> tuple[float, float, str] | None:
+    """(min, max, worst model) of the method's retention at the level across models."""
+    values = [(c.retention, m) for m in t.models if (c := t.cell(method, level, m)).retention]
+    if not values:
+        return None
+    low, worst = min(values)
+    return low, max(v for v, _ in values), worst
+
+
+def fails(t: Trinity, method: str, level: float) -> list[str]:
+    """The corners the method misses at the level, each with the numbers that decide it
+    (empty: it holds all three, or has not been evaluated: :func:`evaluated`)."""
+    cells = {m: t.cell(method, level, m) for m in t.models}
+    unreached = [m for m, c in cells.items() if not c.reached]
+    if len(unreached) == len(cells):
+        reach = ", ".join(f"{m} {_x(c.reach)}" for m, c in cells.items() if c.reach)
+        return [f"speed (reaches {reach})" if reach else "speed"]
+    out = [f"generality: {m} does not reach {level:g}x ({_x(cells[m].reach)})" for m in unreached]
+    judged = [m for m, c in cells.items() if c.holds(t.target) is not None]
+    below = {m: c for m, c in cells.items() if c.holds(t.target) is False}
+    if judged and len(below) == len(judged):
+        out.append("accuracy: " + ", ".join(f"{m} {_r(c)}" for m, c in below.items()))
+    elif below:
+        out.append("generality: " + ", ".join(f"{m} {_r(c)}" for m, c in below.items()))
+    return out
+
+
+def evaluated(t: Trinity, method: str, level: float) -> bool:
+    """Whether every model where the method reaches the level has its evaluation."""
+    cells = [t.cell(method, level, m) for m in t.models]
+    return all(c.retention is not None for c in cells if c.reached)
+
+
+def clearly_holds(t: Trinity, method: str, level: float) -> bool:
+    """Reached everywhere and above the target by more than ``Z`` standard errors everywhere."""
+    cells = [t.cell(method, level, m) for m in t.models]
+    return all(
+        c.retention is not None and c.retention - Z * (c.retention_se or 0.0) >= t.target
+        for c in cells
+    )
+
+
+def ranking(t: Trinity, level: float) -> list[tuple[str, float]]:
+    """Methods that reach the level on every model, by their worst model's retention."""
+    scored = []
+    for method in t.methods:
+        cells = [t.cell(method, level, m) for m in t.models]
+        if all(c.retention is not None for c in cells):
+            scored.append((method, min(c.retention for c in cells)))
+    return sorted(scored, key=lambda s: -s[1])
+
+
+def _r(c: Cell) -> str:
+    return f"{c.retention:.3f} ± {c.retention_se:.3f}"
+
+
+def _x(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def verdicts(t: Trinity) -> list[str]:
+    """One paragraph per level: who comes closest to the three corners, and where each fails."""
+    lines = []
+    for level in t.levels:
+        ranked = ranking(t, level)
+        done = [m for m in t.methods if evaluated(t, m, level)]
+        holding = [m for m in done if not fails(t, m, level)]
+        clear = [m for m in holding if clearly_holds(t, m, level)]
+        head = f"**At {level:g}x** ({t.axis}; target retention {t.target:g}, {Z:g} SE): "
+        if clear:
+            head += f"{', '.join(clear)} hold all three corners. "
+        if len(holding) > len(clear):
+            unsure = [m for m in holding if m not in clear]
+            head += f"{', '.join(unsure)} hold them within their errors (not decided). "
+        if not holding:
+            head += "no method holds all three corners. "
+        if ranked:
+            best, score = ranked[0]
+            worst = spread(t, best, level)
+            head += f"Closest: {best} (worst model {worst[2]}, retention "
+            head += f"{_r(t.cell(best, level, worst[2]))})"
+            tied = [m for m, s in ranked[1:] if score - s <= Z * _pair_se(t, best, m, level)]
+            head += f", within errors of {', '.join(tied)}." if tied else "."
+        lines.append(head.rstrip())
+        for method in t.methods:
+            missed = fails(t, method, level)
+            if missed:
+                lines.append(f"- {method} fails {'; '.join(missed)}")
+            elif method not in done:
+                lines.append(f"- {method}: not evaluated yet (the evaluation pass has not run)")
+        lines.append("")
+    return lines[:-1]
+
+
+def _pair_se(t: Trinity, a: str, b: str, level: float) -> float:
+    """The standard error of the difference of two methods' worst-model retentions."""
+    worst = [spread(t, m, level) for m in (a, b)]
+    ses = [t.cell(m, level, w[2]).retention_se or 0.0 for m, w in zip((a, b), worst, strict=True)]
+    return math.hypot(*ses)
+
+
+# --------------------------------------------------------------------------- outputs
+COLUMNS = (
+    "model", "method", "level", "sparsity", "retention", "retention_se", "speedup", "speedup_iqr",
+    "ideal_speedup", "reach",
+)  # fmt: skip
+
+
+def long_rows(t: Trinity) -> list[dict[str, Any]]:
+    """One row per (model, method, level), with each task's accuracy and error."""
+    out = []
+    for model, method, level in itertools.product(t.models, t.methods, t.levels):
+        c = t.cell(method, level, model)
+        values = (model, method, level, c.sparsity, c.retention, c.retention_se, c.speedup,
+                  c.speedup_iqr, c.ideal, c.reach)  # fmt: skip
+        row = dict(zip(COLUMNS, values, strict=True))
+        for task in t.tasks:
+            value, error = c.tasks.get(task, (None, None))
+            row[f"{task}/acc"], row[f"{task}/acc_stderr"] = value, error
+        out.append(row)
+    for model in t.models:
+        row = {"model": model, "method": "dense", "retention": 1.0}
+        for task, (value, error) in t.dense.get(model, {}).items():
+            row[f"{task}/acc"], row[f"{task}/acc_stderr"] = value, error
+        out.append(row)
+    return out
+
+
+def csv_text(t: Trinity) -> str:
+    rows = long_rows(t)
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: "" if v is None else v for k, v in r.items()} for r in rows)
+    return buffer.getvalue()
+
+
+def command(folder: Path, t: Trinity) -> str:
+    """The report command that rewrites this page from the sweep's folder."""
+    levels = " ".join(f"{v:g}" for v in t.levels)
+    return (
+        f"python -m moyu_exp.report --trinity {folder} --levels {levels} --axis {t.axis} "
+        f"--target {t.target:g}"
+    )
+
+
+def markdown(t: Trinity, commands: list[str]) -> str:
+    """The page: the commands, provenance, the dense suite, one table per level, the verdicts."""
+    p = t.provenance
+    lines = [
+        *(f"`{c}`  " for c in commands),
+        "",
+        f"Measured {p['measured']} UTC at {p['commit']} on {p['machine']}. Levels read on "
+        f"`{t.axis}`; retention = suite mean accuracy over the dense model's (tasks: "
+        f"{', '.join(t.tasks) or '-'}; acc_norm where the task has it, else acc), ± its standard "
+        f"error; a method holds a model when its retention + {Z:g} SE reaches {t.target:g}.",
+        "",
+        "| model | dense suite accuracy | " + " | ".join(t.tasks) + " |",
+        "|---|---|" + "---|" * len(t.tasks),
+    ]
+    for model in t.models:
+        scores = t.dense.get(model)
+        if not scores:
+            lines.append(f"| {model} | - |" + " - |" * len(t.tasks))
+            continue
+        mean, se = suite(scores)
+        cells = [_pm(*scores[k]) if k in scores else "-" for k in t.tasks]
+        lines.append(f"| {model} | {_pm(mean, se)} | " + " | ".join(cells) + " |")
+    for level in t.levels:
+        lines += ["", f"### {level:g}x", ""]
+        heads = ["method"]
+        for model in t.models:
+            heads += [f"{model}: s", "retention", "speedup (ideal)"]
+        heads += ["spread (worst)", "fails"]
+        lines += ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+        for method in t.methods:
+            cells = [method]
+            for model in t.models:
+                c = t.cell(method, level, model)
+                if not c.reached:
+                    cells += ["-", "-", f"max {_x(c.reach)}"]
+                    continue
+                measured = "-" if c.speedup is None else f"{c.speedup:.2f}"
+                speed = f"{measured} ({_x(c.ideal)})"
+                shown = "-" if c.retention is None else _r(c)
+                cells += [f"{c.sparsity:.3f}", shown, speed]
+            s = spread(t, method, level)
+            cells.append("-" if s is None else f"{s[0]:.3f}-{s[1]:.3f} ({s[2]})")
+            missed = fails(t, method, level)
+            cells.append("; ".join(missed) or ("none" if evaluated(t, method, level) else "-"))
+            lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", *verdicts(t), ""]
+    return "\n".join(lines)
+
+
+def _pm(value: float, error: float) -> str:
+    return f"{value:.3f} ± {error:.3f}"
+
+
+def write(t: Trinity, out: Path, commands: list[str]) -> list[Path]:
+    """trinity.md, trinity.csv and trinity.png in ``out`` (atomic)."""
+    from moyu_exp import plots
+    from moyu_exp.cache import write_bytes_atomic
+
+    written = [out / "trinity.md", out / "trinity.csv", out / "trinity.png"]
+    write_bytes_atomic(written[0], markdown(t, commands).encode())
+    write_bytes_atomic(written[1], csv_text(t).encode())
+    plots.trinity(t, written[2])
+    return written
