@@ -264,10 +264,10 @@ def verdicts(t: Trinity) -> list[str]:
         clear = [m for m in holding if clearly_holds(t, m, level)]
         head = f"**At {level:g}x** ({t.axis}; target retention {t.target:g}, {Z:g} SE): "
         if clear:
-            head += f"{', '.join(clear)} hold all three corners. "
+            head += f"{_names(clear, 'holds', 'hold')} all three corners. "
         if len(holding) > len(clear):
             unsure = [m for m in holding if m not in clear]
-            head += f"{', '.join(unsure)} hold them within their errors (not decided). "
+            head += f"{_names(unsure, 'holds', 'hold')} them within their errors (not decided). "
         if not holding:
             head += "no method holds all three corners. "
         if ranked:
@@ -286,6 +286,10 @@ def verdicts(t: Trinity) -> list[str]:
                 lines.append(f"- {method}: not evaluated yet (the evaluation pass has not run)")
         lines.append("")
     return lines[:-1]
+
+
+def _names(names: list[str], one: str, many: str) -> str:
+    return f"{', '.join(names)} {one if len(names) == 1 else many}"
 
 
 def _pair_se(t: Trinity, a: str, b: str, level: float) -> float:
