@@ -412,7 +412,7 @@ def _trinity(args: argparse.Namespace, out: Path) -> int:
             f"moyu_exp.report: error: no trinity speed pass under {args.dirs[0]}", file=sys.stderr
         )
         return 2
-    written = trinity.write(result, out, [trinity.command(args.dirs[0], result)])
+    written = trinity.write(result, out, trinity.commands(args.dirs[0], result))
     print(trinity.markdown(result, []))
     print(f"wrote {', '.join(map(str, written))}")
     return 0

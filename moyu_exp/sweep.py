@@ -51,11 +51,10 @@ def write_trinity(config: DictConfig, sweep_dir: Path) -> list[Path]:
 
     levels = [float(v) for v in sweeper.levels]
     result = trinity.build([sweep_dir], levels, str(sweeper.axis), float(sweeper.target))
-    command = trinity.command(sweep_dir, result)
-    sweep = "python -m moyu_exp " + " ".join(config.hydra.overrides.task)
-    written = trinity.write(result, sweep_dir, [sweep, command])
+    commands = trinity.commands(sweep_dir, result)
+    written = trinity.write(result, sweep_dir, commands)
     if sweeper.get("report_dir"):
-        written = trinity.write(result, Path(str(sweeper.report_dir)), [sweep, command])
+        written = trinity.write(result, Path(str(sweeper.report_dir)), commands)
     log.info("trinity:\n%s", "\n".join(trinity.verdicts(result)))
     log.info("wrote %s", ", ".join(map(str, written)))
     return written

@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from moyu_exp import runs
 
 AXES = ("speedup", "ideal_speedup")  # what a level is read on: measured, or bytes-bound ideal
@@ -182,7 +184,7 @@ def _provenance(payloads: list[dict[str, Any]]) -> dict[str, str]:
     """When, at which commit and on what the points ran (as their results.json say)."""
     created = sorted(str(p.get("created")) for p in payloads if p.get("created"))
     envs = [p.get("env") or {} for p in payloads]
-    commits = sorted({str(e.get("git_sha"))[:7] for e in envs if e.get("git_sha")})
+    commits = sorted({_short_sha(str(e["git_sha"])) for e in envs if e.get("git_sha")})
     machines = sorted(
         {f"{e.get('device')}, {e.get('cpu_count')} CPUs" for e in envs if e.get("device")}
     )
@@ -191,6 +193,10 @@ def _provenance(payloads: list[dict[str, Any]]) -> dict[str, str]:
         "commit": ", ".join(commits) or "unknown",
         "machine": "; ".join(machines) or "unknown",
     }
+
+
+def _short_sha(sha: str) -> str:
+    return sha[:7] + ("-dirty" if sha.endswith("-dirty") else "")
 
 
 # --------------------------------------------------------------------------- verdicts
@@ -277,6 +283,8 @@ def verdicts(t: Trinity) -> list[str]:
             head += f"{_r(t.cell(best, level, worst[2]))})"
             tied = [m for m, s in ranked[1:] if score - s <= Z * _pair_se(t, best, m, level)]
             head += f", within errors of {', '.join(tied)}." if tied else "."
+        else:
+            head += "No method is evaluated at this level on every model."
         lines.append(head.rstrip())
         for method in t.methods:
             missed = fails(t, method, level)
@@ -336,13 +344,20 @@ def csv_text(t: Trinity) -> str:
     return buffer.getvalue()
 
 
-def command(folder: Path, t: Trinity) -> str:
-    """The report command that rewrites this page from the sweep's folder."""
+def commands(folder: Path, t: Trinity) -> list[str]:
+    """The sweep's command (from its multirun.yaml) and the report command that rewrites this
+    page from the sweep's folder."""
     levels = " ".join(f"{v:g}" for v in t.levels)
-    return (
+    out = [
         f"python -m moyu_exp.report --trinity {folder} --levels {levels} --axis {t.axis} "
         f"--target {t.target:g}"
-    )
+    ]
+    try:
+        given = yaml.safe_load((Path(folder) / "multirun.yaml").read_text())["hydra"]["overrides"]
+        out.insert(0, " ".join(["python -m moyu_exp", *given["task"], *given["hydra"]]))
+    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        pass
+    return out
 
 
 def markdown(t: Trinity, commands: list[str]) -> str:

@@ -192,7 +192,9 @@ def _suite(payload: dict) -> float:
 def test_the_report_names_the_unreached_level_and_is_written_where_asked(swept) -> None:
     root, written = swept
     page = (root / "docs" / "trinity.md").read_text()
-    assert page.startswith("`python -m moyu_exp +sweep=trinity model=tiny_llama,tiny")
+    first = page.split("\n")[0]  # the sweep's command, as given
+    assert first.startswith("`python -m moyu_exp +sweep=trinity") and "report_dir=" in first
+    assert all(f" {a}" in first for a in TINY[1:])
     assert "`python -m moyu_exp.report --trinity" in page
     assert "### 1.1x" in page and "### 1.3x" in page
     assert "- topk fails speed (reaches tiny 1.22x, tiny_llama 1.22x)" in page

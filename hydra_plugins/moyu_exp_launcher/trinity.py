@@ -169,9 +169,10 @@ def _results(ret: JobReturn) -> dict[str, Any]:
     process's cwd, which Hydra no longer changes)."""
     try:
         hydra = ret.hydra_cfg.hydra
-        folder = hydra.runtime.get("output_dir") or Path(hydra.sweep.dir) / hydra.sweep.subdir
+        folder = OmegaConf.select(hydra, "runtime.output_dir", throw_on_missing=False)
+        folder = folder or Path(str(hydra.sweep.dir)) / str(hydra.sweep.subdir)
         return json.loads((Path(str(folder)) / "results.json").read_text())
-    except (AttributeError, OSError, ValueError, TypeError):
+    except Exception:  # no config, no folder, no file: the point has no speed
         return {}
 
 
