@@ -72,7 +72,7 @@ class Cell:
     retention_se: float | None = None
     speedup: float | None = None  # measured at the crossing, by the evaluated point's bench
     speedup_iqr: float | None = None
-    ideal: float | None = None
+    ideal: float | None = None  # bytes-bound, of the sets the bench decoded with
     tasks: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     @property
@@ -176,7 +176,10 @@ def _cell(curve, level, dense, payload) -> Cell:
         cell.retention_se = math.sqrt(se**2 + (cell.retention * base_se) ** 2) / base
     cell.speedup = speed_of(payload, "speedup")
     cell.speedup_iqr = (payload.get("bench") or {}).get("speedup_iqr")
-    cell.ideal = speed_of(payload, "ideal_speedup")
+    # the ideal of the sets the bench decoded with, beside the speed it measured (else the
+    # evaluation's)
+    bench = (payload.get("sparsity_detail") or {}).get("bench") or {}
+    cell.ideal = bench.get("ideal_speedup") or speed_of(payload, "ideal_speedup")
     return cell
 
 
