@@ -408,8 +408,30 @@ def markdown(t: Trinity, commands: list[str]) -> str:
             missed = fails(t, method, level)
             cells.append("; ".join(missed) or ("none" if evaluated(t, method, level) else "-"))
             lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", *verdicts(t), ""]
+    lines += ["", *verdicts(t), "", *per_task(t), ""]
     return "\n".join(lines)
+
+
+def per_task(t: Trinity) -> list[str]:
+    """Each task's accuracy ± its standard error, per model, for dense and every evaluated
+    (method, level)."""
+    lines = ["### Per task", ""]
+    for model in t.models:
+        lines += [f"{model}:", "", "| method | level | " + " | ".join(t.tasks) + " |"]
+        lines.append("|---|---|" + "---|" * len(t.tasks))
+        dense = t.dense.get(model, {})
+        lines.append("| dense | - | " + " | ".join(_task(dense, k) for k in t.tasks) + " |")
+        for method, level in itertools.product(t.methods, t.levels):
+            c = t.cell(method, level, model)
+            if c.tasks:
+                cells = " | ".join(_task(c.tasks, k) for k in t.tasks)
+                lines.append(f"| {method} | {level:g}x | {cells} |")
+        lines.append("")
+    return lines[:-1]
+
+
+def _task(scores: dict[str, tuple[float, float]], task: str) -> str:
+    return _pm(*scores[task]) if task in scores else "-"
 
 
 def _pm(value: float, error: float) -> str:

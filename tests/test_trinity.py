@@ -198,6 +198,8 @@ def test_the_report_names_the_unreached_level_and_is_written_where_asked(swept) 
     assert all(f" {a}" in first for a in TINY[1:])
     assert "`python -m moyu_exp.report --trinity" in page
     assert "### 1.1x" in page and "### 1.3x" in page
+    tasks = page.split("### Per task")[1]  # each evaluated (method, level) with every task
+    assert tasks.count("| dense | - |") == 2 and tasks.count("| griffin | 1.3x |") == 2
     assert "- topk fails speed (reaches tiny 1.22x, tiny_llama 1.22x)" in page
     for name in ("trinity.md", "trinity.csv", "trinity.png"):
         assert (root / "docs" / name).stat().st_size > 0
