@@ -399,8 +399,7 @@ def markdown(t: Trinity, commands: list[str]) -> str:
                 if not c.reached:
                     cells += ["-", "-", f"max {_x(c.reach)}"]
                     continue
-                measured = "-" if c.speedup is None else f"{c.speedup:.2f}"
-                speed = f"{measured} ({_x(c.ideal)})"
+                speed = f"{_x(c.speedup)} ({_x(c.ideal)})"
                 shown = "-" if c.retention is None else _r(c)
                 cells += [f"{c.sparsity:.3f}", shown, speed]
             s = spread(t, method, level)
