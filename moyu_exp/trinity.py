@@ -363,6 +363,43 @@ def commands(folder: Path, t: Trinity) -> list[str]:
     return out
 
 
+def from_csv(
+    path: Path, axis: str = "speedup", target: float = 0.95, provenance: dict | None = None
+) -> Trinity:
+    """The trinity a ``trinity.csv`` holds (to check a page against its CSV)."""
+
+    def number(text: str) -> float | None:
+        return None if text == "" else float(text)
+
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    tasks = sorted({k.removesuffix("/acc") for k in rows[0] if k.endswith("/acc")})
+
+    def scores(row: dict[str, str]) -> dict[str, tuple[float, float]]:
+        return {
+            k: (float(row[f"{k}/acc"]), float(row[f"{k}/acc_stderr"]))
+            for k in tasks
+            if row.get(f"{k}/acc")
+        }
+
+    dense = {r["model"]: scores(r) for r in rows if r["method"] == "dense"}
+    cells = {}
+    for r in rows:
+        if r["method"] != "dense":
+            sparsity, retention, se, speedup, iqr, ideal, reach = (
+                number(r[c]) for c in COLUMNS[3:]
+            )
+            cells[(r["method"], float(r["level"]), r["model"])] = Cell(
+                sparsity, reach, retention, se, speedup, iqr, ideal, scores(r)
+            )
+    levels = sorted({level for _, level, _ in cells})
+    methods = sorted({m for m, _, _ in cells})
+    models = sorted({m for _, _, m in cells} | set(dense))
+    tasks = [t for t in tasks if any(t in d for d in dense.values())]
+    known = provenance or dict.fromkeys(("measured", "commit", "machine"), "unknown")
+    return Trinity(models, methods, levels, axis, target, tasks, dense, cells, known)
+
+
 def markdown(t: Trinity, commands: list[str]) -> str:
     """The page: the commands, provenance, the dense suite, one table per level, the verdicts."""
     p = t.provenance
