@@ -56,6 +56,17 @@ def _dense(rows: list[dict[str, Any]], metric: str) -> float | None:
     return None
 
 
+def _shared_legend(fig, axes) -> None:
+    """One legend beside the figure: every label drawn on some panel, once."""
+    legend = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            legend.setdefault(label, handle)
+    if legend:
+        fig.legend(legend.values(), legend.keys(), loc="center left", bbox_to_anchor=(1.0, 0.5),
+                   fontsize=8)  # fmt: skip
+
+
 def save_png(fig, path: Path) -> None:
     """Write a figure as PNG, atomically, and close it."""
     from moyu_exp.cache import write_bytes_atomic
@@ -89,13 +100,7 @@ def tradeoff(
             ax.set_yscale("log")
         ax.set_title(metric)
         ax.grid(alpha=0.3)
-    legend = {}  # every method drawn on some panel, once
-    for ax in axes[0]:
-        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
-            legend.setdefault(label, handle)
-    if legend:
-        fig.legend(legend.values(), legend.keys(), loc="center left", bbox_to_anchor=(1.0, 0.5),
-                   fontsize=8)  # fmt: skip
+    _shared_legend(fig, axes[0])
     fig.suptitle("accuracy / sparsity trade-off")
     fig.tight_layout()
     save_png(fig, path)
@@ -307,13 +312,7 @@ def trinity(t: Any, path: Path) -> None:
         ax.set_title("across models: worst to best retention", fontsize=10)
         ax.set_xlabel("speedup level")
         ax.grid(alpha=0.3, axis="y")
-    legend = {}  # every method drawn on some panel, once
-    for ax in axes[0]:
-        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
-            legend.setdefault(label, handle)
-    if legend:
-        fig.legend(legend.values(), legend.keys(), loc="center left", bbox_to_anchor=(1.0, 0.5),
-                   fontsize=8)  # fmt: skip
+    _shared_legend(fig, axes[0])
     fig.suptitle("accuracy x speed x generality (dashed: target retention)", fontsize=11)
     fig.tight_layout()
     save_png(fig, path)

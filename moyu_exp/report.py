@@ -327,6 +327,8 @@ def summarize(dirs: list[Path], out: Path) -> tuple[list[dict[str, Any]], dict[s
 
 
 def main(argv: list[str] | None = None) -> int:
+    from moyu_exp.trinity import AXES as trinity_axes
+
     parser = argparse.ArgumentParser(
         prog="python -m moyu_exp.report", description="Compare moyu_exp runs and sweeps."
     )
@@ -352,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--axis",
-        choices=["speedup", "ideal_speedup"],
+        choices=trinity_axes,
         default="speedup",
         help="--trinity: the speed its levels were crossed on (the sweep's hydra.sweeper.axis)",
     )

@@ -148,19 +148,16 @@ def build(
     cells = {}
     for (label, model), curve in curves.items():
         for level in levels:
-            cells[(label, level, model)] = _cell(
-                curve,
-                level,
-                dense.get(model),
-                evaluated.get((label, model, crossing(curve, level))),
-            )
+            point = crossing(curve, level)
+            payload = evaluated.get((label, model, point))
+            cells[(label, level, model)] = _cell(curve, point, dense.get(model), payload)
     return Trinity(
         models, methods, levels, axis, target, tasks, dense, cells, _provenance(payloads)
     )
 
 
-def _cell(curve, level, dense, payload) -> Cell:
-    point = crossing(curve, level)
+def _cell(curve, point, dense, payload) -> Cell:
+    """The cell of a curve's crossing ``point`` (None: not reached), with its evaluation."""
     if point is None:
         return Cell(reach=max(v for _, v in curve))
     cell = Cell(sparsity=point)
