@@ -79,6 +79,7 @@ class TaskDetails(TypedDict, total=False):
     higher_is_better: dict[str, bool]
     sparse_scored_fraction: float | None  # scored positions that ran sparse (the protocol)
     by_distance: dict[str, list[float]]  # generation: KL and top-1 at each generated distance
+    items: dict[str, list[float]]  # each item's scores: {"doc_id": [...], metric: [...]}
 
 
 class Probe(TypedDict):

@@ -11,8 +11,9 @@ from typing import Any
 from moyu_exp import results
 
 
-def collect(dirs: list[Path]) -> list[dict[str, Any]]:
-    """Payloads of every results.json under ``dirs``, one per point."""
+def collect(dirs: list[Path], unique: bool = True) -> list[dict[str, Any]]:
+    """Payloads of every results.json under ``dirs``, one per point (``unique``: the best of
+    the folders that hold the same point key) or one per folder."""
     best: dict[str, dict[str, Any]] = {}
     for folder in dirs:
         for path in sorted(Path(folder).rglob("results.json")):
@@ -22,7 +23,7 @@ def collect(dirs: list[Path]) -> list[dict[str, Any]]:
                 print(f"moyu_exp.report: skipping {path}: {err}", file=sys.stderr)
                 continue
             payload.setdefault("run_dir", str(path.parent))
-            key = payload.get("point_key") or str(path.parent)
+            key = (payload.get("point_key") if unique else None) or str(path.parent)
             if key not in best or rank(payload) >= rank(best[key]):
                 best[key] = payload
     return list(best.values())

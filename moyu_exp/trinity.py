@@ -41,9 +41,13 @@ DIGITS = 3  # the crossing's sparsity, rounded (a stable point key and a readabl
 
 
 # --------------------------------------------------------------------------- crossings
-def crossing(curve: list[tuple[float, float]], level: float) -> float | None:
+def crossing(curve: list[tuple[float, float]], level: float, switch: bool = False) -> float | None:
     """The lowest sparsity at which a (sparsity, speedup) curve reaches ``level``: linear
-    between its points, from the dense model (sparsity 0, speedup 1); None if it never does."""
+    between its points, from the dense model (sparsity 0, speedup 1); None if it never does.
+    For a method whose sparsity only switches it on (``switch``, e.g. CETT: its own knob sets
+    how much it skips) there is nothing between its points: the first one that reaches it."""
+    if switch:
+        return next((s for s, v in sorted(curve) if v >= level), None)
     points = [(0.0, 1.0), *sorted(p for p in curve if p[0] > 0)]
     for (s0, v0), (s1, v1) in itertools.pairwise(points):
         if v0 >= level:
@@ -51,6 +55,12 @@ def crossing(curve: list[tuple[float, float]], level: float) -> float | None:
         if v1 >= level:
             return round(s0 + (level - v0) / (v1 - v0) * (s1 - s0), DIGITS)
     return None
+
+
+def is_switch(keys: list[str]) -> bool:
+    """Whether a speed pass's points at different sparsities are one point (one key): the
+    method's sparsity only switches it on (it takes two grid values to tell)."""
+    return len(keys) > 1 and len(set(keys)) == 1
 
 
 def speed_of(payload: dict[str, Any], axis: str) -> float | None:
@@ -74,6 +84,10 @@ class Cell:
     speedup_iqr: float | None = None
     ideal: float | None = None  # bytes-bound, of the sets the bench decoded with
     tasks: dict[str, tuple[float, float]] = field(default_factory=dict)
+    se_kind: str | None = None  # "paired" (item by item) or "bound" (errors as if independent)
+    protocol: str | None = None  # the evaluation's ``strategy.prefill``
+    sparse_share: float | None = None  # mean over tasks of the scored positions run sparse
+    switch: bool = False  # the method's sparsity only switches it on (:func:`is_switch`)
 
     @property
     def reached(self) -> bool:
@@ -102,16 +116,55 @@ class Trinity:
         return self.cells.get((method, level, model)) or Cell()
 
 
-def accuracy(payload: dict[str, Any]) -> dict[str, tuple[float, float]]:
-    """{task: (accuracy, stderr)}: ``acc_norm`` where the task reports it (lm-eval's length-
+def headline(metrics: dict[str, float]) -> str | None:
+    """A task's accuracy metric: ``acc_norm`` where the task reports it (lm-eval's length-
     normalised headline for piqa, ARC and HellaSwag), else ``acc``."""
+    return next((name for name in ("acc_norm", "acc") if metrics.get(name) is not None), None)
+
+
+def accuracy(payload: dict[str, Any]) -> dict[str, tuple[float, float]]:
+    """{task: (accuracy, stderr)} of the tasks with an accuracy (:func:`headline`)."""
     out = {}
     for task, metrics in sorted((payload.get("eval") or {}).items()):
-        for name in ("acc_norm", "acc"):
-            if metrics.get(name) is not None:
-                out[task] = (float(metrics[name]), float(metrics.get(f"{name}_stderr") or 0.0))
-                break
+        if name := headline(metrics):
+            out[task] = (float(metrics[name]), float(metrics.get(f"{name}_stderr") or 0.0))
     return out
+
+
+def items(payload: dict[str, Any]) -> dict[str, tuple[list[int], list[float]]]:
+    """{task: (doc ids, each item's accuracy)} where the point logged its items."""
+    out = {}
+    for task, metrics in (payload.get("eval") or {}).items():
+        logged = ((payload.get("eval_details") or {}).get(task) or {}).get("items") or {}
+        name = headline(metrics)
+        if name and logged.get(name) and logged.get("doc_id"):
+            out[task] = (list(logged["doc_id"]), [float(v) for v in logged[name]])
+    return out
+
+
+def paired_se(
+    sparse: dict[str, tuple[list[int], list[float]]],
+    dense: dict[str, tuple[list[int], list[float]]],
+    tasks: list[str],
+    retention: float,
+) -> float | None:
+    """The standard error of retention r = S / D (suite means), item by item: S - r D is a mean
+    over tasks of per-item differences s_i - r d_i on the same items, so its error counts only
+    where the two disagree (delta method). None unless both logged the same items of every
+    task."""
+    if not tasks or any(t not in sparse or t not in dense for t in tasks):
+        return None
+    variance, base = 0.0, 0.0
+    for task in tasks:
+        (ids, s), (dense_ids, d) = sparse[task], dense[task]
+        if ids != dense_ids or len(ids) < 2:
+            return None
+        diff = [a - retention * b for a, b in zip(s, d, strict=True)]
+        mean = sum(diff) / len(diff)
+        variance += sum((x - mean) ** 2 for x in diff) / (len(diff) - 1) / len(diff)
+        base += sum(d) / len(d)
+    base /= len(tasks)
+    return math.sqrt(variance) / len(tasks) / base if base else None
 
 
 def suite(tasks: dict[str, tuple[float, float]]) -> tuple[float, float]:
@@ -125,38 +178,47 @@ def build(
     dirs: list[Path], levels: list[float], axis: str = "speedup", target: float = 0.95
 ) -> Trinity:
     """The trinity of the points under ``dirs`` (a trinity sweep's folder)."""
-    payloads = [p for p in runs.collect(dirs) if p.get("status") == "ok"]
+    # one payload per folder: a method whose sparsity only switches it on has one point key
+    # in every folder of its grid (:func:`is_switch`)
+    payloads = [p for p in runs.collect(dirs, unique=False) if p.get("status") == "ok"]
     labels = runs.labels(payloads, ignore=("model.", "eval.", "bench."))
     curves: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    keys: dict[tuple[str, str], list[str]] = {}
     evaluated: dict[tuple[str, str, float], dict[str, Any]] = {}
     dense: dict[str, dict[str, tuple[float, float]]] = {}
+    dense_items: dict[str, dict[str, tuple[list[int], list[float]]]] = {}
     for payload, label in zip(payloads, labels, strict=True):
         model = str((payload.get("config") or {}).get("model", {}).get("name"))
         scores = accuracy(payload)
         if payload.get("strategy") == "dense":
             if scores:
-                dense[model] = scores
+                dense[model], dense_items[model] = scores, items(payload)
             continue
         sparsity = float(payload.get("sparsity") or 0.0)
         if scores:
             evaluated[(label, model, round(sparsity, DIGITS))] = payload
         elif (speed := speed_of(payload, axis)) is not None:
             curves.setdefault((label, model), []).append((sparsity, speed))
+            keys.setdefault((label, model), []).append(str(payload.get("point_key")))
     models = sorted({m for _, m in curves} | set(dense))
     methods = sorted({label for label, _ in curves})
     tasks = sorted({t for scores in dense.values() for t in scores})
     cells = {}
     for (label, model), curve in curves.items():
+        switch = is_switch(keys[(label, model)])
         for level in levels:
-            point = crossing(curve, level)
+            point = crossing(curve, level, switch)
             payload = evaluated.get((label, model, point))
-            cells[(label, level, model)] = _cell(curve, point, dense.get(model), payload)
+            cells[(label, level, model)] = _cell(
+                curve, point, dense.get(model), dense_items.get(model) or {}, payload
+            )
+            cells[(label, level, model)].switch = switch
     return Trinity(
         models, methods, levels, axis, target, tasks, dense, cells, _provenance(payloads)
     )
 
 
-def _cell(curve, point, dense, payload) -> Cell:
+def _cell(curve, point, dense, dense_items, payload) -> Cell:
     """The cell of a curve's crossing ``point`` (None: not reached), with its evaluation."""
     if point is None:
         return Cell(reach=max(v for _, v in curve))
@@ -169,8 +231,18 @@ def _cell(curve, point, dense, payload) -> Cell:
         mean, se = suite(shared)
         base, base_se = suite({t: dense[t] for t in shared})
         cell.retention = mean / base
-        # the two errors as if independent: an upper bound, the items being the same
-        cell.retention_se = math.sqrt(se**2 + (cell.retention * base_se) ** 2) / base
+        paired = paired_se(items(payload), dense_items, list(shared), cell.retention)
+        # else the two errors as if independent: an upper bound, the items being the same
+        bound = math.sqrt(se**2 + (cell.retention * base_se) ** 2) / base
+        cell.retention_se = bound if paired is None else paired
+        cell.se_kind = "bound" if paired is None else "paired"
+    cell.protocol = (payload.get("config") or {}).get("strategy", {}).get("prefill")
+    shares = [
+        d["sparse_scored_fraction"]
+        for t, d in (payload.get("eval_details") or {}).items()
+        if t in shared and d.get("sparse_scored_fraction") is not None
+    ]
+    cell.sparse_share = sum(shares) / len(shares) if shares else None
     cell.speedup = speed_of(payload, "speedup")
     cell.speedup_iqr = (payload.get("bench") or {}).get("speedup_iqr")
     # the ideal of the sets the bench decoded with, beside the speed it measured (else the
@@ -215,9 +287,14 @@ def fails(t: Trinity, method: str, level: float) -> list[str]:
     cells = {m: t.cell(method, level, m) for m in t.models}
     unreached = [m for m, c in cells.items() if not c.reached]
     if len(unreached) == len(cells):
-        reach = ", ".join(f"{m} {_x(c.reach)}" for m, c in cells.items() if c.reach)
-        return [f"speed (reaches {reach})" if reach else "speed"]
-    out = [f"generality: {m} does not reach {level:g}x ({_x(cells[m].reach)})" for m in unreached]
+        reach = ", ".join(f"{m} {_below(c.reach, level)}" for m, c in cells.items() if c.reach)
+        one = any(c.switch for c in cells.values())
+        where = " at its one operating point: its sparsity only switches it on" if one else ""
+        return [f"speed (reaches {reach}{where})" if reach else "speed"]
+    out = [
+        f"generality: {m} does not reach {level:g}x ({_below(cells[m].reach, level)})"
+        for m in unreached
+    ]
     judged = [m for m, c in cells.items() if c.holds(t.target) is not None]
     below = {m: c for m, c in cells.items() if c.holds(t.target) is False}
     if judged and len(below) == len(judged):
@@ -260,6 +337,14 @@ def _x(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
 
+def _below(value: float | None, level: float) -> str:
+    """A speed short of ``level``, with the digits that show it is short (1.195x, not 1.20x)."""
+    if value is None:
+        return "-"
+    digits = next((d for d in range(2, 7) if round(value, d) < level), 6)
+    return f"{value:.{digits}f}x"
+
+
 def verdicts(t: Trinity) -> list[str]:
     """One paragraph per level: who comes closest to the three corners, and where each fails."""
     lines = []
@@ -285,7 +370,8 @@ def verdicts(t: Trinity) -> list[str]:
             head += f", within errors of {', '.join(tied)}." if tied else "."
         else:
             head += "No method is evaluated at this level on every model."
-        lines.append(head.rstrip())
+        head = head.rstrip() + mostly_dense(t, holding)
+        lines.append(head)
         for method in t.methods:
             missed = fails(t, method, level)
             if missed:
@@ -294,6 +380,41 @@ def verdicts(t: Trinity) -> list[str]:
                 lines.append(f"- {method}: not evaluated yet (the evaluation pass has not run)")
         lines.append("")
     return lines[:-1]
+
+
+def share(t: Trinity, method: str, model: str) -> float | None:
+    """The share of the scored positions the method ran sparse on the model (its first
+    evaluated level: the protocol, not the sparsity, decides it)."""
+    shares = [t.cell(method, lv, model).sparse_share for lv in t.levels]
+    return next((v for v in shares if v is not None), None)
+
+
+def protocol(t: Trinity, method: str) -> str:
+    """The method's evaluation protocol(s) (``strategy.prefill``) as its points recorded them."""
+    found = {c.protocol for (m, _, _), c in t.cells.items() if m == method and c.protocol}
+    return ", ".join(sorted(found)) or "-"
+
+
+def mostly_dense(t: Trinity, methods: list[str]) -> str:
+    """A sentence naming the methods whose scored positions ran sparse less than half the time
+    on some model (their retention speaks for that share only); empty if none did."""
+    low = {}
+    for method in methods:
+        values = [v for m in t.models if (v := share(t, method, m)) is not None]
+        if values and min(values) < 0.5:
+            low[method] = values
+    if not low:
+        return ""
+    named = ", ".join(f"{m} {_range(v)} ({protocol(t, m)})" for m, v in low.items())
+    return (
+        f" Their protocols ran sparse on few of the scored positions ({named}): the retention "
+        "holds for that share, not for fully sparse scoring (Protocols below)."
+    )
+
+
+def _range(shares: list[float]) -> str:
+    low, high = f"{min(shares):.0%}", f"{max(shares):.0%}"
+    return low if low == high else f"{low}-{high}"
 
 
 def _names(names: list[str], one: str, many: str) -> str:
@@ -310,7 +431,7 @@ def _pair_se(t: Trinity, a: str, b: str, level: float) -> float:
 # --------------------------------------------------------------------------- outputs
 COLUMNS = (
     "model", "method", "level", "sparsity", "retention", "retention_se", "speedup", "speedup_iqr",
-    "ideal_speedup", "reach",
+    "ideal_speedup", "reach", "se_kind", "protocol", "sparse_share", "switch",
 )  # fmt: skip
 
 
@@ -320,7 +441,8 @@ def long_rows(t: Trinity) -> list[dict[str, Any]]:
     for model, method, level in itertools.product(t.models, t.methods, t.levels):
         c = t.cell(method, level, model)
         values = (model, method, level, c.sparsity, c.retention, c.retention_se, c.speedup,
-                  c.speedup_iqr, c.ideal, c.reach)  # fmt: skip
+                  c.speedup_iqr, c.ideal, c.reach, c.se_kind, c.protocol,
+                  c.sparse_share, int(c.switch))  # fmt: skip
         row = dict(zip(COLUMNS, values, strict=True))
         for task in t.tasks:
             value, error = c.tasks.get(task, (None, None))
@@ -384,11 +506,13 @@ def from_csv(
     for r in rows:
         if r["method"] != "dense":
             sparsity, retention, se, speedup, iqr, ideal, reach = (
-                number(r[c]) for c in COLUMNS[3:]
+                number(r[c]) for c in COLUMNS[3:10]
             )
             cells[(r["method"], float(r["level"]), r["model"])] = Cell(
-                sparsity, reach, retention, se, speedup, iqr, ideal, scores(r)
-            )
+                sparsity, reach, retention, se, speedup, iqr, ideal, scores(r),
+                r.get("se_kind") or None, r.get("protocol") or None,
+                number(r.get("sparse_share", "")), r.get("switch") == "1",
+            )  # fmt: skip
     levels = sorted({level for _, level, _ in cells})
     methods = sorted({m for m, _, _ in cells})
     models = sorted({m for _, _, m in cells} | set(dense))
@@ -406,7 +530,8 @@ def markdown(t: Trinity, commands: list[str]) -> str:
         f"Measured {p['measured']} UTC at {p['commit']} on {p['machine']}. Levels read on "
         f"`{t.axis}`; retention = suite mean accuracy over the dense model's (tasks: "
         f"{', '.join(t.tasks) or '-'}; acc_norm where the task has it, else acc), ± its standard "
-        f"error; a method holds a model when its retention + {Z:g} SE reaches {t.target:g}.",
+        f"error ({se_kinds(t)}); a method holds a model when its retention + {Z:g} SE reaches "
+        f"{t.target:g}.",
         "",
         "| model | dense suite accuracy | " + " | ".join(t.tasks) + " |",
         "|---|---|" + "---|" * len(t.tasks),
@@ -431,18 +556,52 @@ def markdown(t: Trinity, commands: list[str]) -> str:
             for model in t.models:
                 c = t.cell(method, level, model)
                 if not c.reached:
-                    cells += ["-", "-", f"max {_x(c.reach)}"]
+                    cells += ["-", "-", f"max {_below(c.reach, level)}"]
                     continue
                 speed = f"{_x(c.speedup)} ({_x(c.ideal)})"
                 shown = "-" if c.retention is None else _r(c)
-                cells += [f"{c.sparsity:.3f}", shown, speed]
+                cells += ["on" if c.switch else f"{c.sparsity:.3f}", shown, speed]
             s = spread(t, method, level)
             cells.append("-" if s is None else f"{s[0]:.3f}-{s[1]:.3f} ({s[2]})")
             missed = fails(t, method, level)
             cells.append("; ".join(missed) or ("none" if evaluated(t, method, level) else "-"))
             lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", *verdicts(t), "", *per_task(t), ""]
+    lines += ["", *verdicts(t), "", *protocols(t), "", *per_task(t), ""]
     return "\n".join(lines)
+
+
+def protocols(t: Trinity) -> list[str]:
+    """Each method's evaluation protocol and the share of scored positions it ran sparse (the
+    lm-eval bridge's count, mean over the suite's tasks): a retention is only as sparse as this."""
+    lines = [
+        "### Protocols",
+        "",
+        "Each method is evaluated under its paper's protocol (`strategy.prefill`; "
+        "`moyu_exp/strategies/protocol.py`); the share of the scored positions that ran sparse "
+        "is the mean over tasks. A common protocol for every method is one override away "
+        "(e.g. `strategy.prefill=dense`: each context dense, each continuation sparse).",
+        "",
+        "| method | protocol | "
+        + " | ".join(f"{m}: scored positions sparse" for m in t.models)
+        + " |",
+        "|---|---|" + "---|" * len(t.models),
+    ]
+    for method in t.methods:
+        cells = [f"{v:.0%}" if (v := share(t, method, m)) is not None else "-" for m in t.models]
+        lines.append(f"| {method} | {protocol(t, method)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def se_kinds(t: Trinity) -> str:
+    """How the retentions' standard errors were computed, in words."""
+    kinds = {c.se_kind for c in t.cells.values() if c.retention is not None}
+    paired = "paired: item by item on the same items, the delta method"
+    bound = "the dense and sparse errors added as if independent, an upper bound"
+    if kinds <= {"paired"}:
+        return paired
+    if "paired" not in kinds:
+        return bound + ": the points did not log their items"
+    return f"{paired}, where both points logged their items; else {bound}"
 
 
 def per_task(t: Trinity) -> list[str]:

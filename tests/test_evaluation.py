@@ -8,7 +8,7 @@ import torch
 from moyu_exp import evaluation
 from moyu_exp.config import ConfigError, build
 from moyu_exp.evaluation import tasks
-from moyu_exp.evaluation.harness import MoyuLM, clean_metrics
+from moyu_exp.evaluation.harness import MoyuLM, clean_metrics, item_scores
 from tests.conftest import TINY, compose_config
 
 
@@ -151,6 +151,20 @@ def test_missing_data_dir_is_a_config_error(tmp_path) -> None:
 def test_clean_metrics_drops_the_none_filter() -> None:
     raw = {"alias": "piqa", "acc,none": 0.5, "acc_stderr,none": 0.1, "exact_match,strict": 1.0}
     assert clean_metrics(raw) == {"acc": 0.5, "acc_stderr": 0.1, "exact_match,strict": 1.0}
+
+
+def test_item_scores_keep_each_items_numbers_by_doc_id() -> None:
+    names = ["acc", "acc_norm", "perplexity"]
+    samples = [
+        {"doc_id": 1, "filter": "none", "metrics": names, "acc": 0.0, "acc_norm": 1.0,
+         "perplexity": (-1.2, 3)},
+        {"doc_id": 0, "filter": "none", "metrics": names, "acc": 1.0, "acc_norm": 0.5,
+         "perplexity": (-0.5, 2)},
+        {"doc_id": 0, "filter": "strict", "metrics": ["acc"], "acc": 0.0},  # another filter
+    ]  # fmt: skip
+    # by doc id, the unfiltered responses, numbers only (a perplexity item is a pair)
+    assert item_scores(samples) == {"doc_id": [0, 1], "acc": [1, 0], "acc_norm": [0.5, 1]}
+    assert item_scores([]) == {}
 
 
 def test_moyulm_finds_each_rows_real_length(tiny) -> None:

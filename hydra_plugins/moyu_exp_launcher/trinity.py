@@ -9,7 +9,10 @@ job array each):
    other) at each sparsity of ``grid``, bench only (``eval=none``'s name, no tasks);
 2. the **evaluation pass**: each combination at the sparsity where its curve crosses each of
    ``levels`` (interpolated, from the dense model's 1x), and the dense model once per model,
-   with the evaluation (and a bench at that sparsity: the measured speed the report shows).
+   with the evaluation (and a bench at that sparsity: the measured speed the report shows). A
+   method whose grid points are one point (one key: its sparsity only switches it on, as
+   CETT's, whose ``strategy.target`` sets how much it skips) is evaluated at that point where
+   it reaches the level, without interpolation.
 
 Both passes' points are ordinary points: cached, so a rerun serves them (the speed pass's
 speedups, hence the crossings and the evaluation pass's keys, come back identical), and an
@@ -96,13 +99,13 @@ class TrinitySweeper(Sweeper):
         curves = [self._curve(speed[i * len(self.grid) : (i + 1) * len(self.grid)]) for i in
                   range(len(methods))]  # fmt: skip
 
-        from moyu_exp.trinity import crossing
+        from moyu_exp.trinity import crossing, is_switch
 
         dense = {tuple(o for o in c if not _key(o).startswith("strategy")): None for c in combos}
         eval_jobs = [[*c, "strategy=dense", "bench.enabled=false"] for c in dense]
         plan = []
-        for combo, curve in zip(methods, curves, strict=True):
-            at = {level: crossing(curve, level) for level in self.levels}
+        for combo, (curve, keys) in zip(methods, curves, strict=True):
+            at = {level: crossing(curve, level, is_switch(keys)) for level in self.levels}
             shown = " ".join(o for o in combo if _key(o) in self._varying)
             plan.append(f"  {shown}: " + ", ".join(
                 f"{lv:g}x at s={s}" if s is not None else f"{lv:g}x not reached"
@@ -147,17 +150,19 @@ class TrinitySweeper(Sweeper):
         self.validate_batch_is_legal(jobs)
         return self.launcher.launch(jobs, initial_job_idx=first)
 
-    def _curve(self, returns: Sequence[JobReturn]) -> list[tuple[float, float]]:
-        """(sparsity, speed) of the speed pass's finished points of one combination."""
+    def _curve(self, returns: Sequence[JobReturn]) -> tuple[list[tuple[float, float]], list[str]]:
+        """(sparsity, speed) of the speed pass's finished points of one combination, and their
+        point keys (one key for every sparsity: the sparsity only switches the method on)."""
         from moyu_exp.trinity import speed_of
 
-        curve = []
+        curve, keys = [], []
         for ret in returns:
             payload = _results(ret)
             speed = speed_of(payload, self.axis) if payload.get("status") == "ok" else None
             if speed is not None:
                 curve.append((float(payload["sparsity"]), speed))
-        return curve
+                keys.append(str(payload.get("point_key")))
+        return curve, keys
 
 
 def _key(override: str) -> str:

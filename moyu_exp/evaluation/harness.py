@@ -9,6 +9,7 @@ right-pads its batches), so padding is never counted in the achieved sparsity.
 from __future__ import annotations
 
 import functools
+import math
 from pathlib import Path
 from typing import Any
 
@@ -250,7 +251,7 @@ def evaluate(
         use_cache=None,
         cache_requests=False,
         bootstrap_iters=bootstrap_iters,
-        log_samples=False,
+        log_samples=True,  # each item's score (:func:`item_scores`)
         task_manager=task_manager(tuple(tasks)),
         random_seed=seed,
         numpy_random_seed=seed,
@@ -264,7 +265,37 @@ def evaluate(
             "version": out["versions"].get(task),
             "higher_is_better": out.get("higher_is_better", {}).get(task, {}),
             "sparse_scored_fraction": sparse_fraction(lm.scored.get(task)),
+            "items": item_scores((out.get("samples") or {}).get(task) or []),
         }
         for task in out["results"]
     }
     return metrics, details
+
+
+def item_scores(samples: list[dict[str, Any]]) -> dict[str, list[float]]:
+    """Each item's score as lm-eval logged it: {"doc_id": [...], metric: [...]} by doc id, for
+    every per-item number (acc, acc_norm, ...; the unfiltered responses). Two points scored on
+    the same items can then be compared item by item (paired errors, :mod:`moyu_exp.trinity`)."""
+    rows = sorted((s for s in samples if s.get("filter", "none") == "none"), key=_doc_id)
+    if not rows:
+        return {}
+    names = [m for m in rows[0].get("metrics", []) if all(_is_number(r.get(m)) for r in rows)]
+    if not names:
+        return {}
+    out: dict[str, list[float]] = {"doc_id": [_doc_id(r) for r in rows]}
+    for name in names:
+        out[name] = [_compact(r[name]) for r in rows]
+    return out
+
+
+def _doc_id(sample: dict[str, Any]) -> int:
+    return int(sample["doc_id"])
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
+
+
+def _compact(value: float) -> float:
+    """1.0 -> 1 (a 0/1 score is most of a task's items: half the bytes in results.json)."""
+    return int(value) if float(value).is_integer() else float(value)
