@@ -3,8 +3,11 @@
 The key hashes the resolved config minus what does not change a result (``logger``, ``name``,
 ``resume``), plus the results schema and the package's code (its version and a hash of its
 files, so a point measured before a strategy, a kernel or the evaluation text was edited is
-not served after). Only points with status ``ok`` are stored; failed ones run again. Entries
-live in ``$MOYU_CACHE_DIR/points/<key>.json``.
+not served after). The modules that only read finished points (:data:`REPORTING`: reports,
+tables, the trinity) are left out of that hash, so a change to a report does not measure the
+points again (an import-linter contract keeps every module a point runs from importing them).
+Only points with status ``ok`` are stored; failed ones run again. Entries live in
+``$MOYU_CACHE_DIR/points/<key>.json``.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from moyu_exp.results import SCHEMA
 
 IGNORED_KEYS = ("logger", "name", "resume", "verbose")
 BUILT = (".pyc", ".so", ".o")  # build products next to the sources are not part of the key
+REPORTING = ("report.py", "runs.py", "tables.py", "trinity.py")  # read points, never make them
 log = logging.getLogger(__name__)
 
 
@@ -102,8 +106,20 @@ def _version() -> str:
         version = "unknown"
     package = Path(__file__).parent
     code = hashlib.sha256()
-    for source in sorted(package.rglob("*")):
-        if not source.is_file() or "__pycache__" in source.parts or source.suffix in BUILT:
-            continue
+    for source in hashed_files():
         code.update(str(source.relative_to(package)).encode() + b"\0" + source.read_bytes())
     return f"{version}+{code.hexdigest()[:16]}"
+
+
+def hashed_files() -> list[Path]:
+    """The package's files a point's key depends on: sources and texts, not build products
+    nor the modules that only read finished points."""
+    package = Path(__file__).parent
+    return [
+        source
+        for source in sorted(package.rglob("*"))
+        if source.is_file()
+        and "__pycache__" not in source.parts
+        and source.suffix not in BUILT
+        and str(source.relative_to(package)) not in REPORTING
+    ]

@@ -82,7 +82,8 @@ class Cell:
     retention_se: float | None = None
     speedup: float | None = None  # measured at the crossing, by the evaluated point's bench
     speedup_iqr: float | None = None
-    ideal: float | None = None  # bytes-bound, of the sets the bench decoded with
+    ideal: float | None = None  # bytes-bound, of the sets the bench decoded with (at the
+    # crossing; when the level is not reached, at the curve's fastest point)
     tasks: dict[str, tuple[float, float]] = field(default_factory=dict)
     se_kind: str | None = None  # "paired" (item by item) or "bound" (errors as if independent)
     protocol: str | None = None  # the evaluation's ``strategy.prefill``
@@ -184,6 +185,8 @@ def build(
     labels = runs.labels(payloads, ignore=("model.", "eval.", "bench."))
     curves: dict[tuple[str, str], list[tuple[float, float]]] = {}
     keys: dict[tuple[str, str], list[str]] = {}
+    protocols: dict[tuple[str, str], str | None] = {}
+    ideals: dict[tuple[str, str], list[float | None]] = {}
     evaluated: dict[tuple[str, str, float], dict[str, Any]] = {}
     dense: dict[str, dict[str, tuple[float, float]]] = {}
     dense_items: dict[str, dict[str, tuple[list[int], list[float]]]] = {}
@@ -200,6 +203,8 @@ def build(
         elif (speed := speed_of(payload, axis)) is not None:
             curves.setdefault((label, model), []).append((sparsity, speed))
             keys.setdefault((label, model), []).append(str(payload.get("point_key")))
+            protocols[(label, model)] = _prefill(payload)
+            ideals.setdefault((label, model), []).append(_ideal(payload))
     models = sorted({m for _, m in curves} | set(dense))
     methods = sorted({label for label, _ in curves})
     tasks = sorted({t for scores in dense.values() for t in scores})
@@ -212,7 +217,12 @@ def build(
             cells[(label, level, model)] = _cell(
                 curve, point, dense.get(model), dense_items.get(model) or {}, payload
             )
-            cells[(label, level, model)].switch = switch
+            cell = cells[(label, level, model)]
+            cell.switch = switch
+            if not cell.reached:  # the ideal beside the fastest speed the curve measured
+                fastest = max(range(len(curve)), key=lambda i: curve[i][1])
+                cell.ideal = ideals[(label, model)][fastest]
+            cell.protocol = cell.protocol or protocols.get((label, model))
     return Trinity(
         models, methods, levels, axis, target, tasks, dense, cells, _provenance(payloads)
     )
@@ -236,7 +246,7 @@ def _cell(curve, point, dense, dense_items, payload) -> Cell:
         bound = math.sqrt(se**2 + (cell.retention * base_se) ** 2) / base
         cell.retention_se = bound if paired is None else paired
         cell.se_kind = "bound" if paired is None else "paired"
-    cell.protocol = (payload.get("config") or {}).get("strategy", {}).get("prefill")
+    cell.protocol = _prefill(payload)
     shares = [
         d["sparse_scored_fraction"]
         for t, d in (payload.get("eval_details") or {}).items()
@@ -245,11 +255,20 @@ def _cell(curve, point, dense, dense_items, payload) -> Cell:
     cell.sparse_share = sum(shares) / len(shares) if shares else None
     cell.speedup = speed_of(payload, "speedup")
     cell.speedup_iqr = (payload.get("bench") or {}).get("speedup_iqr")
-    # the ideal of the sets the bench decoded with, beside the speed it measured (else the
-    # evaluation's)
-    bench = (payload.get("sparsity_detail") or {}).get("bench") or {}
-    cell.ideal = bench.get("ideal_speedup") or speed_of(payload, "ideal_speedup")
+    cell.ideal = _ideal(payload)
     return cell
+
+
+def _ideal(payload: dict[str, Any]) -> float | None:
+    """The ideal of the sets the bench decoded with, beside the speed it measured (else the
+    evaluation's)."""
+    bench = (payload.get("sparsity_detail") or {}).get("bench") or {}
+    return bench.get("ideal_speedup") or speed_of(payload, "ideal_speedup")
+
+
+def _prefill(payload: dict[str, Any]) -> str | None:
+    """The point's evaluation protocol (``strategy.prefill``)."""
+    return ((payload.get("config") or {}).get("strategy") or {}).get("prefill")
 
 
 def _provenance(payloads: list[dict[str, Any]]) -> dict[str, str]:
@@ -289,8 +308,8 @@ def fails(t: Trinity, method: str, level: float) -> list[str]:
     if len(unreached) == len(cells):
         reach = ", ".join(f"{m} {_below(c.reach, level)}" for m, c in cells.items() if c.reach)
         one = any(c.switch for c in cells.values())
-        where = " at its one operating point: its sparsity only switches it on" if one else ""
-        return [f"speed (reaches {reach}{where})" if reach else "speed"]
+        where = " at its one operating point, its sparsity only switching it on" if one else ""
+        return [f"speed{where} (reaches {reach})" if reach else f"speed{where}"]
     out = [
         f"generality: {m} does not reach {level:g}x ({_below(cells[m].reach, level)})"
         for m in unreached
@@ -556,7 +575,8 @@ def markdown(t: Trinity, commands: list[str]) -> str:
             for model in t.models:
                 c = t.cell(method, level, model)
                 if not c.reached:
-                    cells += ["-", "-", f"max {_below(c.reach, level)}"]
+                    shown = f"max {_below(c.reach, level)}"
+                    cells += ["-", "-", f"{shown} ({_x(c.ideal)})" if c.ideal else shown]
                     continue
                 speed = f"{_x(c.speedup)} ({_x(c.ideal)})"
                 shown = "-" if c.retention is None else _r(c)

@@ -319,6 +319,31 @@ def test_editing_the_package_code_changes_every_point_key(tmp_path, monkeypatch)
         points._version.cache_clear()
 
 
+def test_editing_a_report_keeps_every_point_key(tmp_path, monkeypatch) -> None:
+    """The modules that only read finished points are not part of the code a key hashes (an
+    import-linter contract keeps every module a point runs from importing them)."""
+    from moyu_exp import points
+
+    package = tmp_path / "moyu_exp"
+    package.mkdir()
+    (package / "points.py").write_text("# points\n")
+    for name in points.REPORTING:
+        (package / name).write_text("A = 1\n")
+    monkeypatch.setattr(points, "__file__", str(package / "points.py"))
+    points._version.cache_clear()
+    before = points.point_key({"sparsity": 0.5})
+    try:
+        for name in points.REPORTING:
+            (package / name).write_text("A = 2\n")
+            points._version.cache_clear()
+            assert points.point_key({"sparsity": 0.5}) == before, name
+        (package / "points.py").write_text("# points, edited\n")
+        points._version.cache_clear()
+        assert points.point_key({"sparsity": 0.5}) != before
+    finally:
+        points._version.cache_clear()
+
+
 def test_an_axis_on_the_command_line_replaces_the_presets(tmp_path) -> None:
     sweep_dir = tmp_path / "narrow"
     result = moyu("+sweep=quick", "strategy=dense", "sparsity=0.3", f"hydra.sweep.dir={sweep_dir}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,19 @@ HEADER = 7
 CHUNK_HEADER = 7
 
 
-def records(path: Path) -> list[Any]:
+def records(path: Path, wait: float = 30.0) -> list[Any]:
+    """The file's records, once it ends with the run's ``exit`` record: W&B's service writes
+    the file after ``run.finish()`` returns, so a test reading it at once can find only the
+    header. A run that never exits (killed) is read as it is after ``wait`` seconds."""
+    deadline = time.monotonic() + wait
+    while True:
+        out = _read(path)
+        if (out and out[-1].WhichOneof("record_type") == "exit") or time.monotonic() > deadline:
+            return out
+        time.sleep(0.1)
+
+
+def _read(path: Path) -> list[Any]:
     from wandb.proto import wandb_internal_pb2
 
     data = Path(path).read_bytes()
@@ -29,6 +42,8 @@ def records(path: Path) -> list[Any]:
             pos += room
             continue
         _crc, length, kind = struct.unpack("<IHB", data[pos : pos + CHUNK_HEADER])
+        if pos + CHUNK_HEADER + length > len(data):  # being written
+            break
         payload = data[pos + CHUNK_HEADER : pos + CHUNK_HEADER + length]
         pos += CHUNK_HEADER + length
         if kind == 0 and length == 0:
