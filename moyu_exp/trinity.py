@@ -596,7 +596,8 @@ def protocols(t: Trinity) -> list[str]:
     lines = [
         "### Protocols",
         "",
-        "Each method is evaluated under its paper's protocol (`strategy.prefill`; "
+        "Each method is evaluated under the protocol its points ran (`strategy.prefill`, its "
+        "paper's unless overridden; "
         "`moyu_exp/strategies/protocol.py`); the share of the scored positions that ran sparse "
         "is the mean over tasks. A common protocol for every method is one override away "
         "(e.g. `strategy.prefill=dense`: each context dense, each continuation sparse).",

@@ -150,16 +150,24 @@ def test_every_measured_table_in_the_docs_is_generated_or_listed_as_hand_written
     )
 
 
-def test_the_trinity_page_is_what_its_csv_gives() -> None:
-    """docs/trinity.md, as ``python -m moyu_exp.report --trinity`` wrote it, holds exactly the
-    tables and verdicts that docs/trinity.csv (written beside it) gives."""
+TRINITY_PAGES = sorted(p for p in DOCS if p.name == "trinity.md")
+
+
+def test_the_trinity_pages_are_found() -> None:
+    assert ROOT / "docs" / "trinity.md" in TRINITY_PAGES
+
+
+@pytest.mark.parametrize("path", TRINITY_PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_a_trinity_page_is_what_its_csv_gives(path) -> None:
+    """A trinity.md, as ``python -m moyu_exp.report --trinity`` wrote it, holds exactly the
+    tables and verdicts that the trinity.csv written beside it gives."""
     from moyu_exp import trinity
 
-    page = (ROOT / "docs" / "trinity.md").read_text()
+    page = path.read_text()
     assert page.splitlines()[1].startswith("`python -m moyu_exp.report --trinity")
     axis = page.split("Levels read on `")[1].split("`")[0]
     target = float(page.split("reaches ")[1].split(".\n")[0])
-    t = trinity.from_csv(ROOT / "docs" / "trinity.csv", axis, target)
+    t = trinity.from_csv(path.with_suffix(".csv"), axis, target)
     rebuilt = trinity.markdown(t, [])
     body = page[page.index("| model | dense suite accuracy |") :]
     assert body == rebuilt[rebuilt.index("| model | dense suite accuracy |") :]
