@@ -183,10 +183,7 @@ def build(
     # in every folder of its grid (:func:`is_switch`)
     payloads = [p for p in runs.collect(dirs, unique=False) if p.get("status") == "ok"]
     labels = runs.labels(payloads, ignore=("model.", "eval.", "bench."))
-    curves: dict[tuple[str, str], list[tuple[float, float]]] = {}
-    keys: dict[tuple[str, str], list[str]] = {}
-    protocols: dict[tuple[str, str], str | None] = {}
-    ideals: dict[tuple[str, str], list[float | None]] = {}
+    speed: dict[tuple[str, str], list[dict[str, Any]]] = {}  # the speed pass's points
     evaluated: dict[tuple[str, str, float], dict[str, Any]] = {}
     dense: dict[str, dict[str, tuple[float, float]]] = {}
     dense_items: dict[str, dict[str, tuple[list[int], list[float]]]] = {}
@@ -197,42 +194,41 @@ def build(
             if scores:
                 dense[model], dense_items[model] = scores, items(payload)
             continue
-        sparsity = float(payload.get("sparsity") or 0.0)
         if scores:
-            evaluated[(label, model, round(sparsity, DIGITS))] = payload
-        elif (speed := speed_of(payload, axis)) is not None:
-            curves.setdefault((label, model), []).append((sparsity, speed))
-            keys.setdefault((label, model), []).append(str(payload.get("point_key")))
-            protocols[(label, model)] = _prefill(payload)
-            ideals.setdefault((label, model), []).append(_ideal(payload))
-    models = sorted({m for _, m in curves} | set(dense))
-    methods = sorted({label for label, _ in curves})
+            evaluated[(label, model, round(_sparsity(payload), DIGITS))] = payload
+        elif speed_of(payload, axis) is not None:
+            speed.setdefault((label, model), []).append(payload)
+    models = sorted({m for _, m in speed} | set(dense))
+    methods = sorted({label for label, _ in speed})
     tasks = sorted({t for scores in dense.values() for t in scores})
     cells = {}
-    for (label, model), curve in curves.items():
-        switch = is_switch(keys[(label, model)])
+    for (label, model), points in speed.items():
+        curve = [(_sparsity(p), speed_of(p, axis)) for p in points]
+        switch = is_switch([str(p.get("point_key")) for p in points])
         for level in levels:
-            point = crossing(curve, level, switch)
-            payload = evaluated.get((label, model, point))
-            cells[(label, level, model)] = _cell(
-                curve, point, dense.get(model), dense_items.get(model) or {}, payload
-            )
-            cell = cells[(label, level, model)]
+            crossed = crossing(curve, level, switch)
+            cell = _cell(points, curve, crossed, dense.get(model), dense_items.get(model) or {},
+                         evaluated.get((label, model, crossed)))  # fmt: skip
             cell.switch = switch
-            if not cell.reached:  # the ideal beside the fastest speed the curve measured
-                fastest = max(range(len(curve)), key=lambda i: curve[i][1])
-                cell.ideal = ideals[(label, model)][fastest]
-            cell.protocol = cell.protocol or protocols.get((label, model))
+            cells[(label, level, model)] = cell
     return Trinity(
         models, methods, levels, axis, target, tasks, dense, cells, _provenance(payloads)
     )
 
 
-def _cell(curve, point, dense, dense_items, payload) -> Cell:
-    """The cell of a curve's crossing ``point`` (None: not reached), with its evaluation."""
-    if point is None:
-        return Cell(reach=max(v for _, v in curve))
-    cell = Cell(sparsity=point)
+def _sparsity(payload: dict[str, Any]) -> float:
+    return float(payload.get("sparsity") or 0.0)
+
+
+def _cell(points, curve, crossed, dense, dense_items, payload) -> Cell:
+    """The cell of a curve's crossing (None: not reached; then its fastest speed and that
+    point's ideal), with its evaluation (``payload``, once the evaluation pass has run)."""
+    if crossed is None:
+        fastest = max(range(len(curve)), key=lambda i: curve[i][1])
+        return Cell(
+            reach=curve[fastest][1], ideal=_ideal(points[fastest]), protocol=_prefill(points[0])
+        )
+    cell = Cell(sparsity=crossed, protocol=_prefill(payload or points[0]))
     if payload is None or not dense:
         return cell  # the evaluation pass has not run (yet)
     cell.tasks = accuracy(payload)
@@ -246,7 +242,6 @@ def _cell(curve, point, dense, dense_items, payload) -> Cell:
         bound = math.sqrt(se**2 + (cell.retention * base_se) ** 2) / base
         cell.retention_se = bound if paired is None else paired
         cell.se_kind = "bound" if paired is None else "paired"
-    cell.protocol = _prefill(payload)
     shares = [
         d["sparse_scored_fraction"]
         for t, d in (payload.get("eval_details") or {}).items()
